@@ -1,0 +1,393 @@
+"""python -m d2dprompt.download [--params params.yaml] [--out stages/download]
+
+DVC stage `download`: prepare every dataset named in `download.datasets` as
+`<out>/<name>/` in MVTec AD layout with a `manifest.csv`.
+
+Sources: `sample` (the bundled sample at `download.sample_dir`), `folder` (any
+MVTec-layout folder at `download.folder_dir`), `mvtec` (MVTec AD archive) and
+`visa` (VisA archive, converted with its `split_csv/1cls.csv`). Archives are
+downloaded once into `download.archive_dir` (resumable, sha256-verified); put an
+archive there by hand to skip the download. Each dataset is built in a temp
+folder and renamed into place, so a failure leaves the previous output untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import http.client
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import typer
+from PIL import Image
+from tqdm import tqdm
+
+from d2dprompt.config import DownloadParams, ParamsError, load_params
+from d2dprompt.images import ImageError, load_mask, load_rgb
+from d2dprompt.manifest import (
+    GOOD,
+    MANIFEST_NAME,
+    LayoutError,
+    ManifestError,
+    ManifestRow,
+    manifest_summary,
+    scan_mvtec_layout,
+    write_manifest,
+)
+
+SOURCES = ("sample", "folder", "mvtec", "visa")
+VISA_DEFECT = "bad"  # VisA labels anomalies without a defect type; one folder name for all
+CHUNK_BYTES = 1 << 20  # 1 MiB reads: few syscalls, smooth progress bar
+TIMEOUT_S = 60  # a stalled connection fails (and can be resumed) instead of hanging the stage
+TMP_PREFIX = ".tmp-"  # every scratch folder under <out> starts with this
+
+
+class DownloadError(RuntimeError):
+    """A download, checksum or archive problem; the message starts with the URL or file at fault."""
+
+
+# ---------------------------------------------------------------- downloading
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    quick = size < (256 << 20)  # hashing takes under a second: no bar
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}", disable=quick)
+    with path.open("rb") as fh, bar:
+        while chunk := fh.read(CHUNK_BYTES):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def _stream_to(url: str, part: Path) -> None:
+    """Append the rest of `url` to `part` (HTTP Range from its current size), or write it whole."""
+    start = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "d2dprompt"}
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and start:  # nothing left to send: the .part already holds the whole file
+            return
+        raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise DownloadError(f"{url}: cannot connect ({getattr(err, 'reason', err)})") from None
+    except ValueError as err:  # not a URL at all
+        raise DownloadError(f"{url!r}: {err}") from None
+    with response:
+        status = getattr(response, "status", None) or 200  # file:// answers without a status
+        content_range = response.headers.get("Content-Range", "")
+        resumed = start > 0 and status == 206 and content_range.startswith(f"bytes {start}-")
+        if not resumed:
+            start = 0  # the server ignored the Range header: start over
+        length = response.headers.get("Content-Length")
+        total = start + int(length) if length else None
+        received = start
+        try:
+            with part.open("ab" if resumed else "wb") as fh, tqdm(
+                total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name
+            ) as bar:
+                while chunk := response.read(CHUNK_BYTES):
+                    fh.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        except (OSError, http.client.HTTPException) as err:  # timeouts, resets, IncompleteRead
+            raise DownloadError(f"{url}: download interrupted at {received} bytes ({err}); rerun to resume") from None
+    if total is not None and received != total:
+        raise DownloadError(f"{url}: download stopped at {received} of {total} bytes; rerun to resume")
+
+
+def fetch(url: str, dest: Path, sha256: str) -> Path:
+    """Download `url` to `dest` once, resuming from `dest.part`; the file is used only if its sha256 matches."""
+    dest = Path(dest)
+    expected = sha256.strip().lower()
+    if not dest.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+        _stream_to(url, part)
+        os.replace(part, dest)
+    actual = sha256_of(dest)
+    if actual != expected:
+        dest.unlink()
+        raise DownloadError(f"{dest}: sha256 mismatch, expected {expected}, got {actual} (file removed)")
+    return dest
+
+
+def archive_path(archive_dir: str | Path, url: str, source: str) -> Path:
+    name = PurePosixPath(urllib.parse.urlparse(url).path).name or f"{source}.archive"
+    return Path(archive_dir) / name
+
+
+# ---------------------------------------------------------------- extraction
+
+
+def _unsafe_reason(member: tarfile.TarInfo) -> str | None:
+    path = PurePosixPath(member.name.replace("\\", "/"))
+    if path.is_absolute() or (len(member.name) > 1 and member.name[1] == ":"):
+        return "absolute path"
+    if ".." in path.parts:
+        return "'..' in path"
+    if member.issym() or member.islnk():
+        target = PurePosixPath(member.linkname.replace("\\", "/"))
+        if target.is_absolute():
+            return f"link to absolute path {member.linkname}"
+        # symlinks resolve from the entry's folder, hardlinks from the archive root
+        resolved = os.path.normpath(str(path.parent / target) if member.issym() else str(target))
+        if resolved == ".." or resolved.startswith("../"):
+            return f"link to {member.linkname} points outside the archive"
+    elif not (member.isfile() or member.isdir()):
+        return "device, fifo or other special entry"
+    return None
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a tar (any compression) into `dest`, refusing entries that would land outside it."""
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tqdm(tar, desc=f"extract {archive.name}", unit=" files"):
+                reason = _unsafe_reason(member)
+                if reason:
+                    raise DownloadError(f"{archive}: unsafe entry '{member.name}' ({reason})")
+                try:  # the 'data' filter also resolves links against what is already on disk
+                    tar.extract(member, dest, filter="data")
+                except tarfile.FilterError as err:
+                    raise DownloadError(f"{archive}: unsafe entry '{member.name}' ({err})") from None
+    except (tarfile.TarError, EOFError, OSError, ValueError) as err:  # lzma/zlib errors are OSError/EOFError
+        if isinstance(err, DownloadError):
+            raise
+        raise DownloadError(f"{archive}: cannot extract archive ({err})") from None
+
+
+def _is_mvtec_root(folder: Path) -> bool:
+    return any((child / "train").is_dir() for child in folder.iterdir() if child.is_dir())
+
+
+def _is_visa_root(folder: Path) -> bool:
+    return (folder / "split_csv" / "1cls.csv").is_file()
+
+
+def _single_subdir_or_self(folder: Path, is_root) -> Path:
+    """The folder itself, or its only subfolder when the archive wraps everything in one."""
+    if is_root(folder):
+        return folder
+    subdirs = [d for d in folder.iterdir() if d.is_dir()]
+    if len(subdirs) == 1 and is_root(subdirs[0]):
+        return subdirs[0]
+    return folder
+
+
+# ---------------------------------------------------------------- VisA
+
+
+def _safe_relative(value: str, where: str) -> PurePosixPath:
+    path = PurePosixPath(value.strip().replace("\\", "/"))
+    if not value.strip() or path.is_absolute() or ".." in path.parts:
+        raise DownloadError(f"{where}: bad path {value!r}")
+    return path
+
+
+def convert_visa(visa_root: Path, dest: Path, categories: list[str], shown_as: str) -> None:
+    """Turn an extracted VisA tree into MVTec layout under `dest` (moving images, binarising masks to 0/255).
+
+    Errors name files as `<shown_as>/<path in the archive>`.
+    """
+    split_csv = visa_root / "split_csv" / "1cls.csv"
+    with _shown(visa_root, shown_as), split_csv.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        needed = {"object", "split", "label", "image", "mask"}
+        if not needed <= set(reader.fieldnames or []):
+            raise DownloadError(f"{split_csv}: columns must include {', '.join(sorted(needed))}")
+        records = [(reader.line_num, row) for row in reader]
+        seen = set()
+        for line, row in tqdm(records, desc="convert visa", unit=" images"):
+            where = f"{split_csv}:{line}"
+            category, split, label = row["object"].strip(), row["split"].strip(), row["label"].strip()
+            seen.add(category)
+            if categories and category not in categories:
+                continue
+            if split not in ("train", "test") or label not in ("normal", "anomaly"):
+                raise DownloadError(f"{where}: split must be train/test and label normal/anomaly, got {split}/{label}")
+            if split == "train" and label == "anomaly":
+                raise DownloadError(f"{where}: anomalous image in the train split is not MVTec layout")
+            image = visa_root / _safe_relative(row["image"], where)
+            if not image.is_file():
+                raise DownloadError(f"{where}: image {row['image']} not in the archive")
+            defect = GOOD if label == "normal" else VISA_DEFECT
+            target = dest / category / split / defect / image.name
+            if target.exists():
+                raise DownloadError(f"{where}: two images named {image.name} in {category}/{split}/{defect}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if label == "anomaly":
+                _write_binary_mask(image, visa_root / _safe_relative(row["mask"], where), dest / category, where)
+            os.replace(image, target)
+        unknown = sorted(set(categories) - seen)
+        if unknown:
+            raise LayoutError(f"{split_csv}: no category {', '.join(unknown)} (found: {', '.join(sorted(seen))})")
+    _copy_notices(visa_root, dest)
+
+
+def _write_binary_mask(image: Path, mask_file: Path, category_dir: Path, where: str) -> None:
+    """VisA masks hold class ids; MVTec layout wants 0/255 at `ground_truth/bad/<stem>_mask.png`."""
+    if not mask_file.is_file():
+        raise DownloadError(f"{where}: mask {mask_file} not in the archive")
+    try:
+        with Image.open(image) as img:  # the header is enough for the size; the image is decoded later
+            width, height = img.size
+    except OSError as err:
+        raise ImageError(f"{image}: cannot decode image ({err})") from None
+    mask = load_mask(mask_file, (height, width))
+    target = category_dir / "ground_truth" / VISA_DEFECT / f"{image.stem}_mask.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(target)
+
+
+@contextlib.contextmanager
+def _shown(root: Path, shown_as: str):
+    """Re-raise the project's errors with the scratch folder `root` replaced by what the user knows."""
+    try:
+        yield
+    except (LayoutError, ImageError, DownloadError) as err:
+        raise type(err)(str(err).replace(str(root), shown_as)) from None
+
+
+# ---------------------------------------------------------------- building one dataset
+
+
+def _copy_notices(source: Path, dest: Path) -> None:
+    """Licence and readme files at the dataset root travel with the images."""
+    for item in sorted(source.iterdir()):
+        if item.is_file() and item.name.lower().startswith(("license", "licence", "readme")):
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(item, dest / item.name)
+
+
+@contextlib.contextmanager
+def _scratch_dir(out: Path, label: str):
+    out.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{label}-", dir=out))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _swap_into_place(build: Path, final: Path) -> None:
+    """Rename `build` to `final`; an older `final` is removed only once the new one is in place."""
+    old = build.with_name(build.name + "-old")
+    if final.exists():
+        os.replace(final, old)
+    try:
+        os.replace(build, final)
+    except OSError:
+        if old.exists():
+            os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_dataset(
+    name: str, source: Path, out: Path, categories: list[str], *, move: bool, shown_as: str
+) -> list[ManifestRow]:
+    """Validate `source` (MVTec layout), copy (or move) its images to `<out>/<name>/` with a manifest.
+
+    Every image is decoded once and every mask checked against its image's size;
+    errors name the file as `<shown_as>/<relative path>`.
+    """
+    with _shown(source, shown_as):
+        rows = scan_mvtec_layout(source, name, categories or None)
+    place = os.replace if move else shutil.copyfile
+    with _scratch_dir(out, name) as scratch:
+        build = scratch / name
+        for row in tqdm(rows, desc=f"prepare {name}", unit=" images"):
+            for rel in (row.image_path, row.mask_path):
+                if rel:
+                    (build / rel).parent.mkdir(parents=True, exist_ok=True)
+            src_image = source / row.image_path
+            with _shown(source, shown_as):
+                shape = load_rgb(src_image).shape[:2]
+                if row.mask_path:
+                    load_mask(source / row.mask_path, shape)
+            place(src_image, build / row.image_path)
+            if row.mask_path:
+                place(source / row.mask_path, build / row.mask_path)
+        _copy_notices(source, build)
+        write_manifest(rows, build / MANIFEST_NAME)
+        _swap_into_place(build, out / name)
+    return rows
+
+
+def prepare_source(name: str, params: DownloadParams, out: Path) -> list[ManifestRow]:
+    """Build `<out>/<name>/` from source `name`; returns its manifest rows."""
+    if name in ("sample", "folder"):
+        key, folder = ("sample_dir", params.sample_dir) if name == "sample" else ("folder_dir", params.folder_dir)
+        if not folder:
+            raise ParamsError(f"download.{key}: must be set to use the '{name}' source")
+        if not Path(folder).is_dir():
+            raise LayoutError(f"{folder}: folder not found (download.{key})")
+        return build_dataset(name, Path(folder), out, params.categories, move=False, shown_as=str(folder))
+    url, sha256 = (params.mvtec_url, params.mvtec_sha256) if name == "mvtec" else (params.visa_url, params.visa_sha256)
+    if not url:
+        raise ParamsError(f"download.{name}_url: must be set to use the '{name}' source")
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", sha256.strip()):
+        raise ParamsError(f"download.{name}_sha256: must be 64 hex digits, got {sha256!r}")
+    archive = fetch(url, archive_path(params.archive_dir, url, name), sha256)
+    with _scratch_dir(out, f"{name}-extract") as extracted:
+        safe_extract(archive, extracted)
+        if name == "mvtec":
+            root = _single_subdir_or_self(extracted, _is_mvtec_root)
+            return build_dataset(name, root, out, params.categories, move=True, shown_as=str(archive))
+        root = _single_subdir_or_self(extracted, _is_visa_root)
+        if not _is_visa_root(root):
+            raise LayoutError(f"{archive}: no split_csv/1cls.csv inside; not a VisA archive")
+        converted = extracted / f"{TMP_PREFIX}converted"
+        convert_visa(root, converted, params.categories, shown_as=str(archive))
+        return build_dataset(name, converted, out, [], move=True, shown_as=str(archive))
+
+
+def prepare_all(params: DownloadParams, out: Path) -> dict[str, list[ManifestRow]]:
+    unknown = [n for n in params.datasets if n not in SOURCES]
+    if unknown:
+        raise ParamsError(f"download.datasets: unknown source {unknown[0]!r} (choose from {', '.join(SOURCES)})")
+    if len(set(params.datasets)) != len(params.datasets):
+        raise ParamsError(f"download.datasets: a source is listed twice in {params.datasets}")
+    for stale in sorted(out.glob(f"{TMP_PREFIX}*")) if out.is_dir() else []:
+        shutil.rmtree(stale, ignore_errors=True)  # scratch of a run that was killed before it could clean up
+    prepared = {}
+    for name in params.datasets:
+        rows = prepare_source(name, params, out)
+        typer.echo(f"{name}: {manifest_summary(rows)} -> {out / name}")
+        prepared[name] = rows
+    return prepared
+
+
+app = typer.Typer(add_completion=False, help="Prepare the datasets of params.yaml in MVTec layout with a manifest.")
+
+
+@app.command()
+def main(
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="params file; its `download` block is read"),
+    out: Path = typer.Option(Path("stages/download"), "--out", help="one MVTec-layout folder per dataset goes here"),
+) -> None:
+    try:
+        prepare_all(load_params(params).download, out)
+    except (ParamsError, LayoutError, ManifestError, ImageError, DownloadError) as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1) from None
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,102 @@
+"""Image and mask I/O: decode any common PNG/JPEG/TIFF flavour to uint8 RGB or a bool mask.
+
+Every loader fully decodes the file, so a truncated or corrupt image fails here
+with an `ImageError` whose message starts with the file's path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+# A truncated file must fail loudly, never load as a half-grey image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
+
+
+class ImageError(ValueError):
+    """An image or mask file that is missing, unreadable, or does not fit its image."""
+
+
+def _open_decoded(path: Path, what: str) -> Image.Image:
+    if not path.is_file():
+        raise ImageError(f"{path}: {what} file not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            # `load` decodes lazily-opened frames; copying detaches the pixels from the closed file.
+            return img.copy()
+    except _DECODE_ERRORS as err:
+        raise ImageError(f"{path}: cannot decode {what} ({err})") from None
+
+
+def _to_uint8(values: np.ndarray, full_scale: float) -> np.ndarray:
+    """Scale integer/float values in [0, full_scale] to uint8."""
+    scaled = np.asarray(values, dtype=np.float64) * (255.0 / full_scale)
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit grey (PNG/TIFF); Pillow may hand it over as 32-bit 'I' holding 0..65535.
+        grey = _to_uint8(np.asarray(img), 65535.0)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        grey = _to_uint8(values, 1.0 if values.max(initial=0.0) <= 1.0 else 255.0)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # palette transparency: go through RGBA so Pillow does not warn
+    # Alpha is dropped, not composited: dataset images with alpha are opaque in practice.
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Decode `path` to a uint8 HxWx3 array (grey, alpha, palette and 16-bit images are converted)."""
+    path = Path(path)
+    img = _open_decoded(path, "image")
+    try:
+        rgb = _pil_to_rgb(img)
+    except _DECODE_ERRORS as err:
+        raise ImageError(f"{path}: cannot convert image mode {img.mode} to RGB ({err})") from None
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ImageError(f"{path}: decoded to shape {rgb.shape}, expected HxWx3")
+    return rgb
+
+
+def load_mask(path: str | Path, shape_hw: tuple[int, int]) -> np.ndarray:
+    """Decode a defect mask to bool HxW (any value > 0 is defect); it must be `shape_hw` in size."""
+    path = Path(path)
+    img = _open_decoded(path, "mask")
+    if img.mode in ("RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "HSV", "LAB"):
+        # Colour-coded masks: a defect is any non-zero colour channel (alpha ignored).
+        channels = np.asarray(img.convert("RGB") if img.mode != "LA" else img.getchannel("L"))
+        values = channels.max(axis=2) if channels.ndim == 3 else channels
+    else:  # 1, L, P (class ids), I;16, I, F
+        values = np.asarray(img)
+    if values.ndim != 2:
+        raise ImageError(f"{path}: mask decoded to shape {values.shape}, expected HxW")
+    expected = tuple(int(s) for s in shape_hw)
+    if values.shape != expected:
+        raise ImageError(f"{path}: mask is {values.shape[0]}x{values.shape[1]}, image is {expected[0]}x{expected[1]}")
+    return values > 0
+
+
+def resize_rgb(img: np.ndarray, size: int) -> np.ndarray:
+    """Resize a uint8 HxWx3 image to size x size (bicubic; antialiased when shrinking)."""
+    if img.shape[:2] == (size, size):
+        return np.ascontiguousarray(img, dtype=np.uint8)
+    resized = Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(resized, dtype=np.uint8).copy()
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Resize a bool HxW mask to size x size (nearest neighbour keeps it binary)."""
+    if mask.shape == (size, size):
+        return np.asarray(mask, dtype=bool).copy()
+    as_bytes = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255)
+    return np.asarray(as_bytes.resize((size, size), Image.Resampling.NEAREST)) > 0

@@ -1,0 +1,196 @@
+"""python -m d2dprompt.latents [--params params.yaml] [--downloads stages/download] [--out stages/latents]
+
+Encodes every prepared image with the frozen VAE (latent-distribution mean x the VAE's scaling factor)
+and, for each normal training image, `latents.synthetic_per_image` DRAEM-style synthetic anomalies
+(Perlin mask, anomaly-source texture blended with beta in [beta_min, beta_max], seeded). Per dataset it
+writes `latents.safetensors` (latents fp16, masks fp16 at latent size as defect fraction per cell,
+labels) and `index.csv`, one row per latent.
+"""
+
+from __future__ import annotations
+
+import csv
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import typer
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from d2dprompt.config import LatentsParams, ParamsError, load_params
+from d2dprompt.images import ImageError, load_mask, load_rgb, resize_mask, resize_rgb
+from d2dprompt.manifest import ManifestRow, read_manifest
+from d2dprompt.models import FrozenSD, load_frozen, pick_device
+from d2dprompt.outputs import atomic_dir
+from d2dprompt.synth import procedural_texture, synthesize_anomaly
+
+INDEX_FIELDS = ("key", "source", "category", "split", "label", "defect_type", "image_path", "mask_path")
+TEXTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class LatentRow:
+    key: str  # unique per latent: the image path, plus '#syn<k>' for synthetic anomalies
+    source: str  # real | synthetic
+    category: str
+    split: str
+    label: int
+    defect_type: str
+    image_path: str
+    mask_path: str
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HxWx3 list -> (B, 3, H, W) in [-1, 1], the VAE's input range."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1
+
+
+def mask_to_latent(masks: list[np.ndarray], latent_hw: tuple[int, int]) -> torch.Tensor:
+    """bool HxW masks -> (B, h, w) fraction of defective pixels per latent cell."""
+    m = torch.from_numpy(np.stack(masks)).float()[:, None]
+    return F.adaptive_avg_pool2d(m, latent_hw)[:, 0]
+
+
+@torch.no_grad()
+def encode(sd: FrozenSD, images: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    x = to_tensor(images).to(device, sd.vae.dtype)
+    dist = sd.vae.encode(x).latent_dist
+    return (dist.mean * sd.vae.config.scaling_factor).float().cpu()
+
+
+def load_textures(folder: str | None) -> list[Path]:
+    if folder is None:
+        return []
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in TEXTURE_SUFFIXES)
+    if not paths:
+        raise ParamsError(f"latents.texture_dir: no images under {folder}")
+    return paths
+
+
+def synthetic_variants(
+    image: np.ndarray, key: str, params: LatentsParams, textures: list[Path]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K anomalies of one normal image; a pure function of (seed, image key, k)."""
+    out = []
+    for k in range(params.synthetic_per_image):
+        rng = np.random.default_rng([params.seed, zlib.crc32(key.encode()), k])
+        if textures:
+            texture = load_rgb(textures[rng.integers(len(textures))])
+        else:
+            texture = procedural_texture(image.shape[:2], rng)
+        out.append(
+            synthesize_anomaly(
+                image,
+                texture,
+                rng,
+                beta_range=(params.beta_min, params.beta_max),
+                scale_max=params.perlin_scale_max,
+                threshold=params.perlin_threshold,
+            )
+        )
+    return out
+
+
+def encode_dataset(
+    sd: FrozenSD,
+    root: Path,
+    rows: list[ManifestRow],
+    image_size: int,
+    params: LatentsParams,
+    device: torch.device,
+    desc: str,
+) -> tuple[dict[str, torch.Tensor], list[LatentRow]]:
+    textures = load_textures(params.texture_dir)
+    latent_hw = (image_size // sd.vae_scale, image_size // sd.vae_scale)
+    latents, masks, labels, index = [], [], [], []
+    pending: list[tuple[np.ndarray, np.ndarray, LatentRow]] = []
+
+    def flush() -> None:
+        if pending:
+            latents.append(encode(sd, [p[0] for p in pending], device).half().contiguous())
+            masks.append(mask_to_latent([p[1] for p in pending], latent_hw).half().contiguous())
+            labels.extend(p[2].label for p in pending)
+            index.extend(p[2] for p in pending)
+            pending.clear()
+
+    for row in tqdm(rows, desc=desc, unit="img"):
+        raw = load_rgb(root / row.image_path)
+        if row.mask_path:
+            mask = load_mask(root / row.mask_path, raw.shape[:2])
+        elif row.label:
+            raise ImageError(f"{root / row.image_path}: anomalous image without a mask in the manifest")
+        else:
+            mask = np.zeros(raw.shape[:2], dtype=bool)
+        image = resize_rgb(raw, image_size)
+        mask = resize_mask(mask, image_size)
+        base = LatentRow(row.image_path, "real", row.category, row.split, row.label, row.defect_type, row.image_path, row.mask_path)
+        pending.append((image, mask, base))
+        if row.split == "train" and row.label == 0:
+            for k, (syn, syn_mask) in enumerate(synthetic_variants(image, row.image_path, params, textures)):
+                pending.append((syn, syn_mask, LatentRow(f"{row.image_path}#syn{k}", "synthetic", row.category, "train", 1, "synthetic", row.image_path, "")))
+        if len(pending) >= params.batch_size:
+            flush()
+    flush()
+    tensors = {
+        "latents": torch.cat(latents).contiguous(),
+        "masks": torch.cat(masks),
+        "labels": torch.tensor(labels, dtype=torch.uint8),
+    }
+    return tensors, index
+
+
+def write_index(rows: list[LatentRow], path: Path) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=INDEX_FIELDS)
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+
+
+def read_latents(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[LatentRow]]:
+    """Load one dataset's latents stage output."""
+    folder = Path(folder)
+    index_path, tensor_path = folder / "index.csv", folder / "latents.safetensors"
+    for path in (index_path, tensor_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; run the latents stage first")
+    with index_path.open(newline="") as fh:
+        rows = [LatentRow(**{**r, "label": int(r["label"])}) for r in csv.DictReader(fh)]
+    tensors = load_file(tensor_path)
+    if tensors["latents"].shape[0] != len(rows):
+        raise ValueError(f"{folder}: index.csv and latents.safetensors disagree on the number of rows")
+    return tensors, rows
+
+
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="params file"),
+    downloads: Path = typer.Option(Path("stages/download"), help="download stage output"),
+    out: Path = typer.Option(Path("stages/latents"), help="where to write one folder per dataset"),
+) -> None:
+    try:
+        cfg = load_params(params)
+        device = pick_device(cfg.model.device)
+        sd = load_frozen(cfg.model.pretrained, cfg.model.tiny_seed).to(device)
+        if cfg.model.image_size % sd.vae_scale:
+            raise ParamsError(f"model.image_size={cfg.model.image_size}: must be a multiple of the VAE factor {sd.vae_scale}")
+        with atomic_dir(out) as tmp:
+            for name in cfg.download.datasets:
+                root = downloads / name
+                rows = read_manifest(root / "manifest.csv")
+                tensors, index = encode_dataset(sd, root, rows, cfg.model.image_size, cfg.latents, device, f"latents {name}")
+                (tmp / name).mkdir()
+                save_file(tensors, tmp / name / "latents.safetensors")
+                write_index(index, tmp / name / "index.csv")
+                n_syn = sum(r.source == "synthetic" for r in index)
+                typer.echo(f"{name}: {len(index) - n_syn} images + {n_syn} synthetic anomalies -> {tuple(tensors['latents'].shape)}")
+    except (ParamsError, ImageError, FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,167 @@
+"""Frozen Stable Diffusion components: load from a hub id / diffusers folder, or build the embedded `tiny` stack.
+
+`tiny` is an SD-architecture stack (CLIP text encoder, UNet with cross-attention at several
+resolutions, VAE, DDPM scheduler) built offline and deterministically from a seed, with the real
+CLIP BPE vocabulary. It exists so the pipeline and its tests run anywhere; its random weights make
+its metrics say nothing about real checkpoints.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TINY = "tiny"
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"  # OpenAI CLIP's BPE merges, as shipped in open_clip (MIT)
+
+
+@dataclass
+class FrozenSD:
+    """The frozen parts of a Stable Diffusion model, weights with requires_grad=False."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler: DDPMScheduler
+
+    @property
+    def text_width(self) -> int:
+        return self.text_encoder.config.hidden_size
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell: each VAE block but the last halves the resolution."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device: torch.device | str) -> "FrozenSD":
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.to(device)
+        return self
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+@lru_cache(maxsize=1)
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    raw = resources.files("d2dprompt").joinpath("assets", BPE_FILE).read_bytes()
+    lines = gzip.decompress(raw).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]  # CLIP keeps 48,894 merges
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(tokens)}, merges
+
+
+def bundled_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+    """The real CLIP tokenizer (49,408 tokens) built from the vocabulary inside this package."""
+    vocab, merges = _clip_vocab_and_merges()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
+
+
+def build_tiny(seed: int = 0) -> FrozenSD:
+    """A small SD-architecture stack with weights drawn from `seed`; identical for identical seeds."""
+    tokenizer = bundled_clip_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,  # SD 1.5 uses 768, SD 2.1 1024; small keeps CPU tests fast
+            intermediate_size=256,
+            num_hidden_layers=12,  # as SD 1.5, so the default prompt depth 9 fits
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4, 4),  # diffusers reads this as the number of heads, like SD
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),  # three blocks -> latents at 1/4 of the image side
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=128,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )  # SD's training schedule
+    return _freeze(FrozenSD(tokenizer, text_encoder, unet, vae, scheduler))
+
+
+def save_tiny(folder: Path, seed: int = 0) -> Path:
+    """Write the tiny stack as a diffusers folder, loadable by `load_frozen(folder)`."""
+    sd = build_tiny(seed)
+    folder = Path(folder)
+    sd.tokenizer.save_pretrained(folder / "tokenizer")
+    sd.text_encoder.save_pretrained(folder / "text_encoder")
+    sd.unet.save_pretrained(folder / "unet")
+    sd.vae.save_pretrained(folder / "vae")
+    sd.scheduler.save_pretrained(folder / "scheduler")
+    return folder
+
+
+def load_frozen(pretrained: str, tiny_seed: int = 0) -> FrozenSD:
+    """`tiny`, a hub id (e.g. stabilityai/stable-diffusion-2-1-base) or a local diffusers folder."""
+    if pretrained == TINY:
+        return build_tiny(tiny_seed)
+    local = Path(pretrained)
+    if local.exists() and not (local / "unet").is_dir():
+        raise FileNotFoundError(f"{pretrained}: not a diffusers folder (no unet/ subfolder)")
+    return _freeze(
+        FrozenSD(
+            tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder"),
+            unet=UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet"),
+            vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae"),
+            scheduler=DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler"),
+        )
+    )
+
+
+def _freeze(sd: FrozenSD) -> FrozenSD:
+    """Frozen is not no_grad: weights stop learning, gradients still flow through them."""
+    for module in (sd.text_encoder, sd.unet, sd.vae):
+        module.requires_grad_(False)
+        module.eval()
+    return sd
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
