@@ -12,6 +12,7 @@ import re
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 EPS = 1e-6  # keeps the abnormal / (abnormal + normal) ratio finite where both masses vanish
 
@@ -108,10 +109,14 @@ def install_capture(unet: UNet2DConditionModel, levels: list[int], early_exit: b
         )
     captured = {name: level for name, level in available.items() if level in levels}
     recorder = AttentionRecorder(list(captured), early_exit)
-    processors = {
-        name: CaptureProcessor(recorder, name) if name in captured else proc
-        for name, proc in unet.attn_processors.items()
-    }
+    processors = {}
+    for name, proc in unet.attn_processors.items():
+        if name in captured:
+            processors[name] = CaptureProcessor(recorder, name)
+        elif isinstance(proc, CaptureProcessor):  # left by an earlier install: back to the fast default
+            processors[name] = AttnProcessor2_0()
+        else:
+            processors[name] = proc
     unet.set_attn_processor(processors)  # diffusers empties the dict passed in
     return recorder, captured
 

@@ -17,13 +17,13 @@ from tqdm import tqdm
 
 from d2dprompt.config import ParamsError, flatten, load_params
 from d2dprompt.images import ImageError, load_mask, load_rgb, resize_mask, resize_rgb
-from d2dprompt.latents import LatentRow, read_latents
+from d2dprompt.latent_store import LatentRow, read_latents
 from d2dprompt.maps import image_scores, to_image_size
 from d2dprompt.metrics import image_metrics, pixel_metrics, summarize
 from d2dprompt.models import pick_device
 from d2dprompt.outputs import atomic_dir, write_json
 from d2dprompt.segmenter import D2DSegmenter, fixed_noise
-from d2dprompt.train import load_segmenter
+from d2dprompt.prompt_files import load_segmenter
 
 
 @torch.no_grad()

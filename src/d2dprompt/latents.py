@@ -9,39 +9,25 @@ labels) and `index.csv`, one row per latent.
 
 from __future__ import annotations
 
-import csv
 import zlib
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import typer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from d2dprompt.config import LatentsParams, ParamsError, load_params
 from d2dprompt.images import ImageError, load_mask, load_rgb, resize_mask, resize_rgb
+from d2dprompt.latent_store import LatentRow, write_index
 from d2dprompt.manifest import ManifestRow, read_manifest
 from d2dprompt.models import FrozenSD, load_frozen, pick_device
 from d2dprompt.outputs import atomic_dir
 from d2dprompt.synth import procedural_texture, synthesize_anomaly
 
-INDEX_FIELDS = ("key", "source", "category", "split", "label", "defect_type", "image_path", "mask_path")
 TEXTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-
-
-@dataclass(frozen=True)
-class LatentRow:
-    key: str  # unique per latent: the image path, plus '#syn<k>' for synthetic anomalies
-    source: str  # real | synthetic
-    category: str
-    split: str
-    label: int
-    defect_type: str
-    image_path: str
-    mask_path: str
 
 
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -142,28 +128,6 @@ def encode_dataset(
         "labels": torch.tensor(labels, dtype=torch.uint8),
     }
     return tensors, index
-
-
-def write_index(rows: list[LatentRow], path: Path) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=INDEX_FIELDS)
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-
-
-def read_latents(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[LatentRow]]:
-    """Load one dataset's latents stage output."""
-    folder = Path(folder)
-    index_path, tensor_path = folder / "index.csv", folder / "latents.safetensors"
-    for path in (index_path, tensor_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; run the latents stage first")
-    with index_path.open(newline="") as fh:
-        rows = [LatentRow(**{**r, "label": int(r["label"])}) for r in csv.DictReader(fh)]
-    tensors = load_file(tensor_path)
-    if tensors["latents"].shape[0] != len(rows):
-        raise ValueError(f"{folder}: index.csv and latents.safetensors disagree on the number of rows")
-    return tensors, rows
 
 
 def main(

@@ -116,6 +116,7 @@ def build_tiny(seed: int = 0) -> FrozenSD:
         latent_channels=4,
         norm_num_groups=16,
         sample_size=128,
+        scaling_factor=4.85,  # as SD's 0.18215: unit-variance latents (raw std 0.206 on the bundled sample)
     )
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"

@@ -18,7 +18,7 @@ The SQLite file store is used because MLflow 3 refuses `./mlruns` without
 MLFLOW_ALLOW_FILE_STORE. Parallel queue workers share one SQLite file: opening
 a new store is serialised with a file lock (MLflow's schema migrations race
 otherwise), and every store call is retried with backoff on "database is locked".
-MLflow is imported inside functions: importing it takes seconds.
+MLflow is imported inside functions: importing it takes over a second.
 """
 
 from __future__ import annotations

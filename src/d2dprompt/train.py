@@ -12,24 +12,23 @@ epoch lets an interrupted run resume with the same params.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
 import torch
 import typer
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from d2dprompt.config import Params, ParamsError, flatten, load_params
-from d2dprompt.latents import read_latents
+from d2dprompt.latent_store import read_latents
+from d2dprompt.prompt_files import CONFIG_FILE, PROMPTS_FILE, config_record, save_prompts
 from d2dprompt.losses import LOSS_NAMES, total_loss
-from d2dprompt.models import FrozenSD, load_frozen, pick_device
-from d2dprompt.outputs import atomic_file, write_json
+from d2dprompt.models import load_frozen, pick_device
+from d2dprompt.outputs import atomic_file
 from d2dprompt.segmenter import D2DSegmenter, build_segmenter, fixed_noise
 
-PROMPTS_FILE, CONFIG_FILE, HISTORY_FILE, CHECKPOINT_FILE = "prompts.safetensors", "prompts.json", "history.csv", "checkpoint.pt"
+HISTORY_FILE, CHECKPOINT_FILE = "history.csv", "checkpoint.pt"
 
 
 def training_set(latents_root: Path, datasets: list[str], supervision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
@@ -54,19 +53,13 @@ def training_set(latents_root: Path, datasets: list[str], supervision: str) -> t
     return latents, masks, labels, keys
 
 
-def config_record(cfg: Params) -> dict:
-    """What a prompt file depends on: enough to rebuild the segmenter, and to refuse a stale checkpoint."""
-    return {
-        "model": dataclasses.asdict(cfg.model),
-        "prompt": dataclasses.asdict(cfg.prompt),
-        "attention": dataclasses.asdict(cfg.attention),
-        "loss": dataclasses.asdict(cfg.loss),
-        "train": dataclasses.asdict(cfg.train),
-    }
-
-
-def fingerprint(record: dict) -> str:
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+def fingerprint(record: dict, latents_root: Path, datasets: list[str]) -> str:
+    """Params + training data: a checkpoint resumes only a run with both unchanged."""
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode())
+    for name in datasets:
+        with (latents_root / name / "latents.safetensors").open("rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()[:16]
 
 
 def train_epoch(
@@ -97,29 +90,6 @@ def train_epoch(
     return {name: total / len(keys) for name, total in sums.items()}
 
 
-def save_prompts(segmenter: D2DSegmenter, record: dict, folder: Path) -> None:
-    with atomic_file(folder / PROMPTS_FILE) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in segmenter.prompts.state_dict().items()}, tmp)
-    write_json(folder / CONFIG_FILE, record)
-
-
-def load_segmenter(folder: str | Path, sd: FrozenSD | None = None, early_exit: bool = True) -> tuple[D2DSegmenter, dict]:
-    """Rebuild the trained segmenter from `prompts.json` + `prompts.safetensors` (loads SD when not given)."""
-    folder = Path(folder)
-    for name in (CONFIG_FILE, PROMPTS_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name}: missing; run the train stage first")
-    record = json.loads((folder / CONFIG_FILE).read_text())
-    from d2dprompt.config import params_from_dict
-
-    cfg = params_from_dict({k: record[k] for k in ("model", "prompt", "attention")})
-    if sd is None:
-        sd = load_frozen(cfg.model.pretrained, cfg.model.tiny_seed)
-    segmenter = build_segmenter(sd, cfg.prompt, cfg.attention, cfg.model, early_exit)
-    segmenter.prompts.load_state_dict(load_file(folder / PROMPTS_FILE))
-    return segmenter, record
-
-
 def write_history(history: list[dict[str, float]], path: Path) -> None:
     names = ["epoch"] + sorted({k for row in history for k in row if k != "epoch"})
     with atomic_file(path) as tmp, tmp.open("w", newline="") as fh:
@@ -132,6 +102,7 @@ def run(cfg: Params, latents_root: Path, out: Path, log=None) -> list[dict[str, 
     """Train (resuming from a matching checkpoint) and write the outputs; returns the per-epoch history."""
     device = pick_device(cfg.model.device)
     record = config_record(cfg)
+    run_id = fingerprint(record, latents_root, cfg.train.datasets)
     data = training_set(latents_root, cfg.train.datasets, cfg.train.supervision)
     sd = load_frozen(cfg.model.pretrained, cfg.model.tiny_seed).to(device)
     torch.manual_seed(cfg.train.seed)
@@ -141,7 +112,7 @@ def run(cfg: Params, latents_root: Path, out: Path, log=None) -> list[dict[str, 
     checkpoint = out / CHECKPOINT_FILE
     if checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["fingerprint"] == fingerprint(record):
+        if state["fingerprint"] == run_id:
             segmenter.prompts.load_state_dict(state["prompts"])
             optimizer.load_state_dict(state["optimizer"])
             history = state["history"]
@@ -153,7 +124,7 @@ def run(cfg: Params, latents_root: Path, out: Path, log=None) -> list[dict[str, 
         typer.echo(f"epoch {epoch + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
         if log is not None:
             log.log_metrics({f"loss_{k}": v for k, v in losses.items()}, step=epoch + 1)
-        state = {"fingerprint": fingerprint(record), "prompts": segmenter.prompts.state_dict(), "optimizer": optimizer.state_dict(), "history": history}
+        state = {"fingerprint": run_id, "prompts": segmenter.prompts.state_dict(), "optimizer": optimizer.state_dict(), "history": history}
         with atomic_file(checkpoint) as tmp:
             torch.save(state, tmp)
     save_prompts(segmenter, record, out)

@@ -1,0 +1,30 @@
+# Two entry points, each doing its own set-up on a fresh machine:
+#   make repro  -> virtual env + install + `dvc repro` on the embedded default (tiny model, bundled sample)
+#   make test   -> virtual env + install + the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# dvc.yaml runs `python -m d2dprompt.<stage>`: the venv must come first on PATH.
+RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
+
+.PHONY: repro test bench env clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+repro: env
+	$(RUN) dvc repro
+
+test: env
+	$(RUN) python -m pytest -q
+
+bench: env
+	$(RUN) python -m d2dprompt.bench_metrics
+
+clean:
+	rm -rf $(VENV) stages

@@ -1,0 +1,46 @@
+"""The latents stage's on-disk format: `latents.safetensors` + `index.csv`, one row per latent."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+INDEX_FIELDS = ("key", "source", "category", "split", "label", "defect_type", "image_path", "mask_path")
+
+
+@dataclass(frozen=True)
+class LatentRow:
+    key: str  # unique per latent: the image path, plus '#syn<k>' for synthetic anomalies
+    source: str  # real | synthetic
+    category: str
+    split: str
+    label: int
+    defect_type: str
+    image_path: str
+    mask_path: str
+
+
+def write_index(rows: list[LatentRow], path: Path) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=INDEX_FIELDS)
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+
+
+def read_latents(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[LatentRow]]:
+    """Load one dataset's latents stage output."""
+    folder = Path(folder)
+    index_path, tensor_path = folder / "index.csv", folder / "latents.safetensors"
+    for path in (index_path, tensor_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; run the latents stage first")
+    with index_path.open(newline="") as fh:
+        rows = [LatentRow(**{**r, "label": int(r["label"])}) for r in csv.DictReader(fh)]
+    tensors = load_file(tensor_path)
+    if tensors["latents"].shape[0] != len(rows):
+        raise ValueError(f"{folder}: index.csv and latents.safetensors disagree on the number of rows")
+    return tensors, rows

@@ -1,0 +1,48 @@
+import pytest
+
+from d2dprompt.config import Params, ParamsError, flatten, load_params, params_from_dict
+from tests.conftest import ROOT
+
+
+def test_repository_params_file_loads():
+    params = load_params(ROOT / "params.yaml")
+    assert params.model.pretrained == "tiny"
+    assert params.evaluate.datasets == ["sample"]
+
+
+def test_missing_keys_take_defaults():
+    params = params_from_dict({"loss": {"sharpness": 0.3}})
+    assert params.loss.sharpness == 0.3
+    assert params.loss.focal == Params().loss.focal
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("loss:\n  sharpnes: 0.3\n")
+    with pytest.raises(ParamsError, match=r"params.yaml: unknown params key 'loss.sharpnes'"):
+        load_params(path)
+
+
+def test_unknown_block_is_named():
+    with pytest.raises(ParamsError, match="unknown params key 'trian'"):
+        params_from_dict({"trian": {}})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ParamsError, match="'train.epochs' must be int"):
+        params_from_dict({"train": {"epochs": "many"}})
+    with pytest.raises(ParamsError, match="'attention.levels' must be a list"):
+        params_from_dict({"attention": {"levels": 1}})
+
+
+def test_ints_widen_to_floats_but_bools_are_not_numbers():
+    assert params_from_dict({"loss": {"dice": 2}}).loss.dice == 2.0
+    with pytest.raises(ParamsError):
+        params_from_dict({"train": {"epochs": True}})
+
+
+def test_flatten_names_every_key():
+    flat = flatten(Params())
+    assert flat["loss.sharpness"] == 0.0
+    assert flat["prompt.n_ctx"] == 12
+    assert all("." in key for key in flat)

@@ -1,0 +1,82 @@
+import math
+
+import pytest
+import torch
+
+from d2dprompt.losses import (
+    consistency_loss,
+    coverage_loss,
+    dice_loss,
+    focal_loss,
+    image_loss,
+    image_score,
+    sharpness_loss,
+    total_loss,
+)
+
+
+def _mask():
+    m = torch.zeros(2, 8, 8)
+    m[0, 2:5, 2:5] = 1
+    return m
+
+
+def test_focal_is_small_for_a_perfect_map_and_large_for_an_inverted_one():
+    m = _mask()
+    assert focal_loss(m, m) < 1e-4
+    assert focal_loss(1 - m, m) > 1.0
+
+
+def test_focal_reduces_to_cross_entropy_at_gamma_zero():
+    p, m = torch.full((1, 2, 2), 0.8), torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    expected = -(math.log(0.8) + 3 * math.log(0.2)) / 4
+    assert focal_loss(p, m, gamma=0.0).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dice_perfect_and_worst():
+    m = _mask()
+    assert dice_loss(m, m).item() == pytest.approx(0.0, abs=1e-5)
+    # fully wrong: abnormal map everywhere the mask is not -> both dice terms are 1 where defined
+    assert dice_loss(1 - m, m).item() > 1.5
+
+
+def test_image_score_is_top_percent_mean_and_loss_orders():
+    p = torch.zeros(1, 10, 10)
+    p[0, 0, 0] = 1.0
+    assert image_score(p).item() == pytest.approx(1.0)  # 1 % of 100 pixels = 1 pixel
+    hi, lo = torch.full((1, 10, 10), 0.9), torch.full((1, 10, 10), 0.1)
+    assert image_loss(hi, torch.tensor([1.0])) < image_loss(lo, torch.tensor([1.0]))
+
+
+def test_sharpness_is_one_at_half_and_zero_when_decided():
+    assert sharpness_loss(torch.full((1, 4, 4), 0.5)).item() == pytest.approx(1.0, abs=1e-5)
+    assert sharpness_loss(torch.tensor([[[0.0, 1.0]]])).item() < 1e-3
+
+
+def test_coverage_counts_mass_outside_the_defect_of_anomalous_images_only():
+    m = _mask()
+    mass = m.clone()
+    labels = torch.tensor([1.0, 0.0])
+    assert coverage_loss(mass, m, labels).item() == pytest.approx(0.0, abs=1e-5)
+    assert coverage_loss(1 - m, m, labels).item() == pytest.approx(1.0, abs=1e-5)
+    assert coverage_loss(mass, m, torch.zeros(2)).item() == 0.0
+
+
+def test_consistency_is_zero_for_agreeing_levels():
+    same = torch.rand(2, 1, 4, 4).expand(2, 3, 4, 4)
+    assert consistency_loss(same).item() == pytest.approx(0.0)
+    assert consistency_loss(torch.stack([torch.zeros(4, 4), torch.ones(4, 4)])[None]).item() == pytest.approx(0.25)
+
+
+def test_total_loss_skips_zero_weights_and_rejects_unknown_terms():
+    m = _mask()
+    p = torch.full_like(m, 0.3, requires_grad=True)
+    maps = {"anomaly": p, "abnormal_mass": p, "anomaly_levels": p[:, None]}
+    labels = torch.tensor([1.0, 0.0])
+    loss, values = total_loss(maps, m, labels, {"focal": 1.0, "dice": 0.0, "sharpness": 2.0})
+    assert set(values) == {"focal", "sharpness"}
+    assert loss.item() == pytest.approx(values["focal"] + 2 * values["sharpness"], rel=1e-5)
+    loss.backward()
+    assert p.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown loss terms"):
+        total_loss(maps, m, labels, {"edges": 1.0})

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from d2dprompt.models import build_tiny, bundled_clip_tokenizer, load_frozen, save_tiny
+
+
+def test_bundled_tokenizer_matches_clip_ids():
+    tok = bundled_clip_tokenizer()
+    assert len(tok) == 49408
+    # ids of OpenAI CLIP's tokenizer for this sentence
+    assert tok("a photo of a damaged object.").input_ids == [49406, 320, 1125, 539, 320, 13568, 14115, 269, 49407]
+
+
+def test_tiny_is_a_function_of_its_seed(tiny):
+    again = build_tiny(0)
+    other = build_tiny(1)
+    w = tiny.unet.conv_in.weight
+    assert torch.equal(w, again.unet.conv_in.weight)
+    assert not torch.equal(w, other.unet.conv_in.weight)
+
+
+def test_tiny_is_frozen(tiny):
+    for module in (tiny.text_encoder, tiny.unet, tiny.vae):
+        assert not any(p.requires_grad for p in module.parameters())
+
+
+def test_saved_diffusers_folder_loads_through_from_pretrained(tmp_path, tiny):
+    folder = save_tiny(tmp_path / "sd", seed=0)
+    for sub in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
+        assert (folder / sub).is_dir()
+    loaded = load_frozen(str(folder))
+    ids = loaded.tokenizer("a damaged object.", padding="max_length", return_tensors="pt").input_ids
+    assert torch.equal(ids, tiny.tokenizer("a damaged object.", padding="max_length", return_tensors="pt").input_ids)
+    with torch.no_grad():
+        states = loaded.text_encoder(ids).last_hidden_state
+        assert torch.allclose(states, tiny.text_encoder(ids).last_hidden_state)
+        z = torch.randn(1, 4, 8, 8)
+        t = torch.tensor([10])
+        assert torch.allclose(loaded.unet(z, t, states).sample, tiny.unet(z, t, states).sample, atol=1e-6)
+    assert not any(p.requires_grad for p in loaded.unet.parameters())
+    assert loaded.vae_scale == tiny.vae_scale == 4
+
+
+def test_a_folder_without_unet_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a diffusers folder"):
+        load_frozen(str(tmp_path))

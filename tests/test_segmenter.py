@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from d2dprompt.config import AttentionParams, ModelParams, PromptParams
+from d2dprompt.models import build_tiny
+from d2dprompt.segmenter import build_segmenter, fixed_noise
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return build_tiny(0)
+
+
+@pytest.mark.parametrize("prompts", ["paired", "joint"])
+def test_gradients_reach_every_prompt_parameter_and_no_frozen_one(sd, prompts):
+    torch.manual_seed(0)
+    seg = build_segmenter(sd, PromptParams(), AttentionParams(levels=[0, 1], prompts=prompts), ModelParams(timestep=100))
+    latents = torch.randn(2, 4, 16, 16)
+    maps = seg(latents, fixed_noise(["a", "b"], (4, 16, 16), 0))
+    assert maps["anomaly"].shape == (2, 16, 16)
+    assert ((maps["anomaly"] >= 0) & (maps["anomaly"] <= 1)).all()
+    (maps["anomaly"] * torch.linspace(0, 1, 16)).sum().backward()
+    for name, p in seg.prompts.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for module in (sd.text_encoder, sd.unet, sd.vae):
+        assert all(p.grad is None for p in module.parameters())
+    assert set(seg.state_dict()) == {f"prompts.{n}" for n, _ in seg.prompts.named_parameters()}
+
+
+def test_maps_are_deterministic_for_fixed_noise(sd):
+    torch.manual_seed(0)
+    seg = build_segmenter(sd, PromptParams(), AttentionParams(levels=[1]), ModelParams())
+    latents = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        a = seg(latents, fixed_noise(["x", "y"], (4, 16, 16), 3))["anomaly"]
+        b = seg(latents, fixed_noise(["x", "y"], (4, 16, 16), 3))["anomaly"]
+    assert torch.equal(a, b)
+
+
+def test_fixed_noise_depends_on_key_and_seed_only():
+    a = fixed_noise(["img1", "img2"], (4, 8, 8), 0)
+    assert torch.equal(a[1], fixed_noise(["img2"], (4, 8, 8), 0)[0])
+    assert not torch.equal(a[0], a[1])
+    assert not torch.equal(a[0], fixed_noise(["img1"], (4, 8, 8), 1)[0])
+
+
+def test_bad_timestep_and_prompt_mode_are_named(sd):
+    with pytest.raises(ValueError, match="model.timestep=1000"):
+        build_segmenter(sd, PromptParams(), AttentionParams(), ModelParams(timestep=1000))
+    with pytest.raises(ValueError, match="attention.prompts='both'"):
+        build_segmenter(sd, PromptParams(), AttentionParams(prompts="both"), ModelParams())
