@@ -49,3 +49,39 @@ def test_bad_timestep_and_prompt_mode_are_named(sd):
         build_segmenter(sd, PromptParams(), AttentionParams(), ModelParams(timestep=1000))
     with pytest.raises(ValueError, match="attention.prompts='both'"):
         build_segmenter(sd, PromptParams(), AttentionParams(prompts="both"), ModelParams())
+
+
+@pytest.mark.parametrize("prompts", ["paired", "joint"])
+def test_cached_maps_equal_full_maps_for_the_reference_prompt(sd, prompts):
+    torch.manual_seed(0)
+    seg = build_segmenter(sd, PromptParams(), AttentionParams(levels=[0, 1, 2], prompts=prompts), ModelParams())
+    latents = torch.randn(3, 4, 16, 16)
+    noise = fixed_noise(["a", "b", "c"], (4, 16, 16), 0)
+    queries = seg.compute_queries(latents, noise)
+    assert all(q.shape[:2] == (seg.passes, 3) for q in queries.values())
+    with torch.no_grad():
+        full = seg(latents, noise)
+        cached = seg.forward_cached(queries, (16, 16))
+    for key in ("anomaly", "normal_mass", "abnormal_mass"):
+        assert torch.allclose(full[key], cached[key], atol=1e-6), key
+    # once the prompts move, cached maps only approximate the full ones
+    with torch.no_grad():
+        for p in seg.prompts.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+        moved_full = seg(latents, noise)["anomaly"]
+        moved_cached = seg.forward_cached(queries, (16, 16))["anomaly"]
+    assert not torch.allclose(moved_full, moved_cached, atol=1e-6)
+
+
+@pytest.mark.parametrize("prompts", ["paired", "joint"])
+def test_cached_mode_gradients_reach_every_prompt_parameter(sd, prompts):
+    torch.manual_seed(0)
+    seg = build_segmenter(sd, PromptParams(), AttentionParams(levels=[0, 1], prompts=prompts), ModelParams())
+    latents = torch.randn(2, 4, 16, 16)
+    queries = seg.compute_queries(latents, fixed_noise(["a", "b"], (4, 16, 16), 0))
+    maps = seg.forward_cached(queries, (16, 16))
+    (maps["anomaly"] * torch.linspace(0, 1, 16)).sum().backward()
+    for name, p in seg.prompts.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for module in (sd.text_encoder, sd.unet, sd.vae):
+        assert all(p.grad is None for p in module.parameters())

@@ -43,6 +43,7 @@ class ModelParams:
     timestep: int = 100  # DDPM step of the noised latents the UNet reads; low keeps image detail
     noise_seed: int = 0  # the noise added at `timestep` is fixed per image, so maps are deterministic
     device: str = "auto"  # auto = cuda when available, else cpu
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; or fp32 | bf16 | fp16
 
 
 @dataclass
@@ -58,8 +59,9 @@ class PromptParams:
 @dataclass
 class AttentionParams:
     levels: list[int] = field(default_factory=lambda: [0, 1])  # latent side / 2**level; SD at 512 px: 0..3 = 64,32,16,8
-    mode: str = "full"  # full = UNet forward every step (exact); cached = stored queries (issue: fast paths)
-    prompts: str = "paired"  # paired = one UNet pass per prompt; joint = both prompts in one sequence
+    mode: str = "full"  # full = UNet forward every step (exact); cached = stored queries, ~text encoder cost
+    prompts: str = "paired"  # paired = one UNet pass per prompt; joint = both prompts in one sequence, one pass
+    recache_every: int = 0  # cached mode: recompute the queries with the current prompts every N epochs (0 = never)
 
 
 @dataclass
@@ -104,6 +106,12 @@ class EvaluateParams:
     batch_size: int = 8
     aupro_fpr_limit: float = 0.3  # the field's AUPRO integrates PRO up to FPR 0.3
     overlays: int = 6  # heatmap overlays written per dataset
+    score: str = "max"  # image score: max | topk | fused (see maps.image_scores)
+    top_percent: float = 1.0  # share of pixels averaged by the topk score
+    threshold: str = "f1"  # f1 = F1-optimal on the validation split; fixed = `sensitivity` on the map scale
+    sensitivity: float = 0.5  # the fixed threshold, used when threshold = fixed
+    opening_kernel: int = 3  # square kernel of the morphological opening on binary masks (0/1 = none)
+    min_area: int = 16  # predicted regions smaller than this many map pixels are dropped
 
 
 @dataclass

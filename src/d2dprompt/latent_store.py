@@ -44,3 +44,25 @@ def read_latents(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[Late
     if tensors["latents"].shape[0] != len(rows):
         raise ValueError(f"{folder}: index.csv and latents.safetensors disagree on the number of rows")
     return tensors, rows
+
+
+def training_set(latents_root: Path, datasets: list[str], supervision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """(latents, latent-size masks, labels, keys) concatenated over `datasets`."""
+    if supervision not in ("synthetic", "annotated"):
+        raise ValueError(f"train.supervision={supervision!r}: expected synthetic or annotated")
+    parts = []
+    for name in datasets:
+        tensors, rows = read_latents(latents_root / name)
+        if supervision == "synthetic":
+            keep = [i for i, r in enumerate(rows) if r.split == "train"]
+        else:
+            keep = [i for i, r in enumerate(rows) if r.split == "test" and r.source == "real"]
+        if not keep:
+            raise ValueError(f"{latents_root / name}: no {supervision} training rows")
+        idx = torch.tensor(keep)
+        parts.append((tensors["latents"][idx], tensors["masks"][idx], tensors["labels"][idx], [f"{name}/{rows[i].key}" for i in keep]))
+    latents = torch.cat([p[0] for p in parts]).float()
+    masks = torch.cat([p[1] for p in parts]).float()
+    labels = torch.cat([p[2] for p in parts]).float()
+    keys = [k for p in parts for k in p[3]]
+    return latents, masks, labels, keys

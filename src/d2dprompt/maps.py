@@ -34,6 +34,25 @@ def to_image_size(maps: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
     return gaussian_blur(up, sigma)
 
 
-def image_scores(maps: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) -> (B,): the maximum of the smoothed map, the field's usual image score."""
-    return maps.flatten(1).amax(1)
+SCORE_METHODS = ("max", "topk", "fused")
+
+
+def image_scores(maps: torch.Tensor, method: str = "max", top_percent: float = 1.0, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, W) -> (B,) image anomaly scores.
+
+    max:   the maximum of the smoothed map, the field's usual score.
+    topk:  mean of the top `top_percent` % of pixels: less sensitive to one hot pixel.
+    fused: mean of `max` and the image-level probability `logits` (the training image term's
+           score, computed on the unsmoothed latent map), as AnomalyCLIP fuses map and image scores.
+    """
+    flat = maps.flatten(1)
+    if method == "max":
+        return flat.amax(1)
+    if method == "topk":
+        k = max(1, int(round(flat.shape[1] * top_percent / 100)))
+        return flat.topk(k, dim=1).values.mean(1)
+    if method == "fused":
+        if logits is None:
+            raise ValueError("evaluate.score=fused needs the image-level scores")
+        return 0.5 * (flat.amax(1) + logits)
+    raise ValueError(f"evaluate.score={method!r}: expected one of {', '.join(SCORE_METHODS)}")

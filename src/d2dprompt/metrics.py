@@ -19,6 +19,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 DEFAULT_FPR_LIMIT = 0.3  # MVTec AD / anomalib integrate the PRO curve up to FPR 0.3
 _CHUNK = 1 << 22  # pixels per counting step: scratch buffers stay small and are reused (page faults are slow)
+_MAX_BUCKET_BITS = 24  # 16M buckets (64 MiB of counts): few normal pixels share a bucket with an anomalous one
 _IMAGES_PER_LABEL_CALL = 64  # masks labelled per scipy call, into one reused 16 MiB label buffer at 256 px
 # 8-connectivity (full 3x3 structure) as in the MVTec AD evaluation code (`label(gt, np.ones((3, 3)))`)
 # and anomalib (OpenCV connectedComponents, default connectivity 8); depth 1: images never connect.
@@ -105,16 +106,18 @@ def _count_all_below(scores: np.ndarray, unique_keys: np.ndarray) -> tuple[np.nd
     """
     uint, sint, _ = _key_types(scores.dtype)
     lo, hi = int(unique_keys[0]), int(unique_keys[-1])
-    bucket_bits = min(24, max(8, scores.size.bit_length() - 3))  # histogram ~1/8 of the pixels, at most 128 MiB
+    bucket_bits = min(_MAX_BUCKET_BITS, max(8, scores.size.bit_length() - 3))  # ~1/8 as many buckets as pixels
     shift = max(0, (hi - lo).bit_length() - bucket_bits)
     n_buckets = ((hi - lo) >> shift) + 1  # one more bucket, n_buckets, collects everything out of range
     unique_offsets = unique_keys - uint(lo)
+    unique_buckets = (unique_offsets >> uint(shift)).astype(np.intp)
     occupied = np.zeros(n_buckets + 1, dtype=bool)
-    occupied[unique_offsets >> uint(shift)] = True
-    hist = np.zeros(n_buckets + 1, dtype=np.int64)
+    occupied[unique_buckets] = True
+    hist = np.zeros(n_buckets + 1, dtype=np.int32 if scores.size < 2**31 else np.int64)
+    one = hist.dtype.type(1)  # a Python int would send np.add.at down its slow casting path
     size = min(_CHUNK, scores.size)
     keys, sign = np.empty(size, uint), np.empty(size, sint)
-    buckets, flags = np.empty(size, np.intp), np.empty(size, bool)
+    buckets, flags = np.empty(size, np.int64), np.empty(size, bool)
     n_below, mixed = 0, []
     for start in range(0, scores.size, size):
         values = scores[start : start + size]
@@ -122,13 +125,14 @@ def _count_all_below(scores: np.ndarray, unique_keys: np.ndarray) -> tuple[np.nd
         _float_keys(values, out=k, sign=sign[: values.size])
         n_below += int(np.count_nonzero(np.less(k, uint(lo), out=f)))
         np.subtract(k, uint(lo), out=k)  # offsets; keys below lo wrap around and are redirected next
-        np.right_shift(k, uint(shift), out=b)
-        np.minimum(b, n_buckets, out=b)
+        unsigned = b.view(np.uint64)  # bucket arithmetic stays unsigned: 64-bit offsets may exceed 2**63
+        np.right_shift(k, uint(shift), out=unsigned)
+        np.minimum(unsigned, np.uint64(n_buckets), out=unsigned)
         np.copyto(b, n_buckets, where=f)
-        hist += np.bincount(b, minlength=n_buckets + 1)
+        np.add.at(hist, b, one)  # in place: a fresh bincount array per chunk costs page faults
         mixed.append(k[np.take(occupied, b, out=f)])
-    free_before = np.concatenate(([0], np.cumsum(np.where(occupied, 0, hist))))
-    before = n_below + free_before[(unique_offsets >> uint(shift)).astype(np.intp)]
+    free_before = np.concatenate(([0], np.cumsum(np.where(occupied, 0, hist), dtype=np.int64)))
+    before = n_below + free_before[unique_buckets]
     mixed_sorted = np.sort(np.concatenate(mixed))
     less = before + np.searchsorted(mixed_sorted, unique_offsets, side="left")
     leq = before + np.searchsorted(mixed_sorted, unique_offsets, side="right")
@@ -197,7 +201,7 @@ def _aupro(c: _Curve, fpr_limit: float) -> float:
     if end < x.size and x[end - 1] < fpr_limit:
         y_limit = y[end - 1] + (y[end] - y[end - 1]) * (fpr_limit - x[end - 1]) / (x[end] - x[end - 1])
         area += 0.5 * (y[end - 1] + y_limit) * (fpr_limit - x[end - 1])
-    return area / fpr_limit
+    return float(area / fpr_limit)
 
 
 def _check_pixels(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -162,6 +162,16 @@ def _freeze(sd: FrozenSD) -> FrozenSD:
     return sd
 
 
+def autocast(device: torch.device, precision: str):
+    """Mixed precision on CUDA (bf16 by default); CPU runs in fp32, where half precision is slow."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"model.precision={precision!r}: expected auto, fp32, bf16 or fp16")
+    if device.type != "cuda" or precision == "fp32":
+        return torch.autocast(device_type=device.type, enabled=False)
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -12,7 +12,7 @@ import zlib
 import torch
 from torch import nn
 
-from d2dprompt.attention import EarlyExit, aggregate_maps, install_capture
+from d2dprompt.attention import EarlyExit, aggregate_maps, attention_probs, install_capture
 from d2dprompt.models import FrozenSD
 from d2dprompt.prompts import PromptLearner
 
@@ -46,26 +46,62 @@ class D2DSegmenter(nn.Module):
     def prompt_states(self) -> torch.Tensor:
         return self.prompts(self.sd.text_encoder)
 
-    def forward(self, latents: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
-        """latents (B, C, h, w) already scaled by the VAE factor; noise like latents."""
-        states = self.prompt_states()
+    @property
+    def passes(self) -> int:
+        """UNet passes per image: one per prompt when paired, one when joint."""
+        return 1 if self.prompts.joint else 2
+
+    def _unet_batch(self, latents: torch.Tensor, noise: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z_t = self.noised(latents, noise)
         batch = latents.shape[0]
-        if not self.prompts.joint:  # normal prompt on the first half of the batch, abnormal on the second
-            z_t = torch.cat([z_t, z_t])
-            states = states.repeat_interleave(batch, dim=0)
-        else:
-            states = states.expand(batch, -1, -1)
-        self.run_unet(z_t, states)
+        if self.passes == 2:  # normal prompt on the first half of the batch, abnormal on the second
+            return torch.cat([z_t, z_t]), states.repeat_interleave(batch, dim=0)
+        return z_t, states.expand(batch, -1, -1)
+
+    def _maps(self, probs: dict[str, torch.Tensor], latent_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
         layout = self.prompts.layout
-        return aggregate_maps(
-            self.recorder.probs,
-            self.captured,
-            tuple(latents.shape[-2:]),
-            layout.normal_tokens,
-            layout.abnormal_tokens,
-            paired=not self.prompts.joint,
-        )
+        return aggregate_maps(probs, self.captured, latent_hw, layout.normal_tokens, layout.abnormal_tokens, paired=self.passes == 2)
+
+    def forward(self, latents: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Full mode. latents (B, C, h, w) already scaled by the VAE factor; noise like latents."""
+        self.run_unet(*self._unet_batch(latents, noise, self.prompt_states()))
+        return self._maps(self.recorder.probs, tuple(latents.shape[-2:]))
+
+    @torch.no_grad()
+    def compute_queries(self, latents: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Queries of each captured layer under the current prompts: name -> (passes, B, heads, HW, d).
+
+        With the prompts fixed they depend on the image alone, so cached-query training can reuse them.
+        """
+        self.recorder.keep_queries = True
+        try:
+            self.run_unet(*self._unet_batch(latents, noise, self.prompt_states()))
+        finally:
+            self.recorder.keep_queries = False
+        batch = latents.shape[0]
+        return {name: q.reshape(self.passes, batch, *q.shape[1:]) for name, q in self.recorder.queries.items()}
+
+    def forward_cached(self, queries: dict[str, torch.Tensor], latent_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Cached mode: only the text encoder, `to_k` of each captured layer and the softmax run.
+
+        Identical to `forward` while the prompts equal those the queries were computed with; an
+        approximation once they move (the UNet's own features no longer see the new prompts).
+        """
+        states = self.prompt_states()
+        probs = {}
+        for name in self.captured:
+            attn = self.cross_attention[name]
+            keys_in = attn.norm_encoder_hidden_states(states) if attn.norm_cross else states
+            key = attn.to_k(keys_in)
+            query = queries[name]
+            key = key.view(key.shape[0], key.shape[1], attn.heads, -1).transpose(1, 2)  # (S, heads, L, d)
+            per_pass = [attention_probs(query[i], key[i : i + 1], attn.scale) for i in range(self.passes)]
+            probs[name] = torch.cat(per_pass).mean(dim=1)
+        return self._maps(probs, latent_hw)
+
+    @property
+    def cross_attention(self) -> dict:
+        return {name: self.sd.unet.get_submodule(name.removesuffix(".processor")) for name in self.captured}
 
     def run_unet(self, z_t: torch.Tensor, states: torch.Tensor) -> None:
         self.recorder.reset()

@@ -12,6 +12,7 @@ epoch lets an interrupted run resume with the same params.
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 import hashlib
 import json
 from pathlib import Path
@@ -21,36 +22,15 @@ import typer
 from tqdm import tqdm
 
 from d2dprompt.config import Params, ParamsError, flatten, load_params
-from d2dprompt.latent_store import read_latents
+from d2dprompt.latent_store import training_set
 from d2dprompt.prompt_files import CONFIG_FILE, PROMPTS_FILE, config_record, save_prompts
 from d2dprompt.losses import LOSS_NAMES, total_loss
-from d2dprompt.models import load_frozen, pick_device
+from d2dprompt.models import autocast, load_frozen, pick_device
 from d2dprompt.outputs import atomic_file
+from d2dprompt.query_cache import QueryCache, compute_queries, open_queries
 from d2dprompt.segmenter import D2DSegmenter, build_segmenter, fixed_noise
 
 HISTORY_FILE, CHECKPOINT_FILE = "history.csv", "checkpoint.pt"
-
-
-def training_set(latents_root: Path, datasets: list[str], supervision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """(latents, latent-size masks, labels, keys) concatenated over `datasets`."""
-    if supervision not in ("synthetic", "annotated"):
-        raise ParamsError(f"train.supervision={supervision!r}: expected synthetic or annotated")
-    parts = []
-    for name in datasets:
-        tensors, rows = read_latents(latents_root / name)
-        if supervision == "synthetic":
-            keep = [i for i, r in enumerate(rows) if r.split == "train"]
-        else:
-            keep = [i for i, r in enumerate(rows) if r.split == "test" and r.source == "real"]
-        if not keep:
-            raise ValueError(f"{latents_root / name}: no {supervision} training rows")
-        idx = torch.tensor(keep)
-        parts.append((tensors["latents"][idx], tensors["masks"][idx], tensors["labels"][idx], [f"{name}/{rows[i].key}" for i in keep]))
-    latents = torch.cat([p[0] for p in parts]).float()
-    masks = torch.cat([p[1] for p in parts]).float()
-    labels = torch.cat([p[2] for p in parts]).float()
-    keys = [k for p in parts for k in p[3]]
-    return latents, masks, labels, keys
 
 
 def fingerprint(record: dict, latents_root: Path, datasets: list[str]) -> str:
@@ -62,24 +42,40 @@ def fingerprint(record: dict, latents_root: Path, datasets: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+@dataclass
+class Batches:
+    """The training rows, held once on the CPU: latents, latent-size masks, labels, fixed noise, keys."""
+
+    latents: torch.Tensor
+    masks: torch.Tensor
+    labels: torch.Tensor
+    noise: torch.Tensor
+    keys: list[str]
+
+
 def train_epoch(
     segmenter: D2DSegmenter,
     optimizer: torch.optim.Optimizer,
-    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]],
+    data: Batches,
     cfg: Params,
     epoch: int,
     device: torch.device,
+    queries: QueryCache | None = None,
 ) -> dict[str, float]:
-    latents, masks, labels, keys = data
-    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch))
+    """One pass over the rows in a seeded order; full mode runs the UNet, cached mode reads `queries`."""
+    order = torch.randperm(len(data.keys), generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch))
     weights = {name: getattr(cfg.loss, name) for name in LOSS_NAMES}
+    latent_hw = tuple(data.latents.shape[-2:])
     sums: dict[str, float] = {}
-    batches = list(order.split(cfg.train.batch_size))
-    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch", leave=False)
+    bar = tqdm(order.split(cfg.train.batch_size), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch", leave=False)
     for batch in bar:
-        noise = fixed_noise([keys[i] for i in batch], tuple(latents.shape[1:]), cfg.model.noise_seed)
-        maps = segmenter(latents[batch].to(device), noise.to(device))
-        loss, values = total_loss(maps, masks[batch].to(device), labels[batch].to(device), weights, cfg.loss.focal_gamma)
+        with autocast(device, cfg.model.precision):
+            if queries is None:
+                maps = segmenter(data.latents[batch].to(device), data.noise[batch].to(device))
+            else:
+                maps = segmenter.forward_cached(queries.batch(batch, device), latent_hw)
+        maps = {k: v.float() for k, v in maps.items()}
+        loss, values = total_loss(maps, data.masks[batch].to(device), data.labels[batch].to(device), weights, cfg.loss.focal_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -87,7 +83,16 @@ def train_epoch(
         for name, value in values.items():
             sums[name] = sums.get(name, 0.0) + value * len(batch)
         bar.set_postfix(loss=f"{values['total']:.4f}")
-    return {name: total / len(keys) for name, total in sums.items()}
+    return {name: total / len(data.keys) for name, total in sums.items()}
+
+
+@torch.no_grad()
+def cache_drift(segmenter: D2DSegmenter, data: Batches, queries: QueryCache, device: torch.device, rows: int = 32) -> float:
+    """Mean |full - cached| anomaly map over the first `rows` training rows: how stale the cache is."""
+    idx = torch.arange(min(rows, len(data.keys)))
+    full = segmenter(data.latents[idx].to(device), data.noise[idx].to(device))["anomaly"]
+    cached = segmenter.forward_cached(queries.batch(idx, device), tuple(data.latents.shape[-2:]))["anomaly"]
+    return float((full.float() - cached.float()).abs().mean())
 
 
 def write_history(history: list[dict[str, float]], path: Path) -> None:
@@ -98,12 +103,17 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
         writer.writerows(history)
 
 
-def run(cfg: Params, latents_root: Path, out: Path, log=None) -> list[dict[str, float]]:
+def run(cfg: Params, latents_root: Path, queries_root: Path, out: Path, log=None) -> list[dict[str, float]]:
     """Train (resuming from a matching checkpoint) and write the outputs; returns the per-epoch history."""
     device = pick_device(cfg.model.device)
     record = config_record(cfg)
     run_id = fingerprint(record, latents_root, cfg.train.datasets)
-    data = training_set(latents_root, cfg.train.datasets, cfg.train.supervision)
+    latents, masks, labels, keys = training_set(latents_root, cfg.train.datasets, cfg.train.supervision)
+    noise = fixed_noise(keys, tuple(latents.shape[1:]), cfg.model.noise_seed)  # once, off the hot path
+    data = Batches(latents, masks, labels, noise, keys)
+    if cfg.attention.mode not in ("full", "cached"):
+        raise ParamsError(f"attention.mode={cfg.attention.mode!r}: expected full or cached")
+    queries = open_queries(queries_root, keys) if cfg.attention.mode == "cached" else None
     sd = load_frozen(cfg.model.pretrained, cfg.model.tiny_seed).to(device)
     torch.manual_seed(cfg.train.seed)
     segmenter = build_segmenter(sd, cfg.prompt, cfg.attention, cfg.model).to(device)
@@ -119,7 +129,12 @@ def run(cfg: Params, latents_root: Path, out: Path, log=None) -> list[dict[str, 
             typer.echo(f"resuming after epoch {len(history)} from {checkpoint}")
     out.mkdir(parents=True, exist_ok=True)
     for epoch in range(len(history), cfg.train.epochs):
-        losses = train_epoch(segmenter, optimizer, data, cfg, epoch, device)
+        every = cfg.attention.recache_every
+        if queries is not None and every and epoch and epoch % every == 0:
+            queries = QueryCache(compute_queries(segmenter, data.latents, data.noise, cfg.train.batch_size, device, "re-cache"))
+        losses = train_epoch(segmenter, optimizer, data, cfg, epoch, device, queries)
+        if queries is not None:
+            losses["cache_drift"] = cache_drift(segmenter, data, queries, device)
         history.append({"epoch": epoch + 1, **losses})
         typer.echo(f"epoch {epoch + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
         if log is not None:
@@ -135,6 +150,7 @@ def run(cfg: Params, latents_root: Path, out: Path, log=None) -> list[dict[str, 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
     latents: Path = typer.Option(Path("stages/latents"), help="latents stage output"),
+    queries: Path = typer.Option(Path("stages/queries"), help="queries stage output (cached mode)"),
     out: Path = typer.Option(Path("stages/train"), help="where prompts and history go"),
 ) -> None:
     from d2dprompt.tracking import start_run
@@ -142,7 +158,7 @@ def main(
     try:
         cfg = load_params(params)
         with start_run("train", flatten(cfg)) as log:
-            history = run(cfg, latents, out, log)
+            history = run(cfg, latents, queries, out, log)
             if history:
                 log.log_metrics({f"final_loss_{k}": v for k, v in history[-1].items() if k != "epoch"})
             log.log_artifact(out / PROMPTS_FILE)

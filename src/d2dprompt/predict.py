@@ -1,0 +1,286 @@
+"""python -m d2dprompt.predict IMAGE_OR_FOLDER [--prompts stages/train] [--out predictions] [--params params.yaml]
+       [--thresholds stages/evaluate/<dataset>/thresholds.json] [--image-threshold X] [--pixel-threshold Y] [--batch-size N]
+
+Runs the frozen model + trained prompts on one image or on every image under a folder (recursive,
+sorted). Per image it writes `<out>/<relative stem>_overlay.png` (image | anomaly map | overlay with
+the predicted mask outlined), `<out>/<relative stem>_mask.png` (0/255 at the image's original size)
+and one JSON line in `<out>/predictions.jsonl`. Thresholds come from `--thresholds` (fitted on a
+validation split by the evaluate stage), are overridden by `--image-threshold` / `--pixel-threshold`,
+and otherwise fall back to `evaluate.sensitivity`; every line says which. Unreadable files are
+skipped, named on stderr and listed in `<out>/errors.txt`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+from tqdm import tqdm
+
+from d2dprompt.config import EvaluateParams, ParamsError, load_params
+from d2dprompt.images import ImageError, load_rgb, resize_rgb
+from d2dprompt.latents import encode
+from d2dprompt.losses import image_score
+from d2dprompt.maps import image_scores, to_image_size
+from d2dprompt.models import pick_device
+from d2dprompt.outputs import atomic_file
+from d2dprompt.prompt_files import load_segmenter
+from d2dprompt.segmenter import D2DSegmenter, fixed_noise
+from d2dprompt.thresholds import binary_masks
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}  # what Pillow decodes and datasets ship
+FALLBACK_SOURCE = "fixed sensitivity"
+# Threshold-file keys that change the scale thresholds live on: a file fitted under other settings is refused.
+SCALE_KEYS = ("score", "map_size", "sigma", "top_percent")
+MIN_PANEL = 256  # overlay panels are upscaled to at least this side, so small map sizes stay readable
+PREDICTIONS_FILE, ERRORS_FILE = "predictions.jsonl", "errors.txt"
+
+
+class ThresholdsError(ValueError):
+    """A thresholds file that is missing, malformed, or fitted under other evaluate settings."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    image: float  # on the image-score scale (evaluate.score)
+    pixel: float  # on the smoothed anomaly-map scale
+    source: str  # where they came from, written into every prediction
+
+
+@dataclass(frozen=True)
+class InputImage:
+    path: Path
+    key: str  # path relative to the input root (posix): the noise key and the output stem
+
+
+def read_thresholds_file(path: Path, ev: EvaluateParams) -> dict:
+    if not path.is_file():
+        raise ThresholdsError(f"{path}: thresholds file not found")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ThresholdsError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(record, dict):
+        raise ThresholdsError(f"{path}: expected a JSON object with 'image' and 'pixel'")
+    for key in ("image", "pixel"):
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ThresholdsError(f"{path}: key '{key}' must be a finite number, got {value!r}")
+    for key in SCALE_KEYS:
+        if key in record and record[key] != getattr(ev, key):
+            raise ThresholdsError(f"{path}: fitted with {key}={record[key]!r} but evaluate.{key}={getattr(ev, key)!r}")
+    return record
+
+
+def resolve_thresholds(
+    file: Path | None, image: float | None, pixel: float | None, ev: EvaluateParams
+) -> Thresholds:
+    """Explicit values beat the file, the file beats `evaluate.sensitivity`."""
+    values = {"image": ev.sensitivity, "pixel": ev.sensitivity}
+    origins = {"image": FALLBACK_SOURCE, "pixel": FALLBACK_SOURCE}
+    if file is not None:
+        record = read_thresholds_file(file, ev)
+        fitted = f"{file} ({record['source']})" if record.get("source") else str(file)
+        for key in values:
+            values[key], origins[key] = float(record[key]), fitted
+    for key, override in (("image", image), ("pixel", pixel)):
+        if override is not None:
+            if not math.isfinite(override):
+                raise ThresholdsError(f"--{key}-threshold: must be a finite number, got {override}")
+            values[key], origins[key] = float(override), f"--{key}-threshold"
+    if origins["image"] == origins["pixel"]:
+        source = origins["image"]
+    else:
+        source = f"image: {origins['image']}; pixel: {origins['pixel']}"
+    return Thresholds(values["image"], values["pixel"], source)
+
+
+def find_images(target: Path, exclude: Path | None = None) -> list[InputImage]:
+    """One file, or every image-suffixed file under a folder (sorted), skipping anything under `exclude`."""
+    if target.is_file():
+        return [InputImage(target, target.name)]
+    if not target.is_dir():
+        raise FileNotFoundError(f"{target}: no such file or folder")
+    skip = exclude.resolve() if exclude is not None else None
+    found = []
+    for path in sorted(target.rglob("*")):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if skip is not None and path.resolve().is_relative_to(skip):
+            continue  # our own outputs, when --out lies inside the input folder
+        found.append(InputImage(path, path.relative_to(target).as_posix()))
+    if not found:
+        raise FileNotFoundError(f"{target}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under this folder")
+    return found
+
+
+def output_stems(keys: list[str]) -> dict[str, str]:
+    """key -> output stem: the key without its suffix, or the whole key where two images share a stem."""
+    stems = {key: key.rsplit(".", 1)[0] if "." in Path(key).name else key for key in keys}
+    counts: dict[str, int] = {}
+    for stem in stems.values():
+        counts[stem] = counts.get(stem, 0) + 1
+    return {key: stem if counts[stem] == 1 else key for key, stem in stems.items()}
+
+
+@torch.no_grad()
+def predict_batch(
+    segmenter: D2DSegmenter, images: list[np.ndarray], keys: list[str], noise_seed: int, ev: EvaluateParams, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images already at the model's size -> (maps (B, map_size, map_size), scores (B,)) on the CPU."""
+    latents = encode(segmenter.sd, images, device).to(device)
+    noise = fixed_noise(keys, tuple(latents.shape[1:]), noise_seed).to(device)
+    latent_maps = segmenter(latents, noise)["anomaly"].float()
+    maps = to_image_size(latent_maps, ev.map_size, ev.sigma)
+    logits = image_score(latent_maps) if ev.score == "fused" else None
+    scores = image_scores(maps, ev.score, ev.top_percent, logits)
+    return maps.cpu(), scores.cpu()
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """[0, 1] -> uint8 RGB on the classic jet ramp (blue = normal, red = anomalous)."""
+    x = np.clip(values, 0, 1)[..., None]
+    centres = np.array([0.75, 0.5, 0.25])  # where r, g, b peak
+    return (np.clip(1.5 - np.abs(4 * (x - centres)), 0, 1) * 255).astype(np.uint8)
+
+
+def render_overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, title: str) -> Image.Image:
+    """image | anomaly map | overlay (map blended at 50 %, predicted mask outlined in white), all map_size wide.
+
+    The map's colour scale is fixed at [0, 1] (it is the abnormal share of prompt attention), so colours
+    compare across images.
+    """
+    heat = jet(amap)
+    blend = (0.5 * image.astype(np.float32) + 0.5 * heat.astype(np.float32)).astype(np.uint8)
+    edge = mask & ~ndimage.binary_erosion(mask, iterations=2, border_value=0)
+    blend[edge] = 255
+    size, gap, header = max(amap.shape[0], MIN_PANEL), 4, 46  # two title lines, then the panel labels
+    canvas = Image.new("RGB", (3 * size + 2 * gap, size + header), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=11)
+    draw.text((2, 2), title, fill="black", font=font)
+    for i, (panel, label) in enumerate(((image, "image"), (heat, "anomaly map (0..1)"), (blend, "overlay + mask"))):
+        x = i * (size + gap)
+        canvas.paste(Image.fromarray(panel).resize((size, size), Image.Resampling.NEAREST), (x, header))
+        draw.text((x + 2, header - 14), label, fill="black", font=font)
+    return canvas
+
+
+def mask_at_size(mask: np.ndarray, hw: tuple[int, int]) -> Image.Image:
+    """bool map-size mask -> 0/255 greyscale PNG image at (H, W), nearest neighbour."""
+    small = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+    return small if small.size == (hw[1], hw[0]) else small.resize((hw[1], hw[0]), Image.Resampling.NEAREST)
+
+
+def save_png(image: Image.Image, dest: Path) -> None:
+    with atomic_file(dest) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def predict_images(
+    segmenter: D2DSegmenter,
+    image_size: int,
+    noise_seed: int,
+    inputs: list[InputImage],
+    out: Path,
+    thresholds: Thresholds,
+    ev: EvaluateParams,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[list[dict], list[str]]:
+    """Writes the per-image files and `predictions.jsonl`; returns (the prediction records, error lines)."""
+    stems = output_stems([item.key for item in inputs])
+    errors: list[str] = []
+    records: list[dict] = []
+    bar = tqdm(total=len(inputs), desc="predict", unit="img", disable=not progress)
+    with atomic_file(out / PREDICTIONS_FILE) as tmp_jsonl, tmp_jsonl.open("w") as jsonl:
+        for start in range(0, len(inputs), batch_size):
+            batch, originals = [], []
+            for item in inputs[start : start + batch_size]:
+                try:
+                    originals.append(load_rgb(item.path))
+                    batch.append(item)
+                except ImageError as err:
+                    errors.append(str(err))
+                    tqdm.write(f"skipped: {err}", file=sys.stderr)
+            if batch:
+                resized = [resize_rgb(img, image_size) for img in originals]
+                maps, scores = predict_batch(segmenter, resized, [item.key for item in batch], noise_seed, ev, device)
+                masks = binary_masks(maps.numpy(), thresholds.pixel, ev.opening_kernel, ev.min_area)
+                for item, original, amap, mask, score in zip(batch, originals, maps.numpy(), masks, scores.tolist()):
+                    label = int(score >= thresholds.image)
+                    mask_path = out / f"{stems[item.key]}_mask.png"
+                    overlay_path = out / f"{stems[item.key]}_overlay.png"
+                    save_png(mask_at_size(mask, original.shape[:2]), mask_path)
+                    verdict = "anomalous" if label else "normal"
+                    title = f"{item.key}   score {score:.4f} vs {thresholds.image:.4f} -> {verdict}\nthresholds: {thresholds.source}"
+                    save_png(render_overlay(resize_rgb(original, ev.map_size), amap, mask, title), overlay_path)
+                    record = {
+                        "image": str(item.path),
+                        "key": item.key,
+                        "score": score,
+                        "label": label,
+                        "image_threshold": thresholds.image,
+                        "pixel_threshold": thresholds.pixel,
+                        "threshold_source": thresholds.source,
+                        "mask": str(mask_path),
+                        "overlay": str(overlay_path),
+                    }
+                    jsonl.write(json.dumps(record) + "\n")
+                    records.append(record)
+            bar.update(len(inputs[start : start + batch_size]))
+    bar.close()
+    with atomic_file(out / ERRORS_FILE) as tmp:
+        tmp.write_text("".join(f"{line}\n" for line in errors))
+    return records, errors
+
+
+def main(
+    target: Path = typer.Argument(..., help="an image, or a folder searched recursively for images"),
+    prompts: Path = typer.Option(Path("stages/train"), help="train stage output (prompts.json + prompts.safetensors)"),
+    out: Path = typer.Option(Path("predictions"), help="where masks, overlays and predictions.jsonl go"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file (evaluate block, model.device)"),
+    thresholds: Path | None = typer.Option(None, help="thresholds.json written by the evaluate stage"),
+    image_threshold: float | None = typer.Option(None, help="overrides the image threshold"),
+    pixel_threshold: float | None = typer.Option(None, help="overrides the pixel threshold"),
+    batch_size: int | None = typer.Option(None, min=1, help="images per forward (default: evaluate.batch_size)"),
+) -> None:
+    try:
+        inputs = find_images(target, exclude=out)
+        cfg = load_params(params)
+        chosen = resolve_thresholds(thresholds, image_threshold, pixel_threshold, cfg.evaluate)
+        device = pick_device(cfg.model.device)
+        segmenter, record = load_segmenter(prompts)
+        segmenter.sd.to(device)
+        segmenter.to(device)
+        records, errors = predict_images(
+            segmenter, record["model"]["image_size"], record["model"]["noise_seed"], inputs, out, chosen,
+            cfg.evaluate, batch_size or cfg.evaluate.batch_size, device, progress=len(inputs) > 1,
+        )
+    except (ParamsError, ThresholdsError, ImageError, FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    for record in records if len(inputs) == 1 else []:
+        verdict = "anomalous" if record["label"] else "normal"
+        typer.echo(f"{record['image']}: score {record['score']:.4f} vs {chosen.image:.4f} -> {verdict}; mask {record['mask']}")
+    note = f", {len(errors)} unreadable (listed in {out / ERRORS_FILE})" if errors else ""
+    typer.echo(f"{len(records)} of {len(inputs)} images -> {out / PREDICTIONS_FILE}{note}; thresholds: {chosen.source}")
+    if not records:
+        typer.echo(f"error: {target}: no image could be read", err=True)
+        raise typer.Exit(1)
+
+
+app = typer.Typer(add_completion=False)
+app.command()(main)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,214 @@
+"""The predict CLI on an untrained tiny prompt folder: outputs, bad files, thresholds and their precedence."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from d2dprompt import prompt_files
+from d2dprompt.config import EvaluateParams, Params
+from d2dprompt.predict import (
+    FALLBACK_SOURCE,
+    ThresholdsError,
+    app,
+    find_images,
+    output_stems,
+    resolve_thresholds,
+)
+from d2dprompt.prompt_files import config_record, save_prompts
+from d2dprompt.segmenter import build_segmenter
+from tests.conftest import ROOT
+
+SAMPLE = ROOT / "sample"
+SCRATCH = SAMPLE / "disc" / "test" / "scratch" / "000.png"  # 160 x 160, unlike the model's 64
+
+
+@pytest.fixture(scope="module")
+def prompts_dir(tiny, tmp_path_factory) -> Path:
+    cfg = Params()
+    cfg.model.image_size = 64
+    cfg.prompt.depth = 2  # fewer compound layers: faster, and quality does not matter here
+    folder = tmp_path_factory.mktemp("train")
+    segmenter = build_segmenter(tiny, cfg.prompt, cfg.attention, cfg.model)
+    save_prompts(segmenter, config_record(cfg), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def params_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("params") / "params.yaml"
+    path.write_text(yaml.safe_dump({"model": {"device": "cpu"}, "evaluate": {"map_size": 64, "sigma": 2.0, "min_area": 4}}))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _reuse_tiny(tiny, monkeypatch):
+    """The CLI would rebuild the same tiny stack from its seed; reuse the session's copy."""
+    monkeypatch.setattr(prompt_files, "load_frozen", lambda pretrained, seed=0: tiny)
+
+
+def run(args: list[str], prompts_dir: Path, params_file: Path):
+    result = CliRunner().invoke(app, [*map(str, args), "--prompts", str(prompts_dir), "--params", str(params_file)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def read_jsonl(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_single_image(prompts_dir, params_file, tmp_path):
+    out = tmp_path / "out"
+    result = run([SCRATCH, "--out", out], prompts_dir, params_file)
+    assert result.exit_code == 0, result.output
+    (row,) = read_jsonl(out)
+    assert row["image"] == str(SCRATCH) and row["key"] == "000.png"
+    assert row["threshold_source"] == FALLBACK_SOURCE
+    assert row["image_threshold"] == row["pixel_threshold"] == EvaluateParams().sensitivity
+    assert row["label"] == int(row["score"] >= row["image_threshold"])
+    mask = np.asarray(Image.open(row["mask"]))
+    assert mask.shape == (160, 160) and set(np.unique(mask)) <= {0, 255}
+    overlay = Image.open(row["overlay"])
+    assert overlay.width > 2 * overlay.height  # three panels side by side
+    assert (out / "errors.txt").read_text() == ""
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def make_folder(root: Path) -> Path:
+    inputs = root / "in"
+    for key, src in zip(GOOD, [SCRATCH, SAMPLE / "tile/test/good/000.png", SAMPLE / "weave/test/color/000.png"]):
+        (inputs / key).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, inputs / key)
+    data = SCRATCH.read_bytes()
+    (inputs / "a/truncated.png").write_bytes(data[: len(data) // 2])
+    (inputs / "notes.png").write_text("not an image\n")
+    (inputs / "readme.txt").write_text("ignored: not an image suffix\n")
+    return inputs
+
+
+GOOD = ["a/000.png", "a/b/001.png", "c.png"]
+
+
+@pytest.fixture(scope="module")
+def folder_run(prompts_dir, params_file, tiny, tmp_path_factory):
+    """One folder prediction with the fallback thresholds, shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("folder")
+    inputs, out = make_folder(root), root / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prompt_files, "load_frozen", lambda pretrained, seed=0: tiny)
+        result = run([inputs, "--out", out, "--batch-size", "2"], prompts_dir, params_file)
+    return inputs, out, result
+
+
+def test_folder_skips_unreadable_files(folder_run):
+    inputs, out, result = folder_run
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl(out)
+    assert [r["key"] for r in rows] == sorted(GOOD)
+    for row in rows:
+        assert Path(row["mask"]) == out / f"{row['key'][:-4]}_mask.png"
+        assert Path(row["overlay"]).is_file()
+        assert Image.open(row["mask"]).size == Image.open(row["image"]).size
+    errors = (out / "errors.txt").read_text().splitlines()
+    assert len(errors) == 2
+    assert errors[0].startswith(str(inputs / "a/truncated.png")) and errors[1].startswith(str(inputs / "notes.png"))
+    assert "truncated.png" in result.stderr and "notes.png" in result.stderr
+    assert "3 of 5 images" in result.stdout
+
+
+def test_noise_key_is_the_relative_path(folder_run, prompts_dir, params_file, tmp_path):
+    """Same pixels under the same relative path give the same score, wherever the folder lies."""
+    inputs, out, _ = folder_run
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(inputs, moved)
+    run([moved, "--out", tmp_path / "out"], prompts_dir, params_file)
+    assert [r["score"] for r in read_jsonl(out)] == [r["score"] for r in read_jsonl(tmp_path / "out")]
+
+
+def test_thresholds_file_and_overrides(folder_run, prompts_dir, params_file, tmp_path):
+    inputs, out, _ = folder_run
+    scores = sorted(r["score"] for r in read_jsonl(out))
+    middle = (scores[0] + scores[1]) / 2  # one image below, two above
+    file = tmp_path / "thresholds.json"
+    file.write_text(json.dumps({"image": middle, "pixel": -1.0, "source": "F1-optimal on validation"}))
+
+    run([inputs, "--out", tmp_path / "fitted", "--thresholds", file], prompts_dir, params_file)
+    rows = read_jsonl(tmp_path / "fitted")
+    assert sorted(r["label"] for r in rows) == [0, 1, 1]
+    assert all(r["image_threshold"] == middle and r["pixel_threshold"] == -1.0 for r in rows)
+    assert all(r["threshold_source"] == f"{file} (F1-optimal on validation)" for r in rows)
+    assert all(np.asarray(Image.open(r["mask"])).min() == 255 for r in rows)  # every pixel above -1
+
+    args = [inputs, "--out", tmp_path / "override", "--thresholds", file, "--image-threshold", "2", "--pixel-threshold", "2"]
+    run(args, prompts_dir, params_file)
+    rows = read_jsonl(tmp_path / "override")
+    assert all(r["label"] == 0 for r in rows)  # no score reaches 2
+    assert all(r["threshold_source"] == "image: --image-threshold; pixel: --pixel-threshold" for r in rows)
+    assert all(np.asarray(Image.open(r["mask"])).max() == 0 for r in rows)  # no pixel reaches 2
+
+
+def test_thresholds_file_fitted_elsewhere_is_refused(prompts_dir, params_file, tmp_path):
+    file = tmp_path / "thresholds.json"
+    file.write_text(json.dumps({"image": 0.5, "pixel": 0.5, "score": "topk"}))
+    result = run([SCRATCH, "--out", tmp_path / "out", "--thresholds", file], prompts_dir, params_file)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [f"error: {file}: fitted with score='topk' but evaluate.score='max'"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_input_exits_1_with_one_line(prompts_dir, params_file, tmp_path):
+    missing = tmp_path / "nope.png"
+    result = run([missing, "--out", tmp_path / "out"], prompts_dir, params_file)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [f"error: {missing}: no such file or folder"]
+
+
+def test_nothing_readable_exits_1(prompts_dir, params_file, tmp_path):
+    bad = tmp_path / "in" / "bad.png"
+    bad.parent.mkdir()
+    bad.write_text("text")
+    result = run([bad.parent, "--out", tmp_path / "out"], prompts_dir, params_file)
+    assert result.exit_code == 1
+    assert (tmp_path / "out" / "predictions.jsonl").read_text() == ""
+    assert (tmp_path / "out" / "errors.txt").read_text().startswith(str(bad))
+
+
+def test_threshold_precedence(tmp_path):
+    ev = EvaluateParams(sensitivity=0.3)
+    fallback = resolve_thresholds(None, None, None, ev)
+    assert (fallback.image, fallback.pixel, fallback.source) == (0.3, 0.3, FALLBACK_SOURCE)
+    file = tmp_path / "t.json"
+    file.write_text(json.dumps({"image": 0.7, "pixel": 0.6}))
+    mixed = resolve_thresholds(file, None, 0.1, ev)
+    assert (mixed.image, mixed.pixel) == (0.7, 0.1)
+    assert mixed.source == f"image: {file}; pixel: --pixel-threshold"
+    partial = resolve_thresholds(None, 0.9, None, ev)
+    assert (partial.image, partial.pixel) == (0.9, 0.3)
+    assert partial.source == f"image: --image-threshold; pixel: {FALLBACK_SOURCE}"
+    file.write_text(json.dumps({"image": 0.7}))
+    with pytest.raises(ThresholdsError, match=r"t\.json: key 'pixel'"):
+        resolve_thresholds(file, None, None, ev)
+    file.write_text("{not json")
+    with pytest.raises(ThresholdsError, match=r"t\.json: not valid JSON"):
+        resolve_thresholds(file, None, None, ev)
+
+
+def test_output_stems_keep_colliding_names_apart():
+    stems = output_stems(["x/a.png", "x/a.jpg", "x/b.png", "noext"])
+    assert stems == {"x/a.png": "x/a.png", "x/a.jpg": "x/a.jpg", "x/b.png": "x/b", "noext": "noext"}
+
+
+def test_find_images_skips_the_output_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+    for name in ("b.PNG", "a.jpg", "out/a_overlay.png", "c.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [i.key for i in find_images(tmp_path, exclude=tmp_path / "out")] == ["a.jpg", "b.PNG"]
+    with pytest.raises(FileNotFoundError, match="no images"):
+        find_images(tmp_path / "out", exclude=tmp_path / "out")
