@@ -58,23 +58,28 @@ def _key_types(dtype: np.dtype) -> tuple[type, type, int]:
     return (np.uint64, np.int64, 64) if dtype == np.float64 else (np.uint32, np.int32, 32)
 
 
-def _float_keys(values: np.ndarray, out: np.ndarray | None = None, sign: np.ndarray | None = None) -> np.ndarray:
-    """Unsigned integer keys in the order of the floats (-0.0 and +0.0 share one). Raises on NaN.
+def _float_keys(values: np.ndarray, signed: bool, out: np.ndarray | None = None) -> np.ndarray:
+    """Unsigned integer keys in the order of the floats (-0.0 and +0.0 share one); NaN is refused.
 
-    Non-negative floats: their bits with the sign bit set; negative floats: minus their bits, so
-    larger magnitudes sort lower and -0.0 lands exactly on +0.0.
+    Without sign bits (signed=False) the raw bits already sort like the floats. Otherwise non-negative
+    floats get their bits with the sign bit set and negative floats minus their bits, so larger
+    magnitudes sort lower and -0.0 lands exactly on +0.0. One call site must use one `signed`.
     """
     uint, sint, bits = _key_types(values.dtype)
-    if out is None:
-        out, sign = np.empty(values.shape, uint), np.empty(values.shape, sint)
-    np.isnan(values, out=out.view(bool)[: values.size])
-    if out.view(bool)[: values.size].any():
+    out = np.empty(values.shape, uint) if out is None else out
+    if np.isnan(values, out=out.view(bool)[: values.size]).any():
         raise ValueError("scores: contain NaN")
-    np.right_shift(values.view(sint), bits - 1, out=sign)  # 0 or -1
-    np.bitwise_or(sign.view(uint), uint(1 << (bits - 1)), out=out)
+    if not signed:
+        np.copyto(out, values.view(uint))
+        return out
+    sign = np.right_shift(values.view(sint), bits - 1).view(uint)  # 0 or all ones
+    np.bitwise_or(sign, uint(1 << (bits - 1)), out=out)
     np.bitwise_xor(values.view(uint), out, out=out)
-    np.subtract(out, sign.view(uint), out=out)  # subtracting all-ones adds 1 (modulo 2**bits)
-    return out
+    return np.subtract(out, sign, out=out)  # subtracting all ones adds 1 (modulo 2**bits)
+
+
+def _has_sign_bits(scores: np.ndarray) -> bool:
+    return bool(scores.view(_key_types(scores.dtype)[1]).min() < 0)
 
 
 def _as_scores(values: np.ndarray, name: str) -> np.ndarray:
@@ -98,13 +103,16 @@ class _Curve:
     n_neg: int
 
 
-def _count_all_below(scores: np.ndarray, unique_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each (ascending) key u: how many of `scores` have key < u and key <= u. Exact.
+def _count_normals_below(
+    scores: np.ndarray, anomalous: np.ndarray, unique_keys: np.ndarray, signed: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each (ascending) key u of an anomalous score: normal pixels with key < u and key <= u. Exact.
 
     Keys between the lowest and highest u fall into at most ~n/8 equal-width buckets. A bucket that
-    holds no u compares with every u by bucket index alone; the pixels of buckets that do are sorted.
+    holds no u compares with every u by bucket index alone; the normal pixels of buckets that do are
+    sorted. Anomalous pixels always sit in such buckets, so they never enter the counts.
     """
-    uint, sint, _ = _key_types(scores.dtype)
+    uint = _key_types(scores.dtype)[0]
     lo, hi = int(unique_keys[0]), int(unique_keys[-1])
     bucket_bits = min(_MAX_BUCKET_BITS, max(8, scores.size.bit_length() - 3))  # ~1/8 as many buckets as pixels
     shift = max(0, (hi - lo).bit_length() - bucket_bits)
@@ -116,21 +124,23 @@ def _count_all_below(scores: np.ndarray, unique_keys: np.ndarray) -> tuple[np.nd
     hist = np.zeros(n_buckets + 1, dtype=np.int32 if scores.size < 2**31 else np.int64)
     one = hist.dtype.type(1)  # a Python int would send np.add.at down its slow casting path
     size = min(_CHUNK, scores.size)
-    keys, sign = np.empty(size, uint), np.empty(size, sint)
-    buckets, flags = np.empty(size, np.int64), np.empty(size, bool)
+    keys, buckets, flags = np.empty(size, uint), np.empty(size, np.int64), np.empty(size, bool)
     n_below, mixed = 0, []
     for start in range(0, scores.size, size):
         values = scores[start : start + size]
         k, b, f = keys[: values.size], buckets[: values.size], flags[: values.size]
-        _float_keys(values, out=k, sign=sign[: values.size])
-        n_below += int(np.count_nonzero(np.less(k, uint(lo), out=f)))
-        np.subtract(k, uint(lo), out=k)  # offsets; keys below lo wrap around and are redirected next
+        src = _float_keys(values, signed, out=k) if signed else values.view(uint)
+        if not signed and np.isnan(values, out=f).any():
+            raise ValueError("scores: contain NaN")
+        n_below += int(np.count_nonzero(np.less(src, uint(lo), out=f)))
+        np.subtract(src, uint(lo), out=k)  # offsets; keys below lo wrap around and are redirected next
         unsigned = b.view(np.uint64)  # bucket arithmetic stays unsigned: 64-bit offsets may exceed 2**63
         np.right_shift(k, uint(shift), out=unsigned)
         np.minimum(unsigned, np.uint64(n_buckets), out=unsigned)
         np.copyto(b, n_buckets, where=f)
         np.add.at(hist, b, one)  # in place: a fresh bincount array per chunk costs page faults
-        mixed.append(k[np.take(occupied, b, out=f)])
+        np.take(occupied, b, out=f)
+        mixed.append(k[np.greater(f, anomalous[start : start + size], out=f)])
     free_before = np.concatenate(([0], np.cumsum(np.where(occupied, 0, hist), dtype=np.int64)))
     before = n_below + free_before[unique_buckets]
     mixed_sorted = np.sort(np.concatenate(mixed))
@@ -139,28 +149,28 @@ def _count_all_below(scores: np.ndarray, unique_keys: np.ndarray) -> tuple[np.nd
     return less, leq
 
 
-def _rank(scores: np.ndarray, positive_index: np.ndarray, weights: np.ndarray | None = None) -> _Curve:
-    """Curve data of flat `scores` whose anomalous pixels are `positive_index` (non-empty, not all)."""
-    n_pos = positive_index.size
-    n_neg = scores.size - n_pos
-    pos_scores = scores[positive_index]
-    pos_keys = _float_keys(pos_scores)
-    unique_keys, inverse, counts = np.unique(pos_keys, return_inverse=True, return_counts=True)
-    weight = np.bincount(inverse, weights=weights, minlength=unique_keys.size) if weights is not None else counts
-    less_all, leq_all = _count_all_below(scores, unique_keys)
-    pos_leq = np.cumsum(counts)
-    neg_less = less_all - (pos_leq - counts)  # remove the anomalous pixels from the counts
-    neg_leq = leq_all - pos_leq
+def _rank(scores: np.ndarray, anomalous: np.ndarray, weights: np.ndarray | None = None) -> _Curve:
+    """Curve data of flat `scores` with flat bool `anomalous` (both classes present).
+
+    `weights`: one per anomalous pixel, in index order (PRO weights); None weighs each pixel 1.
+    """
+    positive_scores = scores[anomalous]
+    n_pos, n_neg = positive_scores.size, scores.size - positive_scores.size
+    signed = _has_sign_bits(scores)
+    unique_keys, inverse, counts = np.unique(
+        _float_keys(positive_scores, signed), return_inverse=True, return_counts=True
+    )
+    weight = counts if weights is None else np.bincount(inverse, weights=weights, minlength=unique_keys.size)
+    neg_less, neg_leq = _count_normals_below(scores, anomalous, unique_keys, signed)
     representative = np.empty(unique_keys.size, dtype=np.intp)
     representative[inverse] = np.arange(n_pos)
-    values = pos_scores[representative]
-    order = slice(None, None, -1)
+    descending = slice(None, None, -1)
     return _Curve(
-        values=values[order],
-        pos_count=counts[order],
-        neg_ge=(n_neg - neg_less)[order],
-        neg_gt=(n_neg - neg_leq)[order],
-        weight=np.asarray(weight, dtype=np.float64)[order],
+        values=positive_scores[representative][descending],
+        pos_count=counts[descending],
+        neg_ge=(n_neg - neg_less)[descending],
+        neg_gt=(n_neg - neg_leq)[descending],
+        weight=np.asarray(weight, dtype=np.float64)[descending],
         n_pos=n_pos,
         n_neg=n_neg,
     )
@@ -234,10 +244,10 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = DEFAULT_FPR_LI
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit: must lie in (0, 1], got {fpr_limit}")
     scores = _as_scores(maps, "maps")
-    positive_index = np.flatnonzero(masks)
-    if positive_index.size in (0, scores.size):
+    anomalous = masks.ravel()
+    if not anomalous.any() or anomalous.all():
         return float("nan")
-    return _aupro(_rank(scores, positive_index, _pro_weights(masks, positive_index)), fpr_limit)
+    return _aupro(_rank(scores, anomalous, _pro_weights(masks, np.flatnonzero(anomalous))), fpr_limit)
 
 
 def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = DEFAULT_FPR_LIMIT) -> dict[str, float]:
@@ -249,11 +259,11 @@ def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = DEFAUL
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit: must lie in (0, 1], got {fpr_limit}")
     scores = _as_scores(maps, "maps")
-    positive_index = np.flatnonzero(masks)
+    anomalous = masks.ravel()
     keys = ("pixel_AUROC", "pixel_AP", "pixel_F1Max", "pixel_AUPRO")
-    if positive_index.size in (0, scores.size):
+    if not anomalous.any() or anomalous.all():
         return dict.fromkeys(keys, float("nan"))
-    curve = _rank(scores, positive_index, _pro_weights(masks, positive_index))
+    curve = _rank(scores, anomalous, _pro_weights(masks, np.flatnonzero(anomalous)))
     values = (_auroc(curve), _average_precision(curve), _f1_max(curve)[0], _aupro(curve, fpr_limit))
     return dict(zip(keys, values))
 
@@ -263,7 +273,7 @@ def _binary_inputs(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, 
     scores = _as_scores(scores, "scores")
     if labels.size != scores.size:
         raise ValueError(f"labels/scores: sizes differ ({labels.size} vs {scores.size})")
-    if not np.isin(labels, (0, 1)).all():
+    if labels.dtype != bool and not np.isin(labels, (0, 1)).all():
         raise ValueError("labels: must be 0/1 (or boolean)")
     return labels.astype(bool), scores
 
@@ -275,10 +285,9 @@ def f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, flo
     Works on any number of samples (image scores or flattened pixels) without a full sort.
     """
     labels, scores = _binary_inputs(labels, scores)
-    positive_index = np.flatnonzero(labels)
-    if positive_index.size in (0, scores.size):
+    if not labels.any() or labels.all():
         return float("nan"), float("nan")
-    return _f1_max(_rank(scores, positive_index))
+    return _f1_max(_rank(scores, labels))
 
 
 def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:

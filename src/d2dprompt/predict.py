@@ -34,7 +34,7 @@ from d2dprompt.models import pick_device
 from d2dprompt.outputs import atomic_file
 from d2dprompt.prompt_files import load_segmenter
 from d2dprompt.segmenter import D2DSegmenter, fixed_noise
-from d2dprompt.thresholds import binary_masks
+from d2dprompt.thresholds import Thresholds, binary_masks
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}  # what Pillow decodes and datasets ship
 FALLBACK_SOURCE = "fixed sensitivity"
@@ -46,13 +46,6 @@ PREDICTIONS_FILE, ERRORS_FILE = "predictions.jsonl", "errors.txt"
 
 class ThresholdsError(ValueError):
     """A thresholds file that is missing, malformed, or fitted under other evaluate settings."""
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    image: float  # on the image-score scale (evaluate.score)
-    pixel: float  # on the smoothed anomaly-map scale
-    source: str  # where they came from, written into every prediction
 
 
 @dataclass(frozen=True)
@@ -215,7 +208,7 @@ def predict_images(
             if batch:
                 resized = [resize_rgb(img, image_size) for img in originals]
                 maps, scores = predict_batch(segmenter, resized, [item.key for item in batch], noise_seed, ev, device)
-                masks = binary_masks(maps.numpy(), thresholds.pixel, ev.opening_kernel, ev.min_area)
+                masks = binary_masks(maps.numpy(), thresholds.pixel, opening_kernel=ev.opening_kernel, min_area=ev.min_area)
                 for item, original, amap, mask, score in zip(batch, originals, maps.numpy(), masks, scores.tolist()):
                     label = int(score >= thresholds.image)
                     mask_path = out / f"{stems[item.key]}_mask.png"

@@ -1,0 +1,155 @@
+"""End to end: the real stage CLIs on the bundled sample with the tiny model, as `dvc repro` runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+METRICS = ("image_AUROC", "image_AP", "image_F1Max", "pixel_AUROC", "pixel_AP", "pixel_AUPRO")
+pytestmark = pytest.mark.e2e
+
+
+def stage(name: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", f"d2dprompt.{name}", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return proc
+
+
+def write_params(folder: Path, **blocks) -> Path:
+    params = {
+        "download": {"sample_dir": str(ROOT / "sample")},
+        "attention": {"mode": "cached", "prompts": "joint"},
+        "evaluate": {"map_size": 128, "overlays": 3},
+    }
+    for block, values in blocks.items():
+        params.setdefault(block, {}).update(values)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """download + latents + queries once; the tests train and evaluate on top."""
+    ws = tmp_path_factory.mktemp("pipeline")
+    write_params(ws)
+    stage("download", cwd=ws)
+    stage("latents", cwd=ws)
+    stage("queries", cwd=ws)
+    return ws
+
+
+def pixel_auroc(ws: Path, out: str, metrics: str) -> dict:
+    stage("evaluate", "sample", "--prompts", out, "--out", f"stages/evaluate-{out}", "--metrics", metrics, cwd=ws)
+    return json.loads((ws / metrics / "sample.json").read_text())
+
+
+def test_download_and_latents_outputs(workspace):
+    assert (workspace / "stages/download/sample/manifest.csv").is_file()
+    index = (workspace / "stages/latents/sample/index.csv").read_text().splitlines()
+    assert len(index) == 1 + 99 + 2 * 48  # header, real images, 2 synthetic anomalies per normal training image
+    assert (workspace / "stages/queries/queries.safetensors").is_file()
+
+
+def test_training_beats_untrained_prompts_and_writes_every_metric(workspace):
+    write_params(workspace, train={"epochs": 0})
+    stage("train", "--out", "untrained", cwd=workspace)
+    write_params(workspace, train={"epochs": 4})
+    stage("train", "--out", "trained", cwd=workspace)
+    before = pixel_auroc(workspace, "untrained", "metrics-untrained")
+    after = pixel_auroc(workspace, "trained", "metrics-trained")
+    assert set(after) == {"disc", "tile", "weave", "mean"}
+    for values in after.values():
+        assert set(METRICS) <= set(values)
+        assert all(0.0 <= values[m] <= 1.0 for m in METRICS)
+    print(f"pixel_AUROC untrained {before['mean']['pixel_AUROC']:.4f} trained {after['mean']['pixel_AUROC']:.4f}")
+    assert after["mean"]["pixel_AUROC"] > before["mean"]["pixel_AUROC"] + 0.05
+    overlays = list((workspace / "stages/evaluate-trained/sample/overlays").glob("*.png"))
+    assert len(overlays) == 3
+
+
+def test_mlflow_holds_train_and_evaluate_runs(workspace):
+    from mlflow import MlflowClient
+
+    if not (workspace / "trained").is_dir():
+        pytest.skip("needs the training test")
+    client = MlflowClient(tracking_uri=os.environ["D2D_MLFLOW_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    stages = {run.data.tags.get("stage") for run in runs}
+    assert {"train", "evaluate"} <= stages
+    train = next(r for r in runs if r.data.tags.get("stage") == "train" and r.data.params.get("train.epochs") == "4")
+    assert train.data.tags["dvc_exp_name"] == "workspace"
+    assert "loss_total" in train.data.metrics
+    assert len(client.get_metric_history(train.info.run_id, "loss_total")) == 4
+    assert {a.path for a in client.list_artifacts(train.info.run_id)} >= {"prompts.safetensors", "prompts.json"}
+    evaluate = next(r for r in runs if r.data.tags.get("stage") == "evaluate")
+    assert "sample.mean.pixel_AUROC" in evaluate.data.metrics
+    assert client.list_artifacts(evaluate.info.run_id, "evaluate")
+
+
+def test_full_mode_paired_trains_and_resumes(workspace):
+    write_params(workspace, attention={"mode": "full", "prompts": "paired"}, model={"image_size": 64}, train={"epochs": 1, "batch_size": 48})
+    shutil.rmtree(workspace / "stages/latents-64", ignore_errors=True)
+    stage("latents", "--out", "stages/latents-64", cwd=workspace)
+    first = stage("train", "--latents", "stages/latents-64", "--out", "full", cwd=workspace)
+    assert "epoch 1:" in first.stdout
+    write_params(workspace, attention={"mode": "full", "prompts": "paired"}, model={"image_size": 64}, train={"epochs": 2, "batch_size": 48})
+    second = stage("train", "--latents", "stages/latents-64", "--out", "full", cwd=workspace)
+    assert second.stdout.count("epoch 2:") == 1
+    # epochs is part of the run's fingerprint: a changed param starts afresh instead of resuming stale state
+    assert "resuming" not in second.stdout
+
+
+def test_resume_after_interruption(workspace, tmp_path):
+    write_params(workspace, train={"epochs": 2})
+    stage("train", "--out", "resumable", cwd=workspace)
+    checkpoint = workspace / "resumable/checkpoint.pt"
+    import torch
+
+    state = torch.load(checkpoint, weights_only=False)
+    state["history"] = state["history"][:1]  # as if killed after epoch 1
+    torch.save(state, checkpoint)
+    again = stage("train", "--out", "resumable", cwd=workspace)
+    assert "resuming after epoch 1" in again.stdout
+    assert "epoch 1:" not in again.stdout and "epoch 2:" in again.stdout
+
+
+def test_unknown_params_key_stops_every_stage_with_one_line(workspace, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss:\n  sharpnes: 0.3\n")
+    for name in ("download", "latents", "queries", "train"):
+        proc = stage(name, "--params", str(bad), cwd=workspace, check=False)
+        assert proc.returncode == 1, name
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "unknown params key 'loss.sharpnes'" in lines[0], (name, proc.stderr)
+    proc = stage("evaluate", "sample", "--params", str(bad), cwd=workspace, check=False)
+    assert proc.returncode == 1 and "loss.sharpnes" in proc.stderr
+
+
+def test_corrupt_image_stops_latents_without_partial_output(workspace, tmp_path):
+    data = tmp_path / "downloads/sample"
+    shutil.copytree(workspace / "stages/download/sample", data)
+    victim = data / "tile/train/good/000.png"
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated PNG
+    proc = stage("latents", "--downloads", str(tmp_path / "downloads"), "--out", str(tmp_path / "latents"), cwd=workspace, check=False)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and str(victim) in lines[-1]
+    assert not (tmp_path / "latents").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".latents")]
