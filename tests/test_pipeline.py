@@ -35,7 +35,7 @@ def write_params(folder: Path, **blocks) -> Path:
     params = {
         "download": {"sample_dir": str(ROOT / "sample")},
         "attention": {"mode": "cached", "prompts": "joint"},
-        "evaluate": {"map_size": 128, "overlays": 3},
+        "evaluate": {"map_size": 128, "grid_cases": 1},
     }
     for block, values in blocks.items():
         params.setdefault(block, {}).update(values)

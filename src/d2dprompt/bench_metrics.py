@@ -1,14 +1,15 @@
-"""python -m d2dprompt.bench_metrics [--n 1725 --size 256] [--compare-sklearn] [--compare-anomalib]
+"""python -m d2dprompt.bench_metrics [--n 1725 --size 256] [--compare-sort --compare-sklearn --compare-anomalib]
 
 Times the pixel metrics on a synthetic workload the size of MVTec AD's test set (1,725 maps of
 256x256 float32, ~70% of images anomalous). Masks hold a few ellipses, lobed blobs and scratches of
 varied size per image; maps are smoothed noise plus a blurred copy of the mask at a random strength,
 squashed to (0, 1). Prints seconds per step, the total, and peak memory.
 
---compare-sklearn also times scikit-learn's roc_auc_score / average_precision_score on the flattened
-pixels; --compare-anomalib times anomalib's AUPRO on the same workload (run it with a Python that has
-anomalib, e.g. `PYTHONPATH=src /tmp/anomalib-venv/bin/python -m d2dprompt.bench_metrics
---compare-anomalib`).
+--compare-sort times a plain sort and argsort of all scores (what a one-global-sort design pays
+first); --compare-sklearn times scikit-learn's roc_auc_score / average_precision_score on the
+flattened pixels; --compare-anomalib times anomalib's AUPRO on the same workload. Run that one with
+a Python that has anomalib (see BENCHMARKS.md), e.g.
+`PYTHONPATH=src /tmp/anomalib-venv/bin/python -m d2dprompt.bench_metrics --compare-anomalib`.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def main(
     fpr_limit: float = typer.Option(metrics.DEFAULT_FPR_LIMIT, help="AUPRO integration limit"),
     seed: int = typer.Option(0, help="workload seed"),
     repeat: int = typer.Option(3, min=1, help="runs of pixel_metrics; shared machines make single timings noisy"),
+    compare_sort: bool = typer.Option(False, help="also time one global sort / argsort of all pixel scores"),
     compare_sklearn: bool = typer.Option(False, help="also time scikit-learn on the flattened pixels"),
     compare_anomalib: bool = typer.Option(False, help="also time anomalib's AUPRO (needs anomalib importable)"),
 ) -> None:
@@ -158,8 +160,12 @@ def main(
     metrics.pixel_metrics(masks, maps, fpr_limit)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    typer.echo(f"peak memory of pixel_metrics (tracemalloc): {peak / 2**20:.0f} MiB "
-               f"(inputs: maps {maps.nbytes / 2**20:.0f} MiB, masks {masks.nbytes / 2**20:.0f} MiB)")
+    typer.echo(f"peak memory of pixel_metrics (tracemalloc): {peak / 2**20:.0f} MiB on top of its inputs "
+               f"(maps {maps.nbytes / 2**20:.0f} MiB, masks {masks.nbytes / 2**20:.0f} MiB)")
+
+    if compare_sort:
+        _timed("np.sort of all scores (reference)", np.sort, maps.ravel())
+        _timed("np.argsort of all scores (reference)", np.argsort, maps.ravel())
 
     if compare_sklearn:
         from sklearn.metrics import average_precision_score, roc_auc_score

@@ -59,9 +59,9 @@ class PromptParams:
 @dataclass
 class AttentionParams:
     levels: list[int] = field(default_factory=lambda: [0, 1])  # latent side / 2**level; SD at 512 px: 0..3 = 64,32,16,8
-    mode: str = "full"  # full = UNet forward every step (exact); cached = stored queries, ~text encoder cost
-    prompts: str = "paired"  # paired = one UNet pass per prompt; joint = both prompts in one sequence, one pass
-    recache_every: int = 0  # cached mode: recompute the queries with the current prompts every N epochs (0 = never)
+    mode: str = "cached"  # cached = stored queries, ~text-encoder cost per step; full = UNet every step (exact)
+    prompts: str = "joint"  # joint = both prompts in one sequence, one pass; paired = one UNet pass per prompt
+    recache_every: int = 5  # cached mode: recompute the queries with the current prompts every N epochs (0 = never)
 
 
 @dataclass
@@ -85,6 +85,7 @@ class LatentsParams:
     perlin_scale_max: int = 6  # Perlin period 2**[0, max) per axis (DRAEM)
     perlin_threshold: float = 0.5  # Perlin noise above this becomes the anomaly mask (DRAEM)
     texture_dir: str | None = None  # folder of anomaly-source images (e.g. DTD); null = procedural textures
+    val_fraction: float = 0.2  # normal training images held out (with their synthetic anomalies) to fit thresholds
 
 
 @dataclass
@@ -105,7 +106,7 @@ class EvaluateParams:
     sigma: float = 4.0  # Gaussian smoothing in map pixels (AnomalyCLIP / anomalib)
     batch_size: int = 8
     aupro_fpr_limit: float = 0.3  # the field's AUPRO integrates PRO up to FPR 0.3
-    overlays: int = 6  # heatmap overlays written per dataset
+    grid_cases: int = 2  # per category: this many worst and best anomalous and normal images in the PNG grid
     score: str = "max"  # image score: max | topk | fused (see maps.image_scores)
     top_percent: float = 1.0  # share of pixels averaged by the topk score
     threshold: str = "f1"  # f1 = F1-optimal on the validation split; fixed = `sensitivity` on the map scale

@@ -1,13 +1,16 @@
 """python -m d2dprompt.evaluate DATASET [--params params.yaml] [--prompts stages/train] [--out stages/evaluate]
 
-Frozen model + learned prompts on a dataset's test split: anomaly maps at `evaluate.map_size`
-(bilinear from latent size, Gaussian sigma `evaluate.sigma`), image score = max of the map; writes
-`metrics/<dataset>.json` (image_AUROC, image_AP, image_F1Max, pixel_AUROC, pixel_AP, pixel_AUPRO per
-category and their mean) and heatmap overlays (image | map | ground truth | overlay) as PNG.
+Frozen model + learned prompts on a dataset's test split. Maps: latent-size anomaly map -> bilinear to
+`evaluate.map_size` -> Gaussian sigma `evaluate.sigma`; image score by `evaluate.score`. Writes
+`metrics/<dataset>.json` (image_AUROC, image_AP, image_F1Max, pixel_AUROC, pixel_AP, pixel_AUPRO, and
+image_F1 / pixel_F1 at thresholds fitted on the validation split, per category and their mean),
+`metrics/<dataset>.md` (the same as a table), and under `<out>/<dataset>/`: thresholds.json, DVC plot
+data (ROC / PR curves, per-category bars) and one PNG grid per category of best and worst cases.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +18,17 @@ import torch
 import typer
 from tqdm import tqdm
 
-from d2dprompt.config import ParamsError, flatten, load_params
-from d2dprompt.images import ImageError, load_mask, load_rgb, resize_mask, resize_rgb
+from d2dprompt.config import EvaluateParams, ParamsError, flatten, load_params
+from d2dprompt.images import ImageError, load_mask, load_rgb, resize_mask
 from d2dprompt.latent_store import LatentRow, read_latents
-from d2dprompt.maps import image_scores, to_image_size
+from d2dprompt.maps import finish_maps
 from d2dprompt.metrics import image_metrics, pixel_metrics, summarize
-from d2dprompt.models import pick_device
-from d2dprompt.outputs import atomic_dir, write_json
-from d2dprompt.segmenter import D2DSegmenter, fixed_noise
+from d2dprompt.models import autocast, pick_device
+from d2dprompt.outputs import atomic_dir, atomic_file, write_json
 from d2dprompt.prompt_files import load_segmenter
+from d2dprompt.report import markdown_table, write_grids, write_plot_data
+from d2dprompt.segmenter import D2DSegmenter, fixed_noise
+from d2dprompt.thresholds import Thresholds, binary_masks, f1_at, fit_f1_threshold
 
 
 @torch.no_grad()
@@ -32,24 +37,26 @@ def predict_maps(
     latents: torch.Tensor,
     keys: list[str],
     noise_seed: int,
-    batch_size: int,
-    map_size: int,
-    sigma: float,
+    ev: EvaluateParams,
     device: torch.device,
+    precision: str = "auto",
     desc: str = "maps",
-) -> torch.Tensor:
-    """(N, map_size, map_size) float32 anomaly maps on the CPU, computed in batches."""
-    out = []
-    for start in tqdm(range(0, len(keys), batch_size), desc=desc, unit="batch"):
-        batch = latents[start : start + batch_size].float().to(device)
-        noise = fixed_noise(keys[start : start + batch_size], tuple(batch.shape[1:]), noise_seed).to(device)
-        maps = segmenter(batch, noise)["anomaly"]
-        out.append(to_image_size(maps, map_size, sigma).cpu())
-    return torch.cat(out)
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, map_size, map_size) float32 maps and (N,) image scores, in batches of `ev.batch_size`."""
+    maps, scores = [], []
+    for start in tqdm(range(0, len(keys), ev.batch_size), desc=desc, unit="batch"):
+        batch = latents[start : start + ev.batch_size].float().to(device)
+        noise = fixed_noise(keys[start : start + ev.batch_size], tuple(batch.shape[1:]), noise_seed).to(device)
+        with autocast(device, precision):
+            latent_map = segmenter(batch, noise)["anomaly"]
+        full, score = finish_maps(latent_map, ev.map_size, ev.sigma, ev.score, ev.top_percent)
+        maps.append(full.cpu())
+        scores.append(score.cpu())
+    return torch.cat(maps).numpy(), torch.cat(scores).numpy()
 
 
 def ground_truth(root: Path, rows: list[LatentRow], size: int) -> np.ndarray:
-    """(N, size, size) bool masks; normal images get empty masks."""
+    """(N, size, size) bool masks of real images; normal images get empty masks."""
     masks = np.zeros((len(rows), size, size), dtype=bool)
     for i, row in enumerate(rows):
         if row.mask_path:
@@ -58,73 +65,58 @@ def ground_truth(root: Path, rows: list[LatentRow], size: int) -> np.ndarray:
     return masks
 
 
-def evaluate_dataset(
-    segmenter: D2DSegmenter,
-    latents_dir: Path,
-    download_dir: Path,
-    map_size: int,
-    sigma: float,
-    batch_size: int,
-    fpr_limit: float,
-    noise_seed: int,
-    device: torch.device,
-) -> tuple[dict, dict]:
-    """Metrics per category + mean, and the arrays behind them (rows, maps, masks, scores) for pictures."""
+def validation_masks(packed: torch.Tensor, size: int) -> np.ndarray:
+    """Unpack the latents stage's bit-packed (square) validation masks and resize them to `size`."""
+    masks = np.unpackbits(packed.numpy(), axis=-1, count=packed.shape[1]).astype(bool)
+    return np.stack([resize_mask(m, size) for m in masks]) if masks.shape[-1] != size else masks
+
+
+def fit_thresholds(ev: EvaluateParams, labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, n_normal: int) -> Thresholds:
+    if ev.threshold == "fixed":
+        return Thresholds(ev.sensitivity, ev.sensitivity, "fixed evaluate.sensitivity")
+    if ev.threshold != "f1":
+        raise ParamsError(f"evaluate.threshold={ev.threshold!r}: expected f1 or fixed")
+    if labels.size == 0 or labels.min() == labels.max():
+        raise ValueError("validation split holds one class only; raise latents.val_fraction or use evaluate.threshold=fixed")
+    source = (
+        f"F1-max on the validation split ({n_normal} held-out normal training images + "
+        f"{int(labels.sum())} synthetic anomalies), never the test split"
+    )
+    return Thresholds(fit_f1_threshold(labels, scores), fit_f1_threshold(masks, maps), source)
+
+
+def evaluate_dataset(segmenter: D2DSegmenter, latents_dir: Path, download_dir: Path, ev: EvaluateParams, noise_seed: int, device: torch.device, precision: str = "auto"):
+    """Metrics per category + mean, the thresholds, and the arrays behind them (for pictures)."""
     tensors, rows = read_latents(latents_dir)
     test = [i for i, r in enumerate(rows) if r.split == "test" and r.source == "real"]
+    val = [i for i, r in enumerate(rows) if r.split == "val"]
     if not test:
         raise ValueError(f"{latents_dir}: no test images")
+    thresholds = Thresholds(ev.sensitivity, ev.sensitivity, "fixed evaluate.sensitivity")
+    if ev.threshold != "fixed":
+        if not val:
+            raise ValueError(f"{latents_dir}: no validation rows; set latents.val_fraction > 0 or evaluate.threshold=fixed")
+        val_rows = [rows[i] for i in val]
+        val_maps, val_scores = predict_maps(segmenter, tensors["latents"][val], [r.key for r in val_rows], noise_seed, ev, device, precision, "validation maps")
+        val_masks = validation_masks(tensors["val_masks"], ev.map_size)
+        val_labels = np.array([r.label for r in val_rows])
+        thresholds = fit_thresholds(ev, val_labels, val_scores, val_masks, val_maps, int((val_labels == 0).sum()))
     test_rows = [rows[i] for i in test]
-    maps = predict_maps(
-        segmenter, tensors["latents"][torch.tensor(test)], [r.key for r in test_rows], noise_seed, batch_size, map_size, sigma, device
-    )
-    scores = image_scores(maps).numpy()
-    maps_np = maps.numpy()
-    masks = ground_truth(download_dir, test_rows, map_size)
+    maps, scores = predict_maps(segmenter, tensors["latents"][test], [r.key for r in test_rows], noise_seed, ev, device, precision, "test maps")
+    masks = ground_truth(download_dir, test_rows, ev.map_size)
     labels = np.array([r.label for r in test_rows])
+    predicted = binary_masks(maps, thresholds.pixel, ev.opening_kernel, ev.min_area)
     per_category = {}
     for category in sorted({r.category for r in test_rows}):
         idx = np.array([i for i, r in enumerate(test_rows) if r.category == category])
         per_category[category] = {
             **image_metrics(labels[idx], scores[idx]),
-            **pixel_metrics(masks[idx], maps_np[idx], fpr_limit=fpr_limit),
+            **pixel_metrics(masks[idx], maps[idx], fpr_limit=ev.aupro_fpr_limit),
+            "image_F1": f1_at(labels[idx] == 1, scores[idx] >= thresholds.image),
+            "pixel_F1": f1_at(masks[idx], predicted[idx]),
         }
-    details = {"rows": test_rows, "maps": maps_np, "masks": masks, "scores": scores, "labels": labels}
-    return summarize(per_category), details
-
-
-def write_overlays(details: dict, download_dir: Path, folder: Path, count: int) -> list[Path]:
-    """image | anomaly map | ground truth | overlay for the highest-scoring anomalous and normal images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scores, labels = details["scores"], details["labels"]
-    anomalous = [i for i in np.argsort(-scores) if labels[i] == 1][: max(1, count - count // 3)]
-    normal = [i for i in np.argsort(-scores) if labels[i] == 0][: count // 3]
-    folder.mkdir(parents=True, exist_ok=True)
-    vmax = float(details["maps"].max()) or 1.0  # one colour scale for every picture of the dataset
-    paths = []
-    for i in anomalous + normal:
-        row = details["rows"][i]
-        size = details["maps"].shape[-1]
-        image = resize_rgb(load_rgb(download_dir / row.image_path), size)
-        fig, axes = plt.subplots(1, 4, figsize=(10, 2.8))
-        axes[0].imshow(image)
-        axes[1].imshow(details["maps"][i], cmap="jet", vmin=0, vmax=vmax)
-        axes[2].imshow(details["masks"][i], cmap="gray", vmin=0, vmax=1)
-        axes[3].imshow(image)
-        axes[3].imshow(details["maps"][i], cmap="jet", alpha=0.5, vmin=0, vmax=vmax)
-        for ax, title in zip(axes, ("image", "anomaly map", "ground truth", "overlay")):
-            ax.set_title(title, fontsize=9)
-            ax.axis("off")
-        fig.suptitle(f"{row.image_path}  score={scores[i]:.3f}", fontsize=9)
-        path = folder / f"{row.image_path.replace('/', '_').rsplit('.', 1)[0]}.png"
-        fig.savefig(path, dpi=80, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    details = {"rows": test_rows, "maps": maps, "masks": masks, "predicted": predicted, "scores": scores, "labels": labels}
+    return summarize(per_category), thresholds, details
 
 
 def main(
@@ -133,31 +125,34 @@ def main(
     prompts: Path = typer.Option(Path("stages/train"), help="train stage output"),
     latents: Path = typer.Option(Path("stages/latents"), help="latents stage output"),
     downloads: Path = typer.Option(Path("stages/download"), help="download stage output"),
-    out: Path = typer.Option(Path("stages/evaluate"), help="pictures go to <out>/<dataset>/"),
-    metrics: Path = typer.Option(Path("metrics"), help="metric JSONs go to <metrics>/<dataset>.json"),
+    out: Path = typer.Option(Path("stages/evaluate"), help="pictures and plot data go to <out>/<dataset>/"),
+    metrics: Path = typer.Option(Path("metrics"), help="<metrics>/<dataset>.json and .md"),
 ) -> None:
     from d2dprompt.tracking import start_run
 
     try:
         cfg = load_params(params)
+        ev = cfg.evaluate
         device = pick_device(cfg.model.device)
-        segmenter, _ = load_segmenter(prompts)
+        segmenter, record = load_segmenter(prompts)
         segmenter.sd.to(device)
         segmenter.to(device)
-        ev = cfg.evaluate
+        noise_seed = record["model"]["noise_seed"]
         with start_run("evaluate", {**flatten(cfg), "evaluate.dataset": dataset}) as log:
-            summary, details = evaluate_dataset(
-                segmenter, latents / dataset, downloads / dataset, ev.map_size, ev.sigma, ev.batch_size,
-                ev.aupro_fpr_limit, cfg.model.noise_seed, device,
-            )
+            summary, thresholds, details = evaluate_dataset(segmenter, latents / dataset, downloads / dataset, ev, noise_seed, device, cfg.model.precision)
+            threshold_record = {**asdict(thresholds), "score": ev.score, "top_percent": ev.top_percent, "map_size": ev.map_size, "sigma": ev.sigma}
             with atomic_dir(out / dataset) as tmp:
-                write_overlays(details, downloads / dataset, tmp / "overlays", ev.overlays)
-            write_json(metrics / f"{dataset}.json", summary)
-            log.log_metrics({f"{dataset}.{cat}.{name}": value for cat, values in summary.items() for name, value in values.items() if value == value})
+                write_json(tmp / "thresholds.json", threshold_record)
+                write_plot_data(tmp / "plots", details["labels"], details["scores"], details["masks"], details["maps"], summary)
+                write_grids(tmp / "grids", downloads / dataset, details["rows"], details["maps"], details["masks"], details["predicted"], details["scores"], details["labels"], ev.grid_cases)
+            write_json(metrics / f"{dataset}.json", {**summary, "thresholds": asdict(thresholds)})
+            with atomic_file(metrics / f"{dataset}.md") as tmp:
+                tmp.write_text(markdown_table(dataset, summary, asdict(thresholds)))
+            log.log_metrics({f"{dataset}.{cat}.{name}": v for cat, values in summary.items() for name, v in values.items() if v == v})
             log.log_artifact(metrics / f"{dataset}.json")
+            log.log_artifact(metrics / f"{dataset}.md")
             log.log_artifacts(out / dataset, "evaluate")
-        mean = summary["mean"]
-        typer.echo(f"{dataset}: " + " ".join(f"{k}={v:.4f}" for k, v in mean.items()))
+        typer.echo(f"{dataset}: " + " ".join(f"{k}={v:.4f}" for k, v in summary["mean"].items()))
     except (ParamsError, ImageError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None

@@ -4,7 +4,9 @@ Encodes every prepared image with the frozen VAE (latent-distribution mean x the
 and, for each normal training image, `latents.synthetic_per_image` DRAEM-style synthetic anomalies
 (Perlin mask, anomaly-source texture blended with beta in [beta_min, beta_max], seeded). Per dataset it
 writes `latents.safetensors` (latents fp16, masks fp16 at latent size as defect fraction per cell,
-labels) and `index.csv`, one row per latent.
+labels, and bit-packed image-size masks of the validation rows) and `index.csv`, one row per latent.
+A seeded `latents.val_fraction` of each category's normal training images (with their synthetic
+anomalies) becomes split `val`: held out from training, used to fit thresholds.
 """
 
 from __future__ import annotations
@@ -82,6 +84,25 @@ def synthetic_variants(
     return out
 
 
+def validation_images(rows: list[ManifestRow], fraction: float, seed: int) -> set[str]:
+    """A seeded `fraction` of each category's normal training images, held out from training.
+
+    They and their synthetic anomalies form the validation split on which thresholds are fitted:
+    never the test split, whose numbers would be inflated by it.
+    """
+    if not 0 <= fraction < 1:
+        raise ParamsError(f"latents.val_fraction={fraction}: must lie in [0, 1)")
+    held_out: set[str] = set()
+    for category in sorted({r.category for r in rows}):
+        normal = sorted(r.image_path for r in rows if r.category == category and r.split == "train" and r.label == 0)
+        count = int(round(fraction * len(normal)))
+        if fraction and len(normal) > 1:
+            count = min(max(count, 1), len(normal) - 1)  # keep at least one image on each side
+        pick = np.random.default_rng([seed, zlib.crc32(category.encode())]).permutation(len(normal))[:count]
+        held_out.update(normal[i] for i in pick)
+    return held_out
+
+
 def encode_dataset(
     sd: FrozenSD,
     root: Path,
@@ -93,11 +114,13 @@ def encode_dataset(
 ) -> tuple[dict[str, torch.Tensor], list[LatentRow]]:
     textures = load_textures(params.texture_dir)
     latent_hw = (image_size // sd.vae_scale, image_size // sd.vae_scale)
-    latents, masks, labels, index = [], [], [], []
+    held_out = validation_images(rows, params.val_fraction, params.seed)
+    latents, masks, labels, index, val_masks = [], [], [], [], []
     pending: list[tuple[np.ndarray, np.ndarray, LatentRow]] = []
 
     def flush() -> None:
         if pending:
+            val_masks.extend(np.packbits(p[1], axis=-1) for p in pending if p[2].split == "val")
             latents.append(encode(sd, [p[0] for p in pending], device).half().contiguous())
             masks.append(mask_to_latent([p[1] for p in pending], latent_hw).half().contiguous())
             labels.extend(p[2].label for p in pending)
@@ -114,11 +137,12 @@ def encode_dataset(
             mask = np.zeros(raw.shape[:2], dtype=bool)
         image = resize_rgb(raw, image_size)
         mask = resize_mask(mask, image_size)
-        base = LatentRow(row.image_path, "real", row.category, row.split, row.label, row.defect_type, row.image_path, row.mask_path)
+        split = "val" if row.image_path in held_out else row.split
+        base = LatentRow(row.image_path, "real", row.category, split, row.label, row.defect_type, row.image_path, row.mask_path)
         pending.append((image, mask, base))
         if row.split == "train" and row.label == 0:
             for k, (syn, syn_mask) in enumerate(synthetic_variants(image, row.image_path, params, textures)):
-                pending.append((syn, syn_mask, LatentRow(f"{row.image_path}#syn{k}", "synthetic", row.category, "train", 1, "synthetic", row.image_path, "")))
+                pending.append((syn, syn_mask, LatentRow(f"{row.image_path}#syn{k}", "synthetic", row.category, split, 1, "synthetic", row.image_path, "")))
         if len(pending) >= params.batch_size:
             flush()
     flush()
@@ -127,6 +151,8 @@ def encode_dataset(
         "masks": torch.cat(masks),
         "labels": torch.tensor(labels, dtype=torch.uint8),
     }
+    if val_masks:  # image-size masks of the validation rows, bit-packed along the width
+        tensors["val_masks"] = torch.from_numpy(np.stack(val_masks))
     return tensors, index
 
 

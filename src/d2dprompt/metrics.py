@@ -141,8 +141,9 @@ def _count_normals_below(
         np.add.at(hist, b, one)  # in place: a fresh bincount array per chunk costs page faults
         np.take(occupied, b, out=f)
         mixed.append(k[np.greater(f, anomalous[start : start + size], out=f)])
-    free_before = np.concatenate(([0], np.cumsum(np.where(occupied, 0, hist), dtype=np.int64)))
-    before = n_below + free_before[unique_buckets]
+    hist[occupied] = 0  # keep the free buckets only; then free pixels in buckets below each u, in place:
+    np.cumsum(hist, out=hist)  # totals never exceed the pixel count, which fits hist's dtype
+    before = n_below + np.where(unique_buckets > 0, hist[unique_buckets - 1], 0).astype(np.int64)
     mixed_sorted = np.sort(np.concatenate(mixed))
     less = before + np.searchsorted(mixed_sorted, unique_offsets, side="left")
     leq = before + np.searchsorted(mixed_sorted, unique_offsets, side="right")

@@ -28,11 +28,11 @@ from tqdm import tqdm
 from d2dprompt.config import EvaluateParams, ParamsError, load_params
 from d2dprompt.images import ImageError, load_rgb, resize_rgb
 from d2dprompt.latents import encode
-from d2dprompt.losses import image_score
-from d2dprompt.maps import image_scores, to_image_size
+from d2dprompt.maps import finish_maps
 from d2dprompt.models import pick_device
 from d2dprompt.outputs import atomic_file
 from d2dprompt.prompt_files import load_segmenter
+from d2dprompt.report import jet
 from d2dprompt.segmenter import D2DSegmenter, fixed_noise
 from d2dprompt.thresholds import Thresholds, binary_masks
 
@@ -131,18 +131,8 @@ def predict_batch(
     """Images already at the model's size -> (maps (B, map_size, map_size), scores (B,)) on the CPU."""
     latents = encode(segmenter.sd, images, device).to(device)
     noise = fixed_noise(keys, tuple(latents.shape[1:]), noise_seed).to(device)
-    latent_maps = segmenter(latents, noise)["anomaly"].float()
-    maps = to_image_size(latent_maps, ev.map_size, ev.sigma)
-    logits = image_score(latent_maps) if ev.score == "fused" else None
-    scores = image_scores(maps, ev.score, ev.top_percent, logits)
+    maps, scores = finish_maps(segmenter(latents, noise)["anomaly"], ev.map_size, ev.sigma, ev.score, ev.top_percent)
     return maps.cpu(), scores.cpu()
-
-
-def jet(values: np.ndarray) -> np.ndarray:
-    """[0, 1] -> uint8 RGB on the classic jet ramp (blue = normal, red = anomalous)."""
-    x = np.clip(values, 0, 1)[..., None]
-    centres = np.array([0.75, 0.5, 0.25])  # where r, g, b peak
-    return (np.clip(1.5 - np.abs(4 * (x - centres)), 0, 1) * 255).astype(np.uint8)
 
 
 def render_overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, title: str) -> Image.Image:

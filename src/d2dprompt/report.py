@@ -1,0 +1,117 @@
+"""What people look at after evaluation: markdown table, DVC plot data and PNG grids. Writes files only."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+from d2dprompt.images import load_rgb, resize_rgb
+from d2dprompt.outputs import atomic_file
+
+BAR_METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")  # the per-category bars users compare first
+CURVE_POINTS = 400  # points kept per curve: smooth on screen, small in git diffs and DVC caches
+
+
+def markdown_table(dataset: str, summary: dict[str, dict[str, float]], thresholds: dict) -> str:
+    names = list(summary["mean"])
+    lines = [
+        f"# {dataset}: per-category metrics",
+        "",
+        "| category | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for category, values in summary.items():
+        cells = ["–" if math.isnan(values[n]) else f"{values[n]:.4f}" for n in names]
+        label = f"**{category}**" if category == "mean" else category
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Thresholds for image_F1 / pixel_F1: image {thresholds['image']:.4f}, pixel {thresholds['pixel']:.4f} "
+        f"({thresholds['source']}).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _decimate(*columns: np.ndarray) -> list[np.ndarray]:
+    if columns[0].size <= CURVE_POINTS:
+        return list(columns)
+    keep = np.unique(np.linspace(0, columns[0].size - 1, CURVE_POINTS).round().astype(int))
+    return [c[keep] for c in columns]
+
+
+def _write_csv(path: Path, header: list[str], rows) -> None:
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_plot_data(folder: Path, labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, summary: dict) -> None:
+    """ROC and PR curves (image and pixel level) and per-category metric bars, as DVC plot CSVs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for level, y, s in (("image", labels, scores), ("pixel", masks.ravel(), maps.ravel())):
+        if y.min() == y.max():
+            continue  # a curve needs both classes
+        fpr, tpr, _ = roc_curve(y, s, drop_intermediate=True)
+        _write_csv(folder / f"{level}_roc.csv", ["fpr", "tpr"], zip(*_decimate(fpr, tpr)))
+        precision, recall, _ = precision_recall_curve(y, s)
+        _write_csv(folder / f"{level}_pr.csv", ["recall", "precision"], zip(*_decimate(recall[::-1], precision[::-1])))
+    for name in BAR_METRICS:
+        rows = [(cat, values[name]) for cat, values in summary.items() if cat != "mean"]
+        _write_csv(folder / f"bars_{name}.csv", ["category", name], rows)
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """[0, 1] -> uint8 RGB on the classic jet ramp (blue = normal, red = anomalous)."""
+    x = np.clip(values, 0, 1)[..., None]
+    centres = np.array([0.75, 0.5, 0.25])  # where r, g, b peak
+    return (np.clip(1.5 - np.abs(4 * (x - centres)), 0, 1) * 255).astype(np.uint8)
+
+
+def write_grids(
+    folder: Path, root: Path, rows: list, maps: np.ndarray, masks: np.ndarray, predicted: np.ndarray, scores: np.ndarray, labels: np.ndarray, per_side: int
+) -> list[Path]:
+    """Per category: image | anomaly map | predicted mask | ground truth | overlay, best and worst cases.
+
+    Worst = anomalous images with the lowest scores and normal images with the highest; best = the
+    opposite. Maps share one colour stretch per dataset (0.1 to 99.9 percentile) so rows compare.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    low, high = np.quantile(maps, [0.001, 0.999])  # one stretch per dataset: the maps' own range, not 0..1
+    span = float(high - low) or 1.0
+    paths = []
+    for category in sorted({r.category for r in rows}):
+        idx = np.array([i for i, r in enumerate(rows) if r.category == category])
+        anomalous, normal = idx[labels[idx] == 1], idx[labels[idx] == 0]
+        by_score_a = anomalous[np.argsort(scores[anomalous])]
+        by_score_n = normal[np.argsort(scores[normal])]
+        picks = [("worst", i) for i in list(by_score_a[:per_side]) + list(by_score_n[::-1][:per_side])]
+        picks += [("best", i) for i in list(by_score_a[::-1][:per_side]) + list(by_score_n[:per_side])]
+        fig, axes = plt.subplots(len(picks), 5, figsize=(11, 2.3 * len(picks)), squeeze=False)
+        for ax_row, (kind, i) in zip(axes, picks):
+            size = maps.shape[-1]
+            image = resize_rgb(load_rgb(root / rows[i].image_path), size)
+            heat = jet((maps[i] - low) / span)
+            overlay = (0.55 * image + 0.45 * heat).astype(np.uint8)
+            panels = (image, heat, predicted[i], masks[i], overlay)
+            titles = (f"{kind}: {rows[i].defect_type}", f"score {scores[i]:.3f}", "predicted mask", "ground truth", "overlay")
+            for ax, panel, title in zip(ax_row, panels, titles):
+                ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=1 if panel.ndim == 2 else None)
+                ax.set_title(title, fontsize=8)
+                ax.axis("off")
+        fig.tight_layout()
+        with atomic_file(folder / f"{category}.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=70)
+        plt.close(fig)
+        paths.append(folder / f"{category}.png")
+    return paths

@@ -1,0 +1,53 @@
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from d2dprompt import bench
+
+
+def test_tiny_run_writes_well_formed_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--arch", "tiny", "--batch", "2", "--warmup", "1", "--steps", "1", "--modes", "full", "--prompts", "paired", "--json", str(out)]
+    result = CliRunner().invoke(bench.app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    labels = [row["label"] for row in report["rows"]]
+    assert labels == ["train full+paired", "infer full+paired", "infer full+paired, no early exit"]
+    for row in report["rows"]:
+        assert row["batch"] == 2 and row["steps"] == 1 and len(row["times_ms"]) == 1
+        for key in ("step_ms", "images_per_s", "ratio"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["label"], key)
+        assert math.isclose(row["images_per_s"], 2000 / row["step_ms"])
+        assert math.isfinite(row["peak_mib"])
+    train, infer, no_exit = report["rows"]
+    assert train["ratio"] == 1.0 and infer["ratio"] == 1.0  # each kind is its own full+paired baseline
+    assert math.isclose(no_exit["ratio"], no_exit["step_ms"] / infer["step_ms"])
+    assert report["facts"]["tiny"]["latent_side"] == 32
+    assert any(line.startswith("N.A.") for line in report["targets"])
+    assert "train full+paired" in result.output
+
+
+def test_blob_masks_mark_every_other_image_anomalous():
+    masks, labels = bench.blob_masks(4, 16, seed=0)
+    assert labels.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert (masks[labels == 1].flatten(1).sum(1) > 0).all() and masks[labels == 0].sum() == 0
+
+
+def test_targets_compare_cached_with_full_paired_of_sd21():
+    def row(kind, mode, prompts, ms, batch=8):
+        return bench.Row("sd21", kind, mode, prompts, True, batch, 1, 1, ms, batch * 1000 / ms, 100.0)
+
+    rows = [row("train", "full", "paired", 1000.0), row("train", "cached", "paired", 40.0), row("train", "cached", "joint", 100.0)]
+    bench.add_ratios(rows)
+    lines = bench.evaluate_targets(rows, torch.device("cpu"), "cpu", "auto")
+    assert any(line.startswith("PASS") and "paired" in line and "25.0x" in line for line in lines)
+    assert any(line.startswith("FAIL") and "joint" in line and "10.0x" in line for line in lines)
+    assert sum(line.startswith("N.A.") for line in lines) == 2  # GPU memory and H100 latency
+
+
+def test_unknown_arch_is_rejected_by_name():
+    with pytest.raises(bench.typer.BadParameter, match="--arch='sd15'"):
+        bench._split("sd15", tuple(bench.ARCHS), "--arch")
