@@ -103,9 +103,9 @@ def _load_anomalib_aupro():
     for name in [name for name in sys.modules if name == "anomalib" or name.startswith("anomalib.")]:
         del sys.modules[name]
     root = Path(spec.submodule_search_locations[0])
-    for name, folder in (("anomalib", root), ("anomalib.metrics", root / "metrics"), ("anomalib.utils", root / "utils")):
+    for name, folder in (("anomalib", ""), ("anomalib.metrics", "metrics"), ("anomalib.utils", "utils")):
         sys.modules[name] = types.ModuleType(name)
-        sys.modules[name].__path__ = [str(folder)]
+        sys.modules[name].__path__ = [str(root / folder)]
     sys.modules["anomalib.data"] = types.ModuleType("anomalib.data")
     sys.modules["anomalib.data"].Batch = object
     from anomalib.metrics.aupro import _AUPRO

@@ -3,7 +3,8 @@
 Frozen model + learned prompts on a dataset's test split. Maps: latent-size anomaly map -> bilinear to
 `evaluate.map_size` -> Gaussian sigma `evaluate.sigma`; image score by `evaluate.score`. Writes
 `metrics/<dataset>.json` (image_AUROC, image_AP, image_F1Max, pixel_AUROC, pixel_AP, pixel_AUPRO, and
-image_F1 / pixel_F1 at thresholds fitted on the validation split, per category and their mean),
+image_F1 / pixel_F1 at thresholds fitted on the validation split, per category and their mean, plus
+the validation split's own image metrics and pixel_AUROC),
 `metrics/<dataset>.md` (the same as a table), and under `<out>/<dataset>/`: thresholds.json, DVC plot
 data (ROC / PR curves, per-category bars) and one PNG grid per category of best and worst cases.
 """
@@ -93,6 +94,7 @@ def evaluate_dataset(segmenter: D2DSegmenter, latents_dir: Path, download_dir: P
     if not test:
         raise ValueError(f"{latents_dir}: no test images")
     thresholds = Thresholds(ev.sensitivity, ev.sensitivity, "fixed evaluate.sensitivity")
+    validation: dict[str, float] = {}
     if ev.threshold != "fixed":
         if not val:
             raise ValueError(f"{latents_dir}: no validation rows; set latents.val_fraction > 0 or evaluate.threshold=fixed")
@@ -101,6 +103,7 @@ def evaluate_dataset(segmenter: D2DSegmenter, latents_dir: Path, download_dir: P
         val_masks = validation_masks(tensors["val_masks"], ev.map_size)
         val_labels = np.array([r.label for r in val_rows])
         thresholds = fit_thresholds(ev, val_labels, val_scores, val_masks, val_maps, int((val_labels == 0).sum()))
+        validation = {**image_metrics(val_labels, val_scores), "pixel_AUROC": pixel_metrics(val_masks, val_maps)["pixel_AUROC"]}
     test_rows = [rows[i] for i in test]
     maps, scores = predict_maps(segmenter, tensors["latents"][test], [r.key for r in test_rows], noise_seed, ev, device, precision, "test maps")
     masks = ground_truth(download_dir, test_rows, ev.map_size)
@@ -115,7 +118,7 @@ def evaluate_dataset(segmenter: D2DSegmenter, latents_dir: Path, download_dir: P
             "image_F1": f1_at(labels[idx] == 1, scores[idx] >= thresholds.image),
             "pixel_F1": f1_at(masks[idx], predicted[idx]),
         }
-    details = {"rows": test_rows, "maps": maps, "masks": masks, "predicted": predicted, "scores": scores, "labels": labels}
+    details = {"rows": test_rows, "maps": maps, "masks": masks, "predicted": predicted, "scores": scores, "labels": labels, "validation": validation}
     return summarize(per_category), thresholds, details
 
 
@@ -145,7 +148,9 @@ def main(
                 write_json(tmp / "thresholds.json", threshold_record)
                 write_plot_data(tmp / "plots", details["labels"], details["scores"], details["masks"], details["maps"], summary)
                 write_grids(tmp / "grids", downloads / dataset, details["rows"], details["maps"], details["masks"], details["predicted"], details["scores"], details["labels"], ev.grid_cases)
-            write_json(metrics / f"{dataset}.json", {**summary, "thresholds": asdict(thresholds)})
+            # `validation` (synthetic anomalies on held-out normal images) is where choices such as
+            # evaluate.score are made without looking at the test split
+            write_json(metrics / f"{dataset}.json", {**summary, "thresholds": asdict(thresholds), "validation": details["validation"]})
             with atomic_file(metrics / f"{dataset}.md") as tmp:
                 tmp.write_text(markdown_table(dataset, summary, asdict(thresholds)))
             log.log_metrics({f"{dataset}.{cat}.{name}": v for cat, values in summary.items() for name, v in values.items() if v == v})
