@@ -24,7 +24,8 @@ def test_tiny_is_frozen(tiny):
         assert not any(p.requires_grad for p in module.parameters())
 
 
-def test_saved_diffusers_folder_loads_through_from_pretrained(tmp_path, tiny):
+def test_saved_diffusers_folder_loads_through_from_pretrained(tmp_path):
+    tiny = build_tiny(0)  # a fresh copy: other tests install capture processors on the shared one
     folder = save_tiny(tmp_path / "sd", seed=0)
     for sub in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
         assert (folder / sub).is_dir()

@@ -74,14 +74,20 @@ def test_training_beats_untrained_prompts_and_writes_every_metric(workspace):
     stage("train", "--out", "trained", cwd=workspace)
     before = pixel_auroc(workspace, "untrained", "metrics-untrained")
     after = pixel_auroc(workspace, "trained", "metrics-trained")
-    assert set(after) == {"disc", "tile", "weave", "mean"}
-    for values in after.values():
-        assert set(METRICS) <= set(values)
+    categories = {k: v for k, v in after.items() if k not in ("thresholds", "validation")}
+    assert set(categories) == {"disc", "tile", "weave", "mean"}
+    for values in categories.values():
+        assert set(METRICS) | {"image_F1", "pixel_F1"} <= set(values)
         assert all(0.0 <= values[m] <= 1.0 for m in METRICS)
+    assert "validation split" in after["thresholds"]["source"] and "test" in after["thresholds"]["source"]
+    assert 0.0 <= after["validation"]["image_AUROC"] <= 1.0
+    assert (workspace / "metrics-trained/sample.md").read_text().count("|") > 20
     print(f"pixel_AUROC untrained {before['mean']['pixel_AUROC']:.4f} trained {after['mean']['pixel_AUROC']:.4f}")
     assert after["mean"]["pixel_AUROC"] > before["mean"]["pixel_AUROC"] + 0.05
-    overlays = list((workspace / "stages/evaluate-trained/sample/overlays").glob("*.png"))
-    assert len(overlays) == 3
+    grids = sorted(p.name for p in (workspace / "stages/evaluate-trained/sample/grids").glob("*.png"))
+    assert grids == ["disc.png", "tile.png", "weave.png"]
+    plots = {p.name for p in (workspace / "stages/evaluate-trained/sample/plots").glob("*.csv")}
+    assert {"image_roc.csv", "pixel_roc.csv", "image_pr.csv", "pixel_pr.csv", "bars_pixel_AUROC.csv"} <= plots
 
 
 def test_mlflow_holds_train_and_evaluate_runs(workspace):

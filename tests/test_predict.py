@@ -129,7 +129,8 @@ def test_noise_key_is_the_relative_path(folder_run, prompts_dir, params_file, tm
     moved = tmp_path / "elsewhere"
     shutil.copytree(inputs, moved)
     run([moved, "--out", tmp_path / "out"], prompts_dir, params_file)
-    assert [r["score"] for r in read_jsonl(out)] == [r["score"] for r in read_jsonl(tmp_path / "out")]
+    # equal up to float reassociation across runs; another noise draw moves scores by far more than 1e-5
+    assert np.allclose([r["score"] for r in read_jsonl(out)], [r["score"] for r in read_jsonl(tmp_path / "out")], rtol=0, atol=1e-5)
 
 
 def test_thresholds_file_and_overrides(folder_run, prompts_dir, params_file, tmp_path):
@@ -156,10 +157,11 @@ def test_thresholds_file_and_overrides(folder_run, prompts_dir, params_file, tmp
 
 def test_thresholds_file_fitted_elsewhere_is_refused(prompts_dir, params_file, tmp_path):
     file = tmp_path / "thresholds.json"
-    file.write_text(json.dumps({"image": 0.5, "pixel": 0.5, "score": "topk"}))
+    file.write_text(json.dumps({"image": 0.5, "pixel": 0.5, "score": "fused"}))
     result = run([SCRATCH, "--out", tmp_path / "out", "--thresholds", file], prompts_dir, params_file)
     assert result.exit_code == 1
-    assert result.stderr.strip().splitlines() == [f"error: {file}: fitted with score='topk' but evaluate.score='max'"]
+    expected = f"error: {file}: fitted with score='fused' but evaluate.score={EvaluateParams().score!r}"
+    assert result.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "out").exists()
 
 

@@ -131,7 +131,8 @@ class Row:
     images_per_s: float
     peak_mib: float  # beyond the frozen weights (see the module docstring)
     ratio: Optional[float] = None  # step_ms / the same arch's full + paired step_ms of the same kind
-    times_ms: list[float] = field(default_factory=list)
+    times_ms: list[float] = field(default_factory=list)  # the timed steps
+    warmup_ms: list[float] = field(default_factory=list)  # the untimed ones: first-call set-up shows here
 
     @property
     def label(self) -> str:
@@ -198,18 +199,16 @@ class PeakMemory:
         self.peak_bytes = self._max - self._start
 
 
-def timed(step: Callable[[], object], warmup: int, steps: int, device: torch.device) -> list[float]:
-    """Milliseconds of each of `steps` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
+def timed(step: Callable[[], object], warmup: int, steps: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """Milliseconds of `warmup` calls (reported, not counted), then of `steps` timed calls."""
     times = []
-    for _ in range(steps):
+    for _ in range(warmup + steps):
+        _sync(device)
         start = time.perf_counter()
         step()
         _sync(device)
         times.append((time.perf_counter() - start) * 1000)
-    return times
+    return times[:warmup], times[warmup:]
 
 
 def blob_masks(batch: int, side: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,14 +240,19 @@ class Settings:
     infer: bool = True
     seed: int = 0
 
+    @property
+    def exit_layout(self) -> str:
+        """The layout also run without early exit: joint, the cheaper one, when it is measured."""
+        return "joint" if "joint" in self.prompts else self.prompts[0]
+
 
 def default_schedule(arch: str, device: torch.device) -> tuple[int, int, int, int]:
     """(warmup, steps) for UNet-running rows, then for cached rows: the CPU default run fits in 10 minutes."""
     if device.type == "cuda":
         return 3, 10, 3, 10
     if arch == "sd21":
-        return 1, 2, 1, 5
-    return 2, 10, 2, 10  # tiny steps are ~0.1-1 s: the second call still pays oneDNN set-up
+        return 1, 1, 1, 3  # a full sd21 step is 10-60 s on 2 threads: more would break the 10-minute budget
+    return 1, 3, 1, 3
 
 
 def bench_arch(name: str, sd: FrozenSD, cfg: Settings, device: torch.device) -> tuple[list[Row], dict]:
@@ -263,7 +267,7 @@ def bench_arch(name: str, sd: FrozenSD, cfg: Settings, device: torch.device) -> 
     latents, noise = latents.to(device), noise.to(device)
     masks, labels = (t.to(device) for t in blob_masks(cfg.batch, side, cfg.seed))
     rows: list[Row] = []
-    info = {"weights_mib": weights_bytes / MIB, "latent_side": side, "levels": cfg.levels, "query_cache_mib_per_image": {}}
+    info = {"weights_mib": weights_bytes / MIB, "latent_side": side, "levels": cfg.levels, "exit_layout": cfg.exit_layout, "query_cache_mib_per_image": {}}
     layers = list(cross_attention_levels(sd.unet).items())
     last_read = max((i for i, (_, level) in enumerate(layers) if level in cfg.levels), default=None)
     if last_read is not None:  # unknown levels are reported by build_segmenter
@@ -272,9 +276,9 @@ def bench_arch(name: str, sd: FrozenSD, cfg: Settings, device: torch.device) -> 
     def measure(kind, mode, prompts, step, early_exit=True) -> None:
         warmup, steps = (cfg.warmup_cached, cfg.steps_cached) if kind == "train" and mode == "cached" else (cfg.warmup_full, cfg.steps_full)
         with PeakMemory(device, weights_bytes) as mem:
-            times = timed(step, warmup, steps, device)
+            warm, times = timed(step, warmup, steps, device)
         median = statistics.median(times)
-        row = Row(name, kind, mode, prompts, early_exit, cfg.batch, warmup, steps, median, cfg.batch * 1000 / median, mem.peak_bytes / MIB, times_ms=times)
+        row = Row(name, kind, mode, prompts, early_exit, cfg.batch, warmup, steps, median, cfg.batch * 1000 / median, mem.peak_bytes / MIB, times_ms=times, warmup_ms=warm)
         rows.append(row)
         print(f"  {name:5s} {row.label:38s} {median:10.1f} ms  {row.peak_mib:9.1f} MiB", flush=True)
 
@@ -325,7 +329,7 @@ def bench_arch(name: str, sd: FrozenSD, cfg: Settings, device: torch.device) -> 
 
         measure("infer", "full", prompts, infer_step)
         seg.recorder.reset()
-        if prompts == cfg.prompts[0]:
+        if prompts == cfg.exit_layout:
             no_exit = segmenter(prompts, early_exit=False)
             measure("infer", "full", prompts, lambda: infer_step(no_exit), early_exit=False)
             no_exit.recorder.reset()
@@ -373,14 +377,15 @@ def evaluate_targets(rows: list[Row], device: torch.device, device_name: str, pr
 
 def format_table(rows: list[Row]) -> str:
     head = (
-        f"{'arch':5s} {'row':36s} {'batch':>5s} {'steps':>7s} {'median ms':>10s} {'best ms':>10s} "
+        f"{'arch':5s} {'row':36s} {'batch':>5s} {'steps':>7s} {'median ms':>10s} {'best ms':>10s} {'warm-up ms':>10s} "
         f"{'ms/img':>9s} {'img/s':>8s} {'peak MiB':>9s} {'ratio':>7s}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         ratio = f"{r.ratio:7.3f}" if r.ratio is not None else f"{'-':>7s}"
+        warm = f"{r.warmup_ms[0]:10.1f}" if r.warmup_ms else f"{'-':>10s}"
         lines.append(
-            f"{r.arch:5s} {r.label:36s} {r.batch:5d} {f'{r.warmup}+{r.steps}':>7s} {r.step_ms:10.1f} {min(r.times_ms):10.1f} "
+            f"{r.arch:5s} {r.label:36s} {r.batch:5d} {f'{r.warmup}+{r.steps}':>7s} {r.step_ms:10.1f} {min(r.times_ms):10.1f} {warm} "
             f"{r.step_ms / r.batch:9.1f} {r.images_per_s:8.2f} {r.peak_mib:9.1f} {ratio}"
         )
     return "\n".join(lines)
@@ -413,7 +418,7 @@ def main(
     precision: str = typer.Option("auto", help="auto = bf16 autocast on CUDA, fp32 on CPU; fp32 | bf16 | fp16"),
     modes: str = typer.Option("full,cached", help="training modes: full, cached, or none (inference rows only)"),
     prompts: str = typer.Option("paired,joint", help="prompt layouts"),
-    infer: bool = typer.Option(True, help="inference rows (early exit on, and off for the first prompt layout)"),
+    infer: bool = typer.Option(True, help="inference rows (early exit on, and off once: joint if measured)"),
     image_size: Optional[int] = typer.Option(None, min=8, help="pixels the latents stand for; default 128 tiny, 512 sd21"),
     levels: Optional[str] = typer.Option(None, help="attention levels, e.g. 0,1,2; default 0,1 tiny, 0,1,2 sd21"),
     seed: int = typer.Option(0, help="weights, latents, noise and masks"),
@@ -429,7 +434,7 @@ def main(
     device_name = describe_device(dev)
     load = os.getloadavg()
     command = "python -m d2dprompt.bench " + " ".join(sys.argv[1:])
-    print(f"d2dprompt.bench  {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"d2dprompt.bench  {datetime.datetime.now().isoformat(timespec='seconds')}  ({command.strip()})")
     print(f"device: {device_name}; precision: {precision}; diffusers {diffusers.__version__}")
     print(f"load average (1/5/15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores (shared machines make timings noisy)")
     all_rows: list[Row] = []
@@ -468,7 +473,7 @@ def main(
         cache = ", ".join(f"{p} {mib:.1f} MiB" for p, mib in info["query_cache_mib_per_image"].items()) or "-"
         print(f"{name}: frozen weights {info['weights_mib']:.0f} MiB; query cache per image (fp16): {cache}")
         print(f"{name}: early exit stops the UNet after {info.get('early_exit_after', '-')}")
-        rows = [r for r in all_rows if r.arch == name and r.kind == "infer" and r.prompts == prompt_list[0]]
+        rows = [r for r in all_rows if r.arch == name and r.kind == "infer" and r.prompts == info["exit_layout"]]
         on, off = ([r.step_ms for r in rows if r.early_exit == flag] for flag in (True, False))
         if on and off:
             print(f"{name}: early exit saves {100 * (1 - on[0] / off[0]):.1f}% of inference ({off[0]:.1f} -> {on[0]:.1f} ms per batch)")
