@@ -113,10 +113,10 @@ def test_full_mode_paired_trains_and_resumes(workspace):
     write_params(workspace, attention={"mode": "full", "prompts": "paired"}, model={"image_size": 64}, train={"epochs": 1, "batch_size": 48})
     shutil.rmtree(workspace / "stages/latents-64", ignore_errors=True)
     stage("latents", "--out", "stages/latents-64", cwd=workspace)
-    first = stage("train", "--latents", "stages/latents-64", "--out", "full", cwd=workspace)
+    first = stage("train", "--latents", "stages/latents-64", "--out", "full", "--checkpoint", "full.pt", cwd=workspace)
     assert "epoch 1:" in first.stdout
     write_params(workspace, attention={"mode": "full", "prompts": "paired"}, model={"image_size": 64}, train={"epochs": 2, "batch_size": 48})
-    second = stage("train", "--latents", "stages/latents-64", "--out", "full", cwd=workspace)
+    second = stage("train", "--latents", "stages/latents-64", "--out", "full", "--checkpoint", "full.pt", cwd=workspace)
     assert second.stdout.count("epoch 2:") == 1
     # epochs is part of the run's fingerprint: a changed param starts afresh instead of resuming stale state
     assert "resuming" not in second.stdout
@@ -124,14 +124,14 @@ def test_full_mode_paired_trains_and_resumes(workspace):
 
 def test_resume_after_interruption(workspace, tmp_path):
     write_params(workspace, train={"epochs": 2})
-    stage("train", "--out", "resumable", cwd=workspace)
-    checkpoint = workspace / "resumable/checkpoint.pt"
+    stage("train", "--out", "resumable", "--checkpoint", "resumable.pt", cwd=workspace)
+    checkpoint = workspace / "resumable.pt"
     import torch
 
     state = torch.load(checkpoint, weights_only=False)
     state["history"] = state["history"][:1]  # as if killed after epoch 1
     torch.save(state, checkpoint)
-    again = stage("train", "--out", "resumable", cwd=workspace)
+    again = stage("train", "--out", "resumable", "--checkpoint", "resumable.pt", cwd=workspace)
     assert "resuming after epoch 1" in again.stdout
     assert "epoch 1:" not in again.stdout and "epoch 2:" in again.stdout
 

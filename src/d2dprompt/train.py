@@ -30,7 +30,7 @@ from d2dprompt.outputs import atomic_file
 from d2dprompt.query_cache import QueryCache, compute_queries, open_queries
 from d2dprompt.segmenter import D2DSegmenter, build_segmenter, fixed_noise
 
-HISTORY_FILE, CHECKPOINT_FILE = "history.csv", "checkpoint.pt"
+HISTORY_FILE = "history.csv"
 
 
 def fingerprint(record: dict, latents_root: Path, datasets: list[str]) -> str:
@@ -103,7 +103,7 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
         writer.writerows(history)
 
 
-def run(cfg: Params, latents_root: Path, queries_root: Path, out: Path, log=None) -> list[dict[str, float]]:
+def run(cfg: Params, latents_root: Path, queries_root: Path, out: Path, checkpoint: Path, log=None) -> list[dict[str, float]]:
     """Train (resuming from a matching checkpoint) and write the outputs; returns the per-epoch history."""
     device = pick_device(cfg.model.device)
     record = config_record(cfg)
@@ -121,7 +121,6 @@ def run(cfg: Params, latents_root: Path, queries_root: Path, out: Path, log=None
     segmenter = build_segmenter(sd, cfg.prompt, cfg.attention, cfg.model).to(device)
     optimizer = torch.optim.Adam(segmenter.prompts.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
     history: list[dict[str, float]] = []
-    checkpoint = out / CHECKPOINT_FILE
     if checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         if state["fingerprint"] == run_id:
@@ -142,6 +141,7 @@ def run(cfg: Params, latents_root: Path, queries_root: Path, out: Path, log=None
         if log is not None:
             log.log_metrics({f"loss_{k}": v for k, v in losses.items()}, step=epoch + 1)
         state = {"fingerprint": run_id, "prompts": segmenter.prompts.state_dict(), "optimizer": optimizer.state_dict(), "history": history}
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(checkpoint) as tmp:
             torch.save(state, tmp)
     save_prompts(segmenter, record, out)
@@ -154,13 +154,16 @@ def main(
     latents: Path = typer.Option(Path("stages/latents"), help="latents stage output"),
     queries: Path = typer.Option(Path("stages/queries"), help="queries stage output (cached mode)"),
     out: Path = typer.Option(Path("stages/train"), help="where prompts and history go"),
+    checkpoint: Path = typer.Option(
+        Path("stages/checkpoints/train.pt"), help="per-epoch state; not a DVC output, so DVC never deletes it before a rerun"
+    ),
 ) -> None:
     from d2dprompt.tracking import start_run
 
     try:
         cfg = load_params(params)
         with start_run("train", flatten(cfg)) as log:
-            history = run(cfg, latents, queries, out, log)
+            history = run(cfg, latents, queries, out, checkpoint, log)
             if history:
                 log.log_metrics({f"final_loss_{k}": v for k, v in history[-1].items() if k != "epoch"})
             log.log_artifact(out / PROMPTS_FILE)
