@@ -6,7 +6,14 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from d2dprompt import metrics
-from d2dprompt.metrics import aupro, f1_max_threshold, image_metrics, label_regions, pixel_metrics, summarize
+from d2dprompt.metrics import (
+    aupro,
+    f1_max_threshold,
+    image_metrics,
+    label_regions,
+    pixel_metrics,
+    summarize,
+)
 
 
 def reference_aupro(masks, maps, fpr_limit):

@@ -60,7 +60,9 @@ def image_scores(maps: torch.Tensor, method: str = "max", top_percent: float = 1
 
 def finish_maps(latent_maps: torch.Tensor, map_size: int, sigma: float, score: str, top_percent: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent-size anomaly maps -> (maps at `map_size`, image scores): what evaluate and predict report."""
-    from d2dprompt.losses import image_score  # the training image term's score, used by `fused`
+    from d2dprompt.losses import (
+        image_score,  # the training image term's score, used by `fused`
+    )
 
     maps = to_image_size(latent_maps.float(), map_size, sigma)
     logits = image_score(latent_maps.float()) if score == "fused" else None

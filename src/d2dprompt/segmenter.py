@@ -12,7 +12,12 @@ import zlib
 import torch
 from torch import nn
 
-from d2dprompt.attention import EarlyExit, aggregate_maps, attention_probs, install_capture
+from d2dprompt.attention import (
+    EarlyExit,
+    aggregate_maps,
+    attention_probs,
+    install_capture,
+)
 from d2dprompt.models import FrozenSD
 from d2dprompt.prompts import PromptLearner
 

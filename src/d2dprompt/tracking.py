@@ -237,7 +237,11 @@ def start_run(
     """Open an MLflow run `<stage>-<DVC exp name>` with tags and params; closes it FINISHED or FAILED."""
     _quiet_mlflow()
     from mlflow import MlflowClient
-    from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+    from mlflow.utils.mlflow_tags import (
+        MLFLOW_SOURCE_NAME,
+        MLFLOW_SOURCE_TYPE,
+        MLFLOW_USER,
+    )
 
     uri = tracking_uri()
     with _store_init_lock(uri):

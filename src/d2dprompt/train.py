@@ -12,9 +12,9 @@ epoch lets an interrupted run resume with the same params.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,10 +23,15 @@ from tqdm import tqdm
 
 from d2dprompt.config import Params, ParamsError, flatten, load_params
 from d2dprompt.latent_store import training_set
-from d2dprompt.prompt_files import CONFIG_FILE, PROMPTS_FILE, config_record, save_prompts
 from d2dprompt.losses import LOSS_NAMES, total_loss
 from d2dprompt.models import autocast, load_frozen, pick_device
 from d2dprompt.outputs import atomic_file
+from d2dprompt.prompt_files import (
+    CONFIG_FILE,
+    PROMPTS_FILE,
+    config_record,
+    save_prompts,
+)
 from d2dprompt.query_cache import QueryCache, compute_queries, open_queries
 from d2dprompt.segmenter import D2DSegmenter, build_segmenter, fixed_noise
 
