@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from d2dprompt.losses import image_score  # the training image term's score, used by `fused`
+
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
     """1-D kernel truncated at 4 sigma (scipy.ndimage.gaussian_filter's default)."""
@@ -60,10 +62,6 @@ def image_scores(maps: torch.Tensor, method: str = "max", top_percent: float = 1
 
 def finish_maps(latent_maps: torch.Tensor, map_size: int, sigma: float, score: str, top_percent: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent-size anomaly maps -> (maps at `map_size`, image scores): what evaluate and predict report."""
-    from d2dprompt.losses import (
-        image_score,  # the training image term's score, used by `fused`
-    )
-
     maps = to_image_size(latent_maps.float(), map_size, sigma)
     logits = image_score(latent_maps.float()) if score == "fused" else None
     return maps, image_scores(maps, score, top_percent, logits)
