@@ -10,14 +10,18 @@ from d2dprompt import bench
 
 def test_tiny_run_writes_well_formed_rows(tmp_path):
     out = tmp_path / "bench.json"
-    args = ["--arch", "tiny", "--batch", "2", "--warmup", "1", "--steps", "1", "--modes", "full", "--prompts", "paired", "--json", str(out)]
-    result = CliRunner().invoke(bench.app, args)
+    args = ["--arch", "tiny", "--batch", "2", "--warmup", "1", "--steps", "1", "--modes", "full", "--prompts", "paired"]
+    threads = torch.get_num_threads()
+    try:  # one thread: on a busy machine two threads waiting for each other turn 2 s into 30 s
+        result = CliRunner().invoke(bench.app, [*args, "--threads", "1", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     labels = [row["label"] for row in report["rows"]]
     assert labels == ["train full+paired", "infer full+paired", "infer full+paired, no early exit"]
     for row in report["rows"]:
-        assert row["batch"] == 2 and row["steps"] == 1 and len(row["times_ms"]) == 1
+        assert row["batch"] == 2 and len(row["warmup_ms"]) == 1 and len(row["times_ms"]) == 1
         for key in ("step_ms", "images_per_s", "ratio"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["label"], key)
         assert math.isclose(row["images_per_s"], 2000 / row["step_ms"])
@@ -38,7 +42,7 @@ def test_blob_masks_mark_every_other_image_anomalous():
 
 def test_targets_compare_cached_with_full_paired_of_sd21():
     def row(kind, mode, prompts, ms, batch=8):
-        return bench.Row("sd21", kind, mode, prompts, True, batch, 1, 1, ms, batch * 1000 / ms, 100.0)
+        return bench.Row("sd21", kind, mode, prompts, True, batch, ms, batch * 1000 / ms, 100.0)
 
     rows = [row("train", "full", "paired", 1000.0), row("train", "cached", "paired", 40.0), row("train", "cached", "joint", 100.0)]
     bench.add_ratios(rows)
@@ -51,3 +55,18 @@ def test_targets_compare_cached_with_full_paired_of_sd21():
 def test_unknown_arch_is_rejected_by_name():
     with pytest.raises(bench.typer.BadParameter, match="--arch='sd15'"):
         bench._split("sd15", tuple(bench.ARCHS), "--arch")
+
+
+def test_gpu_targets_judge_memory_at_batch_8_and_latency_on_an_h100_only():
+    def row(kind, mode, prompts, ms, peak_mib, batch=8):
+        return bench.Row("sd21", kind, mode, prompts, True, batch, ms, batch * 1000 / ms, peak_mib)
+
+    rows = [row("train", "full", "paired", 800.0, 9000.0), row("train", "cached", "joint", 20.0, 2000.0), row("infer", "full", "joint", 240.0, 500.0)]
+    bench.add_ratios(rows)
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    h100 = bench.evaluate_targets(rows, cuda, "NVIDIA H100 80GB HBM3", "auto")
+    assert any(line.startswith("PASS") and "40.0x" in line for line in h100)
+    assert any(line.startswith("PASS") and "2.10 GB" in line for line in h100)  # 2000 MiB
+    assert any(line.startswith("FAIL") and "30.0 ms" in line for line in h100)  # 240 ms / 8 images
+    other = bench.evaluate_targets(rows, cuda, "NVIDIA A100-SXM4-80GB", "fp32")
+    assert sum(line.startswith("N.A.") for line in other) == 2  # fp32 is not mixed precision; not an H100
