@@ -24,6 +24,7 @@ test: env
 	$(RUN) python -m pytest -q
 
 bench: env
+	$(RUN) python -m d2dprompt.bench
 	$(RUN) python -m d2dprompt.bench_metrics
 
 clean:
