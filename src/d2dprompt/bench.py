@@ -32,19 +32,16 @@ from functools import partial
 
 import torch
 import typer
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tqdm import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from d2dprompt.attention import cross_attention_levels
 from d2dprompt.config import AttentionParams, ModelParams, PromptParams
 from d2dprompt.losses import total_loss
 from d2dprompt.models import (
     FrozenSD,
-    _freeze,
     autocast,
+    build_sd21_architecture,
     build_tiny,
-    bundled_clip_tokenizer,
     pick_device,
 )
 from d2dprompt.outputs import write_json
@@ -56,57 +53,6 @@ LOSS_WEIGHTS = {"focal": 1.0, "dice": 1.0, "image": 1.0}  # the default loss blo
 CACHED_SPEEDUP_TARGET = 20.0  # cached training vs full + paired at the same batch (sd21)
 CACHED_MEMORY_TARGET_GB = 3.0  # cached training at batch 8, mixed precision, beyond the frozen weights
 INFER_MS_TARGET = 20.0  # per image on an H100: the fast end of CLIP-based zero-shot detectors (16-155 ms)
-
-
-def build_sd21_architecture(seed: int = 0) -> FrozenSD:
-    """stabilityai/stable-diffusion-2-1-base's unet / text_encoder / vae configs with random weights."""
-    tokenizer = bundled_clip_tokenizer()
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=23,  # OpenCLIP ViT-H/14's 24 minus the last: SD 2 reads the penultimate layer
-            num_attention_heads=16,
-            hidden_act="gelu",
-            max_position_embeddings=77,
-            layer_norm_eps=1e-5,
-            projection_dim=512,
-            bos_token_id=0,  # the published config's legacy ids; only pooling reads them and we never pool
-            pad_token_id=1,
-            eos_token_id=2,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        attention_head_dim=(5, 10, 20, 20),  # diffusers reads these as head counts (64 channels each)
-        cross_attention_dim=1024,
-        use_linear_projection=True,
-        upcast_attention=False,  # 2.1-base (512 px) does not upcast; the 768 px 2.1 does
-        norm_num_groups=32,
-        norm_eps=1e-5,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=768,  # as published for 2.1-base (a config quirk that changes no layer)
-        scaling_factor=0.18215,
-    )
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    return _freeze(FrozenSD(tokenizer, text_encoder, unet, vae, scheduler))
 
 
 @dataclass(frozen=True)

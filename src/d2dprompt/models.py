@@ -124,6 +124,57 @@ def build_tiny(seed: int = 0) -> FrozenSD:
     return _freeze(FrozenSD(tokenizer, text_encoder, unet, vae, scheduler))
 
 
+def build_sd21_architecture(seed: int = 0) -> FrozenSD:
+    """stabilityai/stable-diffusion-2-1-base's unet / text_encoder / vae configs with random weights."""
+    tokenizer = bundled_clip_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,  # OpenCLIP ViT-H/14's 24 minus the last: SD 2 reads the penultimate layer
+            num_attention_heads=16,
+            hidden_act="gelu",
+            max_position_embeddings=77,
+            layer_norm_eps=1e-5,
+            projection_dim=512,
+            bos_token_id=0,  # the published config's legacy ids; only pooling reads them and we never pool
+            pad_token_id=1,
+            eos_token_id=2,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        attention_head_dim=(5, 10, 20, 20),  # diffusers reads these as head counts (64 channels each)
+        cross_attention_dim=1024,
+        use_linear_projection=True,
+        upcast_attention=False,  # 2.1-base (512 px) does not upcast; the 768 px 2.1 does
+        norm_num_groups=32,
+        norm_eps=1e-5,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=768,  # as published for 2.1-base (a config quirk that changes no layer)
+        scaling_factor=0.18215,
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    return _freeze(FrozenSD(tokenizer, text_encoder, unet, vae, scheduler))
+
+
 def save_tiny(folder: Path, seed: int = 0) -> Path:
     """Write the tiny stack as a diffusers folder, loadable by `load_frozen(folder)`."""
     sd = build_tiny(seed)
