@@ -45,3 +45,26 @@ def test_saved_diffusers_folder_loads_through_from_pretrained(tmp_path):
 def test_a_folder_without_unet_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a diffusers folder"):
         load_frozen(str(tmp_path))
+
+
+def test_hub_style_tokenizer_folder_loads_like_stable_diffusion_2(tmp_path):
+    """SD checkpoints ship vocab.json + merges.txt (no tokenizer.json); SD 2 pads with '!' (id 0)."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    from d2dprompt.models import _clip_vocab_and_merges
+    from d2dprompt.prompts import build_layout
+
+    vocab, merges = _clip_vocab_and_merges()
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    config = {"model_max_length": 77, "pad_token": "!", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "unk_token": "<|endoftext|>"}))
+    tok = CLIPTokenizer.from_pretrained(str(tmp_path), subfolder="tokenizer")
+    assert tok("a photo of a damaged object.").input_ids == bundled_clip_tokenizer()("a photo of a damaged object.").input_ids
+    ids = build_layout(tok, 12, "object", "damaged", joint=False).input_ids
+    end = int((ids[1] == tok.eos_token_id).nonzero()[0])
+    assert ids[1, end + 1 :].eq(0).all()  # padding with '!' as SD 2 does, not with the end token
