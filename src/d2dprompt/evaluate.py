@@ -29,7 +29,7 @@ from d2dprompt.outputs import atomic_dir, atomic_file, write_json
 from d2dprompt.prompt_files import load_segmenter
 from d2dprompt.report import markdown_table, write_grids, write_plot_data
 from d2dprompt.segmenter import D2DSegmenter, fixed_noise
-from d2dprompt.thresholds import Thresholds, binary_masks, f1_at, fit_f1_threshold
+from d2dprompt.thresholds import Thresholds, binary_masks, f1_at, fit_thresholds
 
 
 @torch.no_grad()
@@ -72,18 +72,15 @@ def validation_masks(packed: torch.Tensor, size: int) -> np.ndarray:
     return np.stack([resize_mask(m, size) for m in masks]) if masks.shape[-1] != size else masks
 
 
-def fit_thresholds(ev: EvaluateParams, labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, n_normal: int) -> Thresholds:
-    if ev.threshold == "fixed":
-        return Thresholds(ev.sensitivity, ev.sensitivity, "fixed evaluate.sensitivity")
-    if ev.threshold != "f1":
-        raise ParamsError(f"evaluate.threshold={ev.threshold!r}: expected f1 or fixed")
+def validation_thresholds(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray) -> Thresholds:
+    """F1-max image and pixel thresholds on the validation split, saying which rows they came from."""
     if labels.size == 0 or labels.min() == labels.max():
         raise ValueError("validation split holds one class only; raise latents.val_fraction or use evaluate.threshold=fixed")
     source = (
-        f"F1-max on the validation split ({n_normal} held-out normal training images + "
+        f"F1-max on the validation split ({int((labels == 0).sum())} held-out normal training images + "
         f"{int(labels.sum())} synthetic anomalies), never the test split"
     )
-    return Thresholds(fit_f1_threshold(labels, scores), fit_f1_threshold(masks, maps), source)
+    return fit_thresholds(labels, scores, masks, maps, source)
 
 
 def evaluate_dataset(segmenter: D2DSegmenter, latents_dir: Path, download_dir: Path, ev: EvaluateParams, noise_seed: int, device: torch.device, precision: str = "auto"):
@@ -93,6 +90,8 @@ def evaluate_dataset(segmenter: D2DSegmenter, latents_dir: Path, download_dir: P
     val = [i for i, r in enumerate(rows) if r.split == "val"]
     if not test:
         raise ValueError(f"{latents_dir}: no test images")
+    if ev.threshold not in ("f1", "fixed"):
+        raise ParamsError(f"evaluate.threshold={ev.threshold!r}: expected f1 or fixed")
     thresholds = Thresholds(ev.sensitivity, ev.sensitivity, "fixed evaluate.sensitivity")
     validation: dict[str, float] = {}
     if ev.threshold != "fixed":
@@ -102,7 +101,7 @@ def evaluate_dataset(segmenter: D2DSegmenter, latents_dir: Path, download_dir: P
         val_maps, val_scores = predict_maps(segmenter, tensors["latents"][val], [r.key for r in val_rows], noise_seed, ev, device, precision, "validation maps")
         val_masks = validation_masks(tensors["val_masks"], ev.map_size)
         val_labels = np.array([r.label for r in val_rows])
-        thresholds = fit_thresholds(ev, val_labels, val_scores, val_masks, val_maps, int((val_labels == 0).sum()))
+        thresholds = validation_thresholds(val_labels, val_scores, val_masks, val_maps)
         validation = {**image_metrics(val_labels, val_scores), "pixel_AUROC": pixel_metrics(val_masks, val_maps)["pixel_AUROC"]}
     test_rows = [rows[i] for i in test]
     maps, scores = predict_maps(segmenter, tensors["latents"][test], [r.key for r in test_rows], noise_seed, ev, device, precision, "test maps")
