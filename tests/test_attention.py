@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
-from d2dprompt.attention import aggregate_maps, cross_attention_levels, install_capture
+from d2dprompt.attention import aggregate_maps, attention_probs, cross_attention_levels, install_capture
 from d2dprompt.models import build_tiny
 
 
@@ -60,3 +60,13 @@ def test_aggregate_maps_is_the_abnormal_share():
     assert torch.allclose(maps["anomaly"], torch.full((1, 4, 4), 0.75), atol=1e-4)
     assert torch.allclose(maps["abnormal_mass"], torch.full((1, 4, 4), 0.6))
     assert maps["anomaly_levels"].shape == (1, 1, 4, 4)
+
+
+def test_attention_probs_stay_fp32_under_bf16_autocast():
+    gen = torch.Generator().manual_seed(0)
+    query, key = torch.randn(2, 4, 64, 32, generator=gen), torch.randn(1, 4, 77, 32, generator=gen)
+    reference = attention_probs(query, key, 32**-0.5)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        mixed = attention_probs(query, key, 32**-0.5)
+    assert mixed.dtype == torch.float32
+    assert (mixed - reference).abs().max() < 1e-5

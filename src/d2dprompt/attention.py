@@ -74,9 +74,15 @@ class CaptureProcessor:
 
 
 def attention_probs(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) in fp32: (B, heads, N, d) x (B or 1, heads, L, d) -> (B, heads, N, L)."""
-    logits = (query.float() @ key.float().transpose(-1, -2)) * scale
-    return logits.softmax(dim=-1)
+    """softmax(q k^T * scale) in fp32: (B, heads, N, d) x (B or 1, heads, L, d) -> (B, heads, N, L).
+
+    Autocast is switched off around the matmul: under an enabled autocast `.float()` alone would be
+    undone (the matmul runs in bf16 again) and the maps, which are the detector's output, would move
+    by several percent.
+    """
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        logits = (query.float() @ key.float().transpose(-1, -2)) * scale
+        return logits.softmax(dim=-1)
 
 
 _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^mid_block\.")
