@@ -34,10 +34,41 @@ def test_paired_layout_positions_come_from_the_tokenizer(tiny):
 
 def test_joint_layout_keeps_groups_apart(tiny):
     layout = build_layout(tiny.tokenizer, 12, "object", "damaged", joint=True)
-    assert layout.input_ids.shape[0] == 1
+    length = tiny.tokenizer.model_max_length
+    assert layout.input_ids.shape == (2, length)  # each prompt is still tokenized alone
+    assert layout.normal_tokens[0] == layout.abnormal_tokens[0] == 0
     normal, abnormal = set(layout.normal_tokens[1].tolist()), set(layout.abnormal_tokens[1].tolist())
-    assert normal and abnormal and not normal & abnormal
-    assert max(normal) < min(abnormal)
+    assert normal and abnormal and max(normal) < length <= min(abnormal)
+
+
+def test_joint_prompts_encode_each_prompt_as_paired_does(tiny):
+    """Joint differs from paired only in the UNet reading both prompts in one softmax."""
+    torch.manual_seed(0)
+    paired = PromptLearner(tiny.tokenizer, tiny.text_encoder, joint=False)
+    torch.manual_seed(0)
+    joint = PromptLearner(tiny.tokenizer, tiny.text_encoder, joint=True)
+    with torch.no_grad():
+        for p in paired.compound:  # deep prompts large enough that a wrong placement would show
+            p.normal_(0, 1)
+        joint.load_state_dict(paired.state_dict())
+        states_paired, states_joint = paired(tiny.text_encoder), joint(tiny.text_encoder)
+    length = tiny.tokenizer.model_max_length
+    assert states_joint.shape == (1, 2 * length, states_paired.shape[-1])
+    assert (states_joint[0, :length] - states_paired[0]).abs().max() < 1e-5
+    assert (states_joint[0, length:] - states_paired[1]).abs().max() < 1e-5
+
+
+def test_deep_prompts_reach_both_prompts(tiny):
+    learner = PromptLearner(tiny.tokenizer, tiny.text_encoder, joint=True)
+    with torch.no_grad():
+        before = learner(tiny.text_encoder)
+        learner.compound[-1].normal_(0, 1)  # the last deep prompt stays in place up to the output
+        after = learner(tiny.text_encoder)
+    length = tiny.tokenizer.model_max_length
+    abnormal_pos = learner.layout.abnormal_tokens[1]
+    assert (after[0, abnormal_pos] - before[0, abnormal_pos]).abs().max() > 1e-3
+    assert (after[0, learner.layout.normal_tokens[1]] - before[0, learner.layout.normal_tokens[1]]).abs().max() > 1e-3
+    assert abnormal_pos.min() >= length
 
 
 def test_learned_vectors_replace_the_placeholders(tiny):

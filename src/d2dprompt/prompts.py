@@ -2,11 +2,16 @@
 
 Two prompts, 'X X ... X object.' (normal) and 'X X ... X damaged object.' (abnormal); the embeddings of
 the `n_ctx` placeholder tokens are learned. Deep compound prompts (`t_n_ctx` learned vectors per layer)
-overwrite hidden-state tokens 1..t_n_ctx at text-encoder layers 1..depth-1. Token positions come from the
-tokenizer, widths and layer counts from the loaded config: nothing here assumes SD 1.5 or 2.1.
+overwrite hidden-state tokens 1..t_n_ctx at text-encoder layers 1..depth-1, in both prompts alike.
+Token positions come from the tokenizer, widths and layer counts from the loaded config: nothing here
+assumes SD 1.5 or 2.1.
 
-`prompts="joint"` puts both token groups in one sequence ('X..X object. X..X damaged object.') so one UNet
-pass serves both; `paired` keeps one sequence per prompt.
+Each prompt is always encoded as its own sequence, as AnomalyCLIP does: a causal text encoder would
+otherwise let the normal prompt shape the abnormal one, and deep prompts written at positions 1..t_n_ctx
+of a shared sequence would reach the first prompt only. The two layouts differ only in what the UNet
+reads: `paired` runs one UNet pass per prompt (two softmaxes over 77 tokens each), `joint`
+concatenates the two encoded sequences into one context of twice the length (cross-attention takes
+any context length), so one UNet pass and one softmax serve both prompts.
 """
 
 from __future__ import annotations
@@ -22,12 +27,19 @@ PLACEHOLDER = "X"  # one CLIP token; its positions mark where learned vectors go
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Where things sit in the tokenized prompt sequence(s), found by token id, never by string."""
+    """Where things sit, found by token id, never by string.
 
-    input_ids: torch.Tensor  # (S, L): S = 2 sequences when paired, 1 when joint
-    ctx_positions: tuple[torch.Tensor, torch.Tensor]  # normal, abnormal: (seq index, positions) of the X tokens
-    normal_tokens: tuple[int, torch.Tensor]  # (sequence, token positions) whose attention forms the normal map
+    input_ids is (2, L): row 0 the normal prompt, row 1 the abnormal one, each tokenized alone.
+    ctx_positions are the positions of the X tokens within each prompt's own row. normal_tokens /
+    abnormal_tokens are (sequence index, positions) in the context the UNet reads (`joint`: one
+    sequence of 2L tokens, the abnormal prompt from L on; `paired`: two sequences of L).
+    """
+
+    input_ids: torch.Tensor
+    ctx_positions: tuple[torch.Tensor, torch.Tensor]  # normal, abnormal: positions of the X tokens in their row
+    normal_tokens: tuple[int, torch.Tensor]  # content tokens (context + words) whose attention forms the normal map
     abnormal_tokens: tuple[int, torch.Tensor]
+    joint: bool
 
 
 def _ids(tokenizer: CLIPTokenizer, text: str) -> list[int]:
@@ -42,26 +54,20 @@ def build_layout(tokenizer: CLIPTokenizer, n_ctx: int, object_word: str, abnorma
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
-    def sequence(*bodies: list[int]) -> list[int]:
-        ids = [bos] + [t for body in bodies for t in body] + [eos]
+    def sequence(body: list[int]) -> list[int]:
+        ids = [bos] + body + [eos]
         if len(ids) > length:
-            raise ValueError(f"prompt.n_ctx={n_ctx}: prompts need {len(ids)} tokens, the tokenizer allows {length}")
+            raise ValueError(f"prompt.n_ctx={n_ctx}: a prompt needs {len(ids)} tokens, the tokenizer allows {length}")
         return ids + [pad] * (length - len(ids))
 
-    first = torch.arange(1, 1 + len(normal_body))
-    if joint:
-        second = torch.arange(1 + len(normal_body), 1 + len(normal_body) + len(abnormal_body))
-        ids = torch.tensor([sequence(normal_body, abnormal_body)])
-        normal_seq, abnormal_seq = 0, 0
-    else:
-        second = torch.arange(1, 1 + len(abnormal_body))
-        ids = torch.tensor([sequence(normal_body), sequence(abnormal_body)])
-        normal_seq, abnormal_seq = 0, 1
+    normal = torch.arange(1, 1 + len(normal_body))
+    abnormal = torch.arange(1, 1 + len(abnormal_body))
     return TokenLayout(
-        input_ids=ids,
-        ctx_positions=(first[:n_ctx], second[:n_ctx]),
-        normal_tokens=(normal_seq, first),
-        abnormal_tokens=(abnormal_seq, second),
+        input_ids=torch.tensor([sequence(normal_body), sequence(abnormal_body)]),
+        ctx_positions=(normal[:n_ctx], abnormal[:n_ctx]),
+        normal_tokens=(0, normal),
+        abnormal_tokens=(0, abnormal + length) if joint else (1, abnormal),
+        joint=joint,
     )
 
 
@@ -104,28 +110,33 @@ class PromptLearner(nn.Module):
 
     @property
     def joint(self) -> bool:
-        return self.input_ids.shape[0] == 1
+        return self.layout.joint
 
     def token_embeddings(self, text_encoder: CLIPTextModel) -> torch.Tensor:
-        """(S, L, D) input embeddings with the learned context vectors in place of the X tokens."""
+        """(2, L, D) input embeddings with the learned context vectors in place of the X tokens."""
         base = getattr(text_encoder, "text_model", text_encoder)
         embeds = base.embeddings.token_embedding(self.input_ids)
-        (normal_pos, abnormal_pos) = self.layout.ctx_positions
-        normal_seq, abnormal_seq = self.layout.normal_tokens[0], self.layout.abnormal_tokens[0]
-        embeds = embeds.index_put((torch.tensor(normal_seq), normal_pos.to(embeds.device)), self.ctx_normal.to(embeds.dtype))
-        embeds = embeds.index_put(
-            (torch.tensor(abnormal_seq), abnormal_pos.to(embeds.device)), self.ctx_abnormal.to(embeds.dtype)
-        )
-        return embeds
+        normal_pos, abnormal_pos = (p.to(embeds.device) for p in self.layout.ctx_positions)
+        embeds = embeds.index_put((torch.tensor(0), normal_pos), self.ctx_normal.to(embeds.dtype))
+        return embeds.index_put((torch.tensor(1), abnormal_pos), self.ctx_abnormal.to(embeds.dtype))
+
+    def encode_prompts(self, text_encoder: CLIPTextModel) -> torch.Tensor:
+        """(2, L, D): each prompt encoded on its own, with the same deep prompts."""
+        return encode(text_encoder, self.token_embeddings(text_encoder), list(self.compound), self.t_n_ctx)
 
     def forward(self, text_encoder: CLIPTextModel) -> torch.Tensor:
-        """Encoded prompts, (S, L, D): the encoder_hidden_states the UNet cross-attends to."""
-        return encode(text_encoder, self.token_embeddings(text_encoder), list(self.compound), self.t_n_ctx)
+        """The encoder_hidden_states the UNet cross-attends to: (2, L, D) paired, (1, 2L, D) joint."""
+        states = self.encode_prompts(text_encoder)
+        return states.reshape(1, -1, states.shape[-1]) if self.joint else states
 
 
 def encode(text_encoder: CLIPTextModel, embeds: torch.Tensor, compound: list[torch.Tensor], t_n_ctx: int) -> torch.Tensor:
-    """Run the frozen encoder layer by layer so compound prompts can overwrite tokens 1..t_n_ctx."""
-    base = getattr(text_encoder, "text_model", text_encoder)  # transformers 4.x nests it, 5.x does not
+    """Run the frozen encoder layer by layer so compound prompts can overwrite tokens 1..t_n_ctx.
+
+    Written for transformers 5 (pyproject pins >=5), whose CLIP encoder layer takes (hidden, additive
+    mask); 4.x layers need a separate causal-mask argument and are not supported.
+    """
+    base = getattr(text_encoder, "text_model", text_encoder)  # CLIPTextModel wraps the transformer; accept either
     hidden = base.embeddings(inputs_embeds=embeds)
     mask = causal_mask(hidden.shape[1], hidden.dtype, hidden.device)
     for index, layer in enumerate(base.encoder.layers):
