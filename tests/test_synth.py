@@ -90,11 +90,14 @@ def test_augment_texture_rejects_float_input():
         synth.augment_texture(np.zeros((8, 8, 3), np.float32), _rng(0))
 
 
+DRAEM = {"beta_range": (0.0, 0.8), "scale_max": 6, "threshold": 0.5}  # DRAEM's defaults
+
+
 def test_synthesize_is_deterministic_per_seed_and_differs_across_seeds():
     image, texture = _striped_image(), synth.procedural_texture((50, 70), _rng(9))
-    out_a, mask_a = synth.synthesize_anomaly(image, texture, _rng(11))
-    out_b, mask_b = synth.synthesize_anomaly(image, texture, _rng(11))
-    out_c, mask_c = synth.synthesize_anomaly(image, texture, _rng(12))
+    out_a, mask_a = synth.synthesize_anomaly(image, texture, _rng(11), **DRAEM)
+    out_b, mask_b = synth.synthesize_anomaly(image, texture, _rng(11), **DRAEM)
+    out_c, mask_c = synth.synthesize_anomaly(image, texture, _rng(12), **DRAEM)
     assert np.array_equal(out_a, out_b) and np.array_equal(mask_a, mask_b)
     assert not np.array_equal(mask_a, mask_c)
     assert not np.array_equal(out_a, out_c)
@@ -104,7 +107,7 @@ def test_synthesize_is_deterministic_per_seed_and_differs_across_seeds():
 def test_synthesize_changes_only_inside_mask(seed):
     image = _striped_image(61, 83)  # sizes no power of two divides
     texture = synth.procedural_texture((33, 150), _rng(100 + seed))
-    out, mask = synth.synthesize_anomaly(image, texture, _rng(seed), beta_range=(0.1, 0.3))
+    out, mask = synth.synthesize_anomaly(image, texture, _rng(seed), **{**DRAEM, "beta_range": (0.1, 0.3)})
     assert out.dtype == np.uint8 and out.shape == image.shape
     assert mask.dtype == bool and mask.shape == image.shape[:2] and mask.any()
     assert np.array_equal(out[~mask], image[~mask])
@@ -116,21 +119,45 @@ def test_synthesize_matches_draem_blend_without_augmentation():
     image = _striped_image(32, 32)
     texture = np.zeros((32, 32, 3), np.uint8)
     texture[..., 0] = 255
-    out, mask = synth.synthesize_anomaly(image, texture, _rng(2), beta_range=(0.25, 0.25), augment=False)
+    out, mask = synth.synthesize_anomaly(image, texture, _rng(2), **{**DRAEM, "beta_range": (0.25, 0.25)}, augment=False)
     expected = np.rint(0.75 * texture.astype(np.float32) + 0.25 * image.astype(np.float32)).astype(np.uint8)
     assert np.array_equal(out[mask], expected[mask])
 
 
-def test_synthesize_with_beta_one_leaves_image_unchanged():
-    image, texture = _striped_image(), synth.procedural_texture((96, 80), _rng(0))
-    out, mask = synth.synthesize_anomaly(image, texture, _rng(1), beta_range=(1.0, 1.0))
+@pytest.mark.parametrize("seed", range(6))
+def test_texture_keeps_at_least_its_draem_share(seed):
+    """beta weighs the image; with beta <= 0.8 every masked pixel moves >= 20 % of the way to the texture."""
+    image = _striped_image(48, 48)
+    texture = synth.procedural_texture((48, 48), _rng(50 + seed))
+    out, mask = synth.synthesize_anomaly(image, texture, _rng(seed), **DRAEM, augment=False)
+    moved = np.abs(out.astype(np.float32) - image.astype(np.float32))[mask]
+    needed = 0.2 * np.abs(texture.astype(np.float32) - image.astype(np.float32))[mask]
+    assert (moved >= needed - 0.5).all()  # 0.5: rounding to uint8
+
+
+@pytest.mark.parametrize("beta_range", [(1.0, 1.0), (0.5, 1.0), (0.5, 1.5), (0.6, 0.4)])
+def test_a_blend_that_can_hide_the_texture_is_refused(beta_range):
+    image = _striped_image()
+    with pytest.raises(ValueError, match="^beta_range"):
+        synth.synthesize_anomaly(image, image, _rng(0), **{**DRAEM, "beta_range": beta_range})
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_every_synthetic_defect_is_visible_inside_its_mask(seed):
+    image = _striped_image(64, 64)
+    out, mask = synth.synthesize_visible(image, lambda rng: synth.procedural_texture((64, 64), rng), (seed, 7), **DRAEM, min_change=8.0)
     assert mask.any()
-    assert np.array_equal(out, image)
+    assert synth.visible_change(image, out, mask) >= 8.0
+
+
+def test_an_invisible_draw_becomes_a_normal_row():
+    image = np.full((32, 32, 3), 128, np.uint8)
+    texture = lambda rng: synth.procedural_texture((32, 32), rng)  # noqa: E731
+    out, mask = synth.synthesize_visible(image, texture, (0,), **DRAEM, min_change=256.0)  # beyond any uint8 change
+    assert not mask.any() and np.array_equal(out, image)
 
 
 def test_synthesize_rejects_bad_inputs():
     image = _striped_image()
     with pytest.raises(ValueError, match="^image"):
-        synth.synthesize_anomaly(image[..., 0], image, _rng(0))
-    with pytest.raises(ValueError, match="^beta_range"):
-        synth.synthesize_anomaly(image, image, _rng(0), beta_range=(0.5, 1.5))
+        synth.synthesize_anomaly(image[..., 0], image, _rng(0), **DRAEM)

@@ -80,8 +80,9 @@ class LatentsParams:
     batch_size: int = 8  # images per VAE call
     synthetic_per_image: int = 2  # K synthetic anomalies made from each normal training image
     seed: int = 0  # synthetic anomalies are a pure function of this seed
-    beta_min: float = 0.1  # DRAEM's blend range for the anomaly-source texture
-    beta_max: float = 1.0
+    beta_min: float = 0.0  # DRAEM's beta ~ U(0, 0.8) weighs the image inside the mask; the texture keeps 1 - beta
+    beta_max: float = 0.8  # so at least 20 % texture (DRAEM's code)
+    min_change: float = 8.0  # mean grey-level change inside the mask a synthetic defect must reach, else redrawn
     perlin_scale_max: int = 6  # Perlin period 2**[0, max) per axis (DRAEM)
     perlin_threshold: float = 0.5  # Perlin noise above this becomes the anomaly mask (DRAEM)
     texture_dir: str | None = None  # folder of anomaly-source images (e.g. DTD); null = procedural textures

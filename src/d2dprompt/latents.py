@@ -2,7 +2,8 @@
 
 Encodes every prepared image with the frozen VAE (latent-distribution mean x the VAE's scaling factor)
 and, for each normal training image, `latents.synthetic_per_image` DRAEM-style synthetic anomalies
-(Perlin mask, anomaly-source texture blended with beta in [beta_min, beta_max], seeded). Per dataset it
+(Perlin mask, anomaly-source texture blended with DRAEM's beta in [beta_min, beta_max] weighing the
+image, redrawn until visible, seeded). Per dataset it
 writes `latents.safetensors` (latents fp16, masks fp16 at latent size as defect fraction per cell,
 labels, and bit-packed image-size masks of the validation rows) and `index.csv`, one row per latent.
 A seeded `latents.val_fraction` of each category's normal training images (with their synthetic
@@ -27,7 +28,7 @@ from d2dprompt.latent_store import LatentRow, write_index
 from d2dprompt.manifest import ManifestRow, read_manifest
 from d2dprompt.models import FrozenSD, load_frozen, pick_device
 from d2dprompt.outputs import atomic_dir
-from d2dprompt.synth import procedural_texture, synthesize_anomaly
+from d2dprompt.synth import procedural_texture, synthesize_visible
 
 TEXTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -63,25 +64,23 @@ def load_textures(folder: str | None) -> list[Path]:
 def synthetic_variants(
     image: np.ndarray, key: str, params: LatentsParams, textures: list[Path]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """K anomalies of one normal image; a pure function of (seed, image key, k)."""
-    out = []
-    for k in range(params.synthetic_per_image):
-        rng = np.random.default_rng([params.seed, zlib.crc32(key.encode()), k])
-        if textures:
-            texture = load_rgb(textures[rng.integers(len(textures))])
-        else:
-            texture = procedural_texture(image.shape[:2], rng)
-        out.append(
-            synthesize_anomaly(
-                image,
-                texture,
-                rng,
-                beta_range=(params.beta_min, params.beta_max),
-                scale_max=params.perlin_scale_max,
-                threshold=params.perlin_threshold,
-            )
+    """K anomalies of one normal image; a pure function of (seed, image key, k). An empty mask = no defect."""
+
+    def texture_for(rng: np.random.Generator) -> np.ndarray:
+        return load_rgb(textures[rng.integers(len(textures))]) if textures else procedural_texture(image.shape[:2], rng)
+
+    return [
+        synthesize_visible(
+            image,
+            texture_for,
+            (params.seed, zlib.crc32(key.encode()), k),
+            beta_range=(params.beta_min, params.beta_max),
+            scale_max=params.perlin_scale_max,
+            threshold=params.perlin_threshold,
+            min_change=params.min_change,
         )
-    return out
+        for k in range(params.synthetic_per_image)
+    ]
 
 
 def validation_images(rows: list[ManifestRow], fraction: float, seed: int) -> set[str]:
@@ -142,7 +141,9 @@ def encode_dataset(
         pending.append((image, mask, base))
         if row.split == "train" and row.label == 0:
             for k, (syn, syn_mask) in enumerate(synthetic_variants(image, row.image_path, params, textures)):
-                pending.append((syn, syn_mask, LatentRow(f"{row.image_path}#syn{k}", "synthetic", row.category, split, 1, "synthetic", row.image_path, "")))
+                label = int(syn_mask.any())  # no visible defect could be drawn: a normal row, not a mislabelled one
+                kind = "synthetic" if label else "good"
+                pending.append((syn, syn_mask, LatentRow(f"{row.image_path}#syn{k}", "synthetic", row.category, split, label, kind, row.image_path, "")))
         if len(pending) >= params.batch_size:
             flush()
     flush()

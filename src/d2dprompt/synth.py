@@ -8,14 +8,27 @@ A synthetic defect is a texture (a DTD image, or a procedural one when no
 texture folder is configured) photometrically augmented, then blended into a
 normal image inside a thresholded, rotated Perlin-noise mask:
 `out = image * (1 - m) + (1 - beta) * texture * m + beta * image * m`.
+beta is DRAEM's: the weight of the *image* inside the mask, drawn from
+`beta_range` with an upper bound below 1 (DRAEM's code: U(0, 0.8)), so the
+texture always keeps a share of at least 1 - beta_max.
+
+Design choice: a mask is a label only where the image changed. A draw whose
+mean absolute change inside the mask stays below `min_change` grey levels
+(a texture that happens to look like the image) is redrawn from the next seed;
+after REDRAWS such draws the image is returned unchanged with an empty mask, so
+the row is a normal one. Training and the validation split that fits the
+thresholds never see a "defect" that is not in the pixels.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+REDRAWS = 16  # invisible draws are rare (a texture close to the image); after this many the row becomes normal
 MASK_TRIES = 8  # resample the Perlin mask this often before falling back to an ellipse; empty draws are rare
 AUGMENTATIONS_PER_TEXTURE = 3  # DRAEM applies 3 random augmenters to each anomaly source
 
@@ -277,22 +290,23 @@ def synthesize_anomaly(
     image: np.ndarray,
     texture: np.ndarray,
     rng: np.random.Generator,
-    beta_range: tuple[float, float] = (0.1, 1.0),
-    scale_max: int = 6,
-    threshold: float = 0.5,
+    beta_range: tuple[float, float],
+    scale_max: int,
+    threshold: float,
     augment: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Blend `texture` into `image` inside a Perlin mask; returns (uint8 HxWx3 image, bool HxW mask).
 
     `texture` (any size) is resized to the image and, with `augment`, passed
-    through `augment_texture` as DRAEM does. beta ~ U(beta_range) is the share
-    of the original image kept inside the mask; pixels outside it are untouched.
+    through `augment_texture` as DRAEM does. beta ~ U(beta_range) weighs the
+    original image inside the mask, 1 - beta the texture; pixels outside it are
+    untouched. beta_range must lie in [0, 1): the texture never vanishes.
     """
     _check_rgb(image, "image")
     _check_rgb(texture, "texture")
     low, high = float(beta_range[0]), float(beta_range[1])
-    if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"beta_range: expected 0 <= low <= high <= 1, got {beta_range!r}")
+    if not 0.0 <= low <= high < 1.0:
+        raise ValueError(f"beta_range: expected 0 <= low <= high < 1 (the texture must keep a share), got {beta_range!r}")
     h, w = image.shape[:2]
     source = resize_rgb(texture, (h, w))
     if augment:
@@ -302,3 +316,33 @@ def synthesize_anomaly(
     blended = (np.float32(1.0) - beta) * source.astype(np.float32) + beta * image.astype(np.float32)
     blended = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     return np.where(mask[..., None], blended, image), mask
+
+
+def visible_change(image: np.ndarray, out: np.ndarray, mask: np.ndarray) -> float:
+    """Mean absolute change in grey levels (over mask pixels and channels); 0 for an empty mask."""
+    if not mask.any():
+        return 0.0
+    return float(np.abs(out.astype(np.int16) - image.astype(np.int16))[mask].mean())
+
+
+def synthesize_visible(
+    image: np.ndarray,
+    texture_for: Callable[[np.random.Generator], np.ndarray],
+    seed: Sequence[int],
+    beta_range: tuple[float, float],
+    scale_max: int,
+    threshold: float,
+    min_change: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic anomaly that changes the image by at least `min_change` inside its mask.
+
+    Draw `attempt` uses `np.random.default_rng([*seed, attempt])` for both the texture (`texture_for`)
+    and the blend, so the result is a pure function of `seed`. Returns (image, empty mask) when no
+    draw is visible: the caller labels that row normal.
+    """
+    for attempt in range(REDRAWS):
+        rng = np.random.default_rng([*seed, attempt])
+        out, mask = synthesize_anomaly(image, texture_for(rng), rng, beta_range, scale_max, threshold)
+        if visible_change(image, out, mask) >= min_change:
+            return out, mask
+    return image.copy(), np.zeros(image.shape[:2], dtype=bool)

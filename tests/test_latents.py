@@ -1,0 +1,26 @@
+"""The latents stage's core: synthetic rows carry a label only where the image visibly changed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from d2dprompt.config import LatentsParams
+from d2dprompt.latents import encode_dataset
+from d2dprompt.manifest import ManifestRow
+from tests.conftest import ROOT
+
+ROWS = [ManifestRow("sample", "tile", "train", 0, "good", f"tile/train/good/{i:03d}.png", "") for i in range(2)]
+
+
+@pytest.mark.parametrize("min_change, label", [(8.0, 1), (256.0, 0)])
+def test_synthetic_rows_are_labelled_by_what_is_visible(tiny, min_change, label):
+    params = dataclasses.replace(LatentsParams(), synthetic_per_image=2, val_fraction=0.0, min_change=min_change)
+    tensors, index = encode_dataset(tiny, ROOT / "sample", ROWS, 64, params, torch.device("cpu"), "test")
+    synthetic = [i for i, row in enumerate(index) if row.source == "synthetic"]
+    assert len(synthetic) == 4
+    for i in synthetic:
+        assert index[i].label == label and int(tensors["labels"][i]) == label
+        assert bool(tensors["masks"][i].any()) == bool(label)  # no mask without a label, no label without a mask
