@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import typer
 
-from d2dprompt.config import ParamsError, load_params
+from d2dprompt.config import Params, ParamsError, load_params
 from d2dprompt.latent_store import training_set
 from d2dprompt.models import load_frozen, pick_device
 from d2dprompt.outputs import atomic_dir
@@ -21,6 +21,24 @@ from d2dprompt.query_cache import compute_queries, save_queries
 from d2dprompt.segmenter import build_segmenter, fixed_noise
 
 MODES = ("full", "cached")
+
+
+def cache_queries(cfg: Params, latents: Path, out: Path) -> str:
+    """Write the query cache of `cfg`'s training rows to `out` (empty in full mode); returns a summary line."""
+    data_latents, _, _, keys = training_set(latents, cfg.train.datasets, cfg.train.supervision)
+    with atomic_dir(out) as tmp:
+        if cfg.attention.mode == "full":
+            save_queries({}, [], tmp)
+            return "attention.mode=full: no queries cached"
+        device = pick_device(cfg.model.device)
+        sd = load_frozen(cfg.model.pretrained, cfg.model.tiny_seed).to(device)
+        torch.manual_seed(cfg.train.seed)  # the same initial prompts as the train stage
+        segmenter = build_segmenter(sd, cfg.prompt, cfg.attention, cfg.model).to(device)
+        noise = fixed_noise(keys, tuple(data_latents.shape[1:]), cfg.model.noise_seed)
+        tensors = compute_queries(segmenter, data_latents, noise, cfg.train.batch_size, device)
+        save_queries(tensors, keys, tmp)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    return f"queries: {len(keys)} rows x {len(tensors)} layers, {size / len(keys) / 2**20:.2f} MiB per row"
 
 
 def main(
@@ -32,21 +50,7 @@ def main(
         cfg = load_params(params)
         if cfg.attention.mode not in MODES:
             raise ParamsError(f"attention.mode={cfg.attention.mode!r}: expected full or cached")
-        data_latents, _, _, keys = training_set(latents, cfg.train.datasets, cfg.train.supervision)
-        with atomic_dir(out) as tmp:
-            if cfg.attention.mode == "full":
-                save_queries({}, [], tmp)
-                typer.echo("attention.mode=full: no queries cached")
-                return
-            device = pick_device(cfg.model.device)
-            sd = load_frozen(cfg.model.pretrained, cfg.model.tiny_seed).to(device)
-            torch.manual_seed(cfg.train.seed)  # the same initial prompts as the train stage
-            segmenter = build_segmenter(sd, cfg.prompt, cfg.attention, cfg.model).to(device)
-            noise = fixed_noise(keys, tuple(data_latents.shape[1:]), cfg.model.noise_seed)
-            tensors = compute_queries(segmenter, data_latents, noise, cfg.train.batch_size, device)
-            save_queries(tensors, keys, tmp)
-            size = sum(t.numel() * t.element_size() for t in tensors.values())
-            typer.echo(f"queries: {len(keys)} rows x {len(tensors)} layers, {size / len(keys) / 2**20:.2f} MiB per row")
+        typer.echo(cache_queries(cfg, latents, out))
     except (ParamsError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None

@@ -5,15 +5,16 @@ cross-attention maps segment defects. Supervision (`train.supervision`): `synthe
 stage's Perlin anomalies plus the normal training images of `train.datasets`; `annotated` = the real
 defects and masks of the test split of auxiliary datasets (the zero-shot protocol: train on VisA,
 evaluate on MVTec AD, and vice versa). Writes `prompts.safetensors` (prompt parameters only),
-`prompts.json` (the config that produced them) and `history.csv` (per-epoch losses); a checkpoint per
-epoch lets an interrupted run resume with the same params.
+`prompts.json` (the config that produced them) and `history.csv` (per-epoch losses). A checkpoint per
+epoch (safetensors + JSON, see checkpoints.py) lets an interrupted run resume with the same params,
+data and code, bit for bit as if it had not stopped: in cached mode the prompts of the last query
+refresh are kept, so the resumed epochs read the same queries. A finished run deletes its checkpoint.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 import typer
 from tqdm import tqdm
 
+from d2dprompt.checkpoints import CheckpointError, TrainState, code_digest, fingerprint, load_state, save_state
 from d2dprompt.config import Params, ParamsError, flatten, load_params
 from d2dprompt.latent_store import training_set
 from d2dprompt.losses import LOSS_NAMES, total_loss
@@ -36,15 +38,6 @@ from d2dprompt.query_cache import QueryCache, compute_queries, open_queries
 from d2dprompt.segmenter import D2DSegmenter, build_segmenter, fixed_noise
 
 HISTORY_FILE = "history.csv"
-
-
-def fingerprint(record: dict, latents_root: Path, datasets: list[str]) -> str:
-    """Params + training data: a checkpoint resumes only a run with both unchanged."""
-    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode())
-    for name in datasets:
-        with (latents_root / name / "latents.safetensors").open("rb") as fh:
-            digest.update(hashlib.file_digest(fh, "sha256").digest())
-    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -108,11 +101,26 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
         writer.writerows(history)
 
 
-def run(cfg: Params, latents_root: Path, queries_root: Path, out: Path, checkpoint: Path, log=None) -> list[dict[str, float]]:
+def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def refreshed_queries(segmenter: D2DSegmenter, prompts: dict[str, torch.Tensor], data: Batches, cfg: Params, device: torch.device) -> QueryCache:
+    """The query cache as computed with `prompts`; the segmenter's own prompts are left as they were."""
+    current = _clone(segmenter.prompts.state_dict())
+    segmenter.prompts.load_state_dict(prompts)
+    try:
+        return QueryCache(compute_queries(segmenter, data.latents, data.noise, cfg.train.batch_size, device, "re-cache"))
+    finally:
+        segmenter.prompts.load_state_dict(current)
+
+
+def run(cfg: Params, latents_root: Path, queries_root: Path, out: Path, checkpoint: Path, log=None, code: str | None = None) -> list[dict[str, float]]:
     """Train (resuming from a matching checkpoint) and write the outputs; returns the per-epoch history."""
     device = pick_device(cfg.model.device)
     record = config_record(cfg)
-    run_id = fingerprint(record, latents_root, cfg.train.datasets)
+    data_files = [latents_root / name / "latents.safetensors" for name in cfg.train.datasets]
+    run_id = fingerprint(record, data_files, code if code is not None else code_digest())
     latents, masks, labels, keys = training_set(latents_root, cfg.train.datasets, cfg.train.supervision)
     noise = fixed_noise(keys, tuple(latents.shape[1:]), cfg.model.noise_seed)  # once, off the hot path
     if device.type == "cuda":  # the training rows fit on the GPU (MVTec AD at 512 px: ~0.7 GB): no loader to wait for
@@ -126,31 +134,34 @@ def run(cfg: Params, latents_root: Path, queries_root: Path, out: Path, checkpoi
     segmenter = build_segmenter(sd, cfg.prompt, cfg.attention, cfg.model).to(device)
     optimizer = torch.optim.Adam(segmenter.prompts.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
     history: list[dict[str, float]] = []
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["fingerprint"] == run_id:
-            segmenter.prompts.load_state_dict(state["prompts"])
-            optimizer.load_state_dict(state["optimizer"])
-            history = state["history"]
-            typer.echo(f"resuming after epoch {len(history)} from {checkpoint}")
+    refresh: dict[str, torch.Tensor] | None = None
+    state = load_state(checkpoint)
+    if state is not None and state.fingerprint == run_id:
+        segmenter.prompts.load_state_dict(state.prompts)
+        optimizer.load_state_dict(state.optimizer)
+        history, refresh = state.history, state.refresh_prompts
+        if queries is not None and refresh is not None:
+            queries = refreshed_queries(segmenter, refresh, data, cfg, device)
+        typer.echo(f"resuming after epoch {len(history)} from {checkpoint}")
+    elif state is not None:
+        typer.echo(f"{checkpoint}: left by a run with other params, data or code; training from scratch")
     out.mkdir(parents=True, exist_ok=True)
     for epoch in range(len(history), cfg.train.epochs):
         every = cfg.attention.recache_every
         if queries is not None and every and epoch and epoch % every == 0:
-            queries = QueryCache(compute_queries(segmenter, data.latents, data.noise, cfg.train.batch_size, device, "re-cache"))
+            refresh = _clone(segmenter.prompts.state_dict())
+            queries = refreshed_queries(segmenter, refresh, data, cfg, device)
         losses = train_epoch(segmenter, optimizer, data, cfg, epoch, device, queries)
         if queries is not None:
             losses["cache_drift"] = cache_drift(segmenter, data, queries, device)
         history.append({"epoch": epoch + 1, **losses})
+        save_state(TrainState(run_id, segmenter.prompts.state_dict(), optimizer.state_dict(), history, refresh), checkpoint)
         typer.echo(f"epoch {epoch + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
         if log is not None:
             log.log_metrics({f"loss_{k}": v for k, v in losses.items()}, step=epoch + 1)
-        state = {"fingerprint": run_id, "prompts": segmenter.prompts.state_dict(), "optimizer": optimizer.state_dict(), "history": history}
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(checkpoint) as tmp:
-            torch.save(state, tmp)
     save_prompts(segmenter, record, out)
     write_history(history, out / HISTORY_FILE)
+    shutil.rmtree(checkpoint, ignore_errors=True)  # finished: nothing for a later run to pick up
     return history
 
 
@@ -160,7 +171,7 @@ def main(
     queries: Path = typer.Option(Path("stages/queries"), help="queries stage output (cached mode)"),
     out: Path = typer.Option(Path("stages/train"), help="where prompts and history go"),
     checkpoint: Path = typer.Option(
-        Path("stages/checkpoints/train.pt"), help="per-epoch state; not a DVC output, so DVC never deletes it before a rerun"
+        Path("stages/checkpoints/train"), help="per-epoch state folder; not a DVC output, so DVC never deletes it before a rerun"
     ),
 ) -> None:
     from d2dprompt.tracking import start_run
@@ -173,7 +184,7 @@ def main(
                 log.log_metrics({f"final_loss_{k}": v for k, v in history[-1].items() if k != "epoch"})
             log.log_artifact(out / PROMPTS_FILE)
             log.log_artifact(out / CONFIG_FILE)
-    except (ParamsError, FileNotFoundError, ValueError) as err:
+    except (ParamsError, CheckpointError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
 

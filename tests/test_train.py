@@ -1,0 +1,145 @@
+"""Training checkpoints: resume bit for bit, never after a code change, never from a pickle."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from d2dprompt import checkpoints, train
+from d2dprompt.config import params_from_dict
+from d2dprompt.latent_store import write_index
+from d2dprompt.latents import encode_dataset
+from d2dprompt.manifest import scan_mvtec_layout
+from d2dprompt.queries import cache_queries
+from tests.conftest import ROOT
+
+EPOCHS = 4
+
+
+def config(mode: str):
+    return params_from_dict(
+        {
+            "download": {"categories": ["tile"]},
+            "model": {"image_size": 64},
+            "attention": {"mode": mode, "prompts": "joint", "recache_every": 2},
+            "latents": {"synthetic_per_image": 1},
+            "train": {"epochs": EPOCHS, "batch_size": 8},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def latents_root(tmp_path_factory, tiny) -> Path:
+    root = tmp_path_factory.mktemp("latents")
+    cfg = config("cached")
+    rows = scan_mvtec_layout(ROOT / "sample", "sample", ["tile"])
+    tensors, index = encode_dataset(tiny, ROOT / "sample", rows, 64, cfg.latents, torch.device("cpu"), "latents")
+    (root / "sample").mkdir()
+    save_file(tensors, root / "sample" / "latents.safetensors")
+    write_index(index, root / "sample" / "index.csv")
+    return root
+
+
+@pytest.fixture(scope="module")
+def queries_root(tmp_path_factory, latents_root) -> Path:
+    out = tmp_path_factory.mktemp("queries") / "queries"
+    cache_queries(config("cached"), latents_root, out)
+    return out
+
+
+class Kill(Exception):
+    """Stands for the process dying right after an epoch's checkpoint was written."""
+
+
+class KillAfter:
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def log_metrics(self, metrics, step=None):
+        if step == self.epoch:
+            raise Kill
+
+
+def trained(mode, latents_root, queries_root, out: Path, checkpoint: Path, kill_after: int | None = None, code: str = "v1"):
+    log = KillAfter(kill_after) if kill_after is not None else None
+    train.run(config(mode), latents_root, queries_root, out, checkpoint, log=log, code=code)
+    return load_file(out / "prompts.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, latents_root, queries_root):
+    results = {}
+    for mode in ("cached", "full"):
+        tmp = tmp_path_factory.mktemp(f"uninterrupted-{mode}")
+        results[mode] = trained(mode, latents_root, queries_root, tmp / "out", tmp / "ckpt")
+    return results
+
+
+@pytest.mark.parametrize("mode, kill_after", [("cached", 1), ("cached", 2), ("cached", 3), ("full", 3)])
+def test_a_killed_run_resumes_bit_for_bit(tmp_path, capsys, latents_root, queries_root, uninterrupted, mode, kill_after):
+    checkpoint = tmp_path / "ckpt"
+    with pytest.raises(Kill):
+        trained(mode, latents_root, queries_root, tmp_path / "out", checkpoint, kill_after=kill_after)
+    assert checkpoint.is_dir()
+    resumed = trained(mode, latents_root, queries_root, tmp_path / "out", checkpoint)
+    assert f"resuming after epoch {kill_after}" in capsys.readouterr().out
+    assert resumed.keys() == uninterrupted[mode].keys()
+    for name, value in resumed.items():
+        assert torch.equal(value, uninterrupted[mode][name]), name
+
+
+def test_a_finished_run_leaves_no_checkpoint(tmp_path, latents_root, queries_root):
+    trained("cached", latents_root, queries_root, tmp_path / "out", tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_code_change_trains_from_scratch(tmp_path, capsys, latents_root, queries_root, uninterrupted):
+    with pytest.raises(Kill):
+        trained("cached", latents_root, queries_root, tmp_path / "out", tmp_path / "ckpt", kill_after=1, code="v1")
+    # tamper with the stored prompts: resuming them would show in the result
+    state = checkpoints.load_state(tmp_path / "ckpt")
+    state.prompts = {k: v + 1 for k, v in state.prompts.items()}
+    checkpoints.save_state(state, tmp_path / "ckpt")
+    result = trained("cached", latents_root, queries_root, tmp_path / "out", tmp_path / "ckpt", code="v2")
+    assert "training from scratch" in capsys.readouterr().out
+    assert all(torch.equal(v, uninterrupted["cached"][k]) for k, v in result.items())
+
+
+def test_code_digest_follows_every_source_file(tmp_path):
+    package = tmp_path / "d2dprompt"
+    package.mkdir()
+    (package / "losses.py").write_text("CLAMP = 1e-6\n")
+    (package / "train.py").write_text("x = 1\n")
+    before = checkpoints.code_digest(package)
+    (package / "losses.py").write_text("CLAMP = 1e-5\n")
+    assert checkpoints.code_digest(package) != before
+    assert checkpoints.code_digest() == checkpoints.code_digest()  # the installed package: stable
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = Path(os.environ.get("TMPDIR", "/tmp")) / "d2dprompt-pickle-ran"
+
+
+@pytest.mark.parametrize("where", ["file", "state"])
+def test_a_pickle_at_the_checkpoint_path_is_refused_without_running(tmp_path, latents_root, queries_root, where):
+    MARKER.unlink(missing_ok=True)
+    checkpoint = tmp_path / "ckpt"
+    if where == "file":  # the old single-file location, or any file placed at the path
+        checkpoint.write_bytes(pickle.dumps(Exploit()))
+    else:  # a pickle posing as the tensor file inside the folder
+        checkpoint.mkdir()
+        (checkpoint / checkpoints.STATE_TENSORS).write_bytes(pickle.dumps(Exploit()))
+        (checkpoint / checkpoints.STATE_JSON).write_text("{}")
+    with pytest.raises(checkpoints.CheckpointError, match="remove it to train from scratch"):
+        trained("cached", latents_root, queries_root, tmp_path / "out", checkpoint)
+    assert not MARKER.exists()
+    assert not (tmp_path / "out" / "prompts.safetensors").exists()
