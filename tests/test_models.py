@@ -68,3 +68,22 @@ def test_hub_style_tokenizer_folder_loads_like_stable_diffusion_2(tmp_path):
     ids = build_layout(tok, 12, "object", "damaged", joint=False).input_ids
     end = int((ids[1] == tok.eos_token_id).nonzero()[0])
     assert ids[1, end + 1 :].eq(0).all()  # padding with '!' as SD 2 does, not with the end token
+
+
+@pytest.mark.parametrize("prompts", ["joint", "paired"])
+def test_an_fp16_checkpoint_loads_in_fp32_and_runs_both_modes(tmp_path, prompts):
+    from d2dprompt.config import params_from_dict
+    from d2dprompt.segmenter import build_segmenter
+
+    loaded = load_frozen(str(save_tiny(tmp_path / "sd16", seed=0, dtype=torch.float16)))
+    for module in (loaded.text_encoder, loaded.unet, loaded.vae):
+        assert {p.dtype for p in module.parameters()} == {torch.float32}
+    cfg = params_from_dict({"attention": {"prompts": prompts, "levels": [0, 1]}})
+    torch.manual_seed(0)
+    segmenter = build_segmenter(loaded, cfg.prompt, cfg.attention, cfg.model)
+    latents, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    full = segmenter(latents, noise)["anomaly"]
+    cached = segmenter.forward_cached(segmenter.compute_queries(latents, noise), (16, 16))["anomaly"]
+    assert torch.allclose(full, cached, atol=1e-6)
+    full.sum().backward()  # gradients reach the prompts through fp32 weights
+    assert all(p.grad is not None for p in segmenter.prompts.parameters())

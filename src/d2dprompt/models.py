@@ -175,34 +175,43 @@ def build_sd21_architecture(seed: int = 0) -> FrozenSD:
     return _freeze(FrozenSD(tokenizer, text_encoder, unet, vae, scheduler))
 
 
-def save_tiny(folder: Path, seed: int = 0) -> Path:
-    """Write the tiny stack as a diffusers folder, loadable by `load_frozen(folder)`."""
+def save_tiny(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the tiny stack as a diffusers folder in `dtype`, loadable by `load_frozen(folder)`."""
     sd = build_tiny(seed)
     folder = Path(folder)
     sd.tokenizer.save_pretrained(folder / "tokenizer")
-    sd.text_encoder.save_pretrained(folder / "text_encoder")
-    sd.unet.save_pretrained(folder / "unet")
-    sd.vae.save_pretrained(folder / "vae")
+    sd.text_encoder.to(dtype).save_pretrained(folder / "text_encoder")
+    sd.unet.to(dtype).save_pretrained(folder / "unet")
+    sd.vae.to(dtype).save_pretrained(folder / "vae")
     sd.scheduler.save_pretrained(folder / "scheduler")
     return folder
 
 
+WEIGHTS_DTYPE = torch.float32  # frozen weights stay fp32 whatever a checkpoint was saved in; autocast does mixed precision
+
+
 def load_frozen(pretrained: str, tiny_seed: int = 0) -> FrozenSD:
-    """`tiny`, a hub id (e.g. stabilityai/stable-diffusion-2-1-base) or a local diffusers folder."""
+    """`tiny`, a hub id (e.g. stabilityai/stable-diffusion-2-1-base) or a local diffusers folder.
+
+    Every component loads in WEIGHTS_DTYPE: transformers and diffusers would otherwise keep the dtype a
+    checkpoint was saved in (fp16 for most published SD weights), and text encoder, UNet and cached
+    queries would meet in different dtypes.
+    """
     if pretrained == TINY:
         return build_tiny(tiny_seed)
     local = Path(pretrained)
     if local.exists() and not (local / "unet").is_dir():
         raise FileNotFoundError(f"{pretrained}: not a diffusers folder (no unet/ subfolder)")
-    return _freeze(
-        FrozenSD(
-            tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder"),
-            unet=UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet"),
-            vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae"),
-            scheduler=DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler"),
-        )
+    sd = FrozenSD(
+        tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer"),
+        text_encoder=CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", dtype=WEIGHTS_DTYPE),
+        unet=UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", torch_dtype=WEIGHTS_DTYPE),
+        vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae", torch_dtype=WEIGHTS_DTYPE),
+        scheduler=DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler"),
     )
+    for module in (sd.text_encoder, sd.unet, sd.vae):
+        module.to(WEIGHTS_DTYPE)  # a no-op unless a loader ignored the dtype it was given
+    return _freeze(sd)
 
 
 def _freeze(sd: FrozenSD) -> FrozenSD:
