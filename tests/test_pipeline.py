@@ -67,13 +67,20 @@ def test_download_and_latents_outputs(workspace):
     assert (workspace / "stages/queries/queries.safetensors").is_file()
 
 
-def test_training_beats_untrained_prompts_and_writes_every_metric(workspace):
-    write_params(workspace, train={"epochs": 0})
-    stage("train", "--out", "untrained", cwd=workspace)
+@pytest.fixture(scope="module")
+def trained(workspace) -> Path:
+    """Prompts trained 4 epochs, evaluated into metrics-trained/ and stages/evaluate-trained/."""
     write_params(workspace, train={"epochs": 4})
     stage("train", "--out", "trained", cwd=workspace)
+    pixel_auroc(workspace, "trained", "metrics-trained")
+    return workspace / "trained"
+
+
+def test_training_beats_untrained_prompts_and_writes_every_metric(workspace, trained):
+    write_params(workspace, train={"untrained": True})
+    stage("train", "--out", "untrained", cwd=workspace)
     before = pixel_auroc(workspace, "untrained", "metrics-untrained")
-    after = pixel_auroc(workspace, "trained", "metrics-trained")
+    after = json.loads((workspace / "metrics-trained/sample.json").read_text())
     categories = {k: v for k, v in after.items() if k not in ("thresholds", "validation")}
     assert set(categories) == {"disc", "tile", "weave", "mean"}
     for values in categories.values():
@@ -90,11 +97,25 @@ def test_training_beats_untrained_prompts_and_writes_every_metric(workspace):
     assert {"image_roc.csv", "pixel_roc.csv", "image_pr.csv", "pixel_pr.csv", "bars_pixel_AUROC.csv"} <= plots
 
 
-def test_mlflow_holds_train_and_evaluate_runs(workspace):
+def test_predict_scores_a_test_image_as_evaluate_did(workspace, trained):
+    import csv
+
+    with (workspace / "stages/evaluate-trained/sample/scores.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    write_params(workspace, train={"epochs": 4})  # the evaluate block the scores were computed with
+    for row in (rows[0], next(r for r in rows if r["label"] == "1")):
+        image = workspace / "stages/download/sample" / row["image_path"]
+        renamed = workspace / "elsewhere" / "renamed.png"  # another path and name: the score may not change
+        renamed.parent.mkdir(exist_ok=True)
+        shutil.copy(image, renamed)
+        stage("predict", str(renamed), "--prompts", "trained", "--out", "predict-one", cwd=workspace)
+        (record,) = [json.loads(line) for line in (workspace / "predict-one/predictions.jsonl").read_text().splitlines()]
+        assert abs(record["score"] - float(row["score"])) < 1e-5, (row, record["score"])
+
+
+def test_mlflow_holds_train_and_evaluate_runs(workspace, trained):
     from mlflow import MlflowClient
 
-    if not (workspace / "trained").is_dir():
-        pytest.skip("needs the training test")
     client = MlflowClient(tracking_uri=os.environ["D2D_MLFLOW_URI"])
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     stages = {run.data.tags.get("stage") for run in runs}
@@ -113,27 +134,12 @@ def test_full_mode_paired_trains_and_resumes(workspace):
     write_params(workspace, attention={"mode": "full", "prompts": "paired"}, model={"image_size": 64}, train={"epochs": 1, "batch_size": 48})
     shutil.rmtree(workspace / "stages/latents-64", ignore_errors=True)
     stage("latents", "--out", "stages/latents-64", cwd=workspace)
-    first = stage("train", "--latents", "stages/latents-64", "--out", "full", "--checkpoint", "full.pt", cwd=workspace)
+    first = stage("train", "--latents", "stages/latents-64", "--out", "full", "--checkpoint", "full-ckpt", cwd=workspace)
     assert "epoch 1:" in first.stdout
+    assert not (workspace / "full-ckpt").exists()  # a finished run leaves nothing to resume
     write_params(workspace, attention={"mode": "full", "prompts": "paired"}, model={"image_size": 64}, train={"epochs": 2, "batch_size": 48})
-    second = stage("train", "--latents", "stages/latents-64", "--out", "full", "--checkpoint", "full.pt", cwd=workspace)
-    assert second.stdout.count("epoch 2:") == 1
-    # epochs is part of the run's fingerprint: a changed param starts afresh instead of resuming stale state
-    assert "resuming" not in second.stdout
-
-
-def test_resume_after_interruption(workspace, tmp_path):
-    write_params(workspace, train={"epochs": 2})
-    stage("train", "--out", "resumable", "--checkpoint", "resumable.pt", cwd=workspace)
-    checkpoint = workspace / "resumable.pt"
-    import torch
-
-    state = torch.load(checkpoint, weights_only=False)
-    state["history"] = state["history"][:1]  # as if killed after epoch 1
-    torch.save(state, checkpoint)
-    again = stage("train", "--out", "resumable", "--checkpoint", "resumable.pt", cwd=workspace)
-    assert "resuming after epoch 1" in again.stdout
-    assert "epoch 1:" not in again.stdout and "epoch 2:" in again.stdout
+    second = stage("train", "--latents", "stages/latents-64", "--out", "full", "--checkpoint", "full-ckpt", cwd=workspace)
+    assert second.stdout.count("epoch 2:") == 1 and "resuming" not in second.stdout
 
 
 def test_unknown_params_key_stops_every_stage_with_one_line(workspace, tmp_path):

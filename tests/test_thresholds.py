@@ -8,6 +8,7 @@ from d2dprompt.thresholds import (
     binary_masks,
     f1_at,
     fit_f1_threshold,
+    fit_pixel_threshold,
     fit_thresholds,
     image_labels_from,
     sensitivity_threshold,
@@ -82,9 +83,31 @@ def test_fit_thresholds_records_its_source():
     scores = np.array([0.1, 0.4, 0.35, 0.8, 0.9])
     masks = rng.random((3, 6, 6)) < 0.2
     maps = masks + 0.5 * rng.random((3, 6, 6))
-    result = fit_thresholds(labels, scores, masks, maps, source="f1-max on validation")
+    result = fit_thresholds(labels, scores, masks, maps, source="f1-max on validation", opening_kernel=0, min_area=0)
     assert result == Thresholds(image=0.35, pixel=result.pixel, source="f1-max on validation")
     assert f1_at(masks, maps >= result.pixel) == 1.0  # the maps separate the masks perfectly
+
+
+def test_pixel_threshold_is_fitted_on_the_post_processed_masks():
+    """A defect whose core is a checkerboard of high values on a lower plateau, and isolated specks.
+
+    On raw maps the high checkerboard alone is F1-optimal; opening erases a checkerboard, so applied
+    after opening that threshold finds nothing. Fitted on the opened masks, the plateau wins.
+    """
+    maps = np.full((2, 32, 32), 0.1)
+    masks = np.zeros((2, 32, 32), bool)
+    masks[:, 8:16, 8:16] = True
+    maps[masks] = 0.4
+    yy, xx = np.mgrid[8:16, 8:16]
+    maps[:, yy[(yy + xx) % 2 == 0], xx[(yy + xx) % 2 == 0]] = 0.7
+    rng = np.random.default_rng(0)
+    specks = rng.choice(np.flatnonzero(~masks[0].ravel() & (np.arange(1024) % 2 == 0)), 150, replace=False)
+    maps.reshape(2, -1)[:, specks] = 0.5
+    raw = fit_f1_threshold(masks, maps)
+    assert f1_at(masks, binary_masks(maps, raw, 3, 4)) == 0.0  # what fitting on raw maps gave
+    fitted = fit_pixel_threshold(masks, maps, opening_kernel=3, min_area=4)
+    assert f1_at(masks, binary_masks(maps, fitted, 3, 4)) == 1.0
+    assert fit_pixel_threshold(masks, maps, opening_kernel=0, min_area=0) == raw  # no post-processing: exact raw F1-max
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -203,7 +203,7 @@ def bench_arch(name: str, sd: FrozenSD, cfg: Settings, device: torch.device) -> 
     side = cfg.image_size // sd.vae_scale
     gen = torch.Generator().manual_seed(cfg.seed)
     latents = torch.randn(cfg.batch, sd.unet.config.in_channels, side, side, generator=gen).to(device)
-    noise = fixed_noise([f"bench{i}" for i in range(cfg.batch)], tuple(latents.shape[1:]), cfg.seed).to(device)
+    noise = fixed_noise(cfg.batch, tuple(latents.shape[1:]), cfg.seed).to(device)
     masks, labels = (t.to(device) for t in blob_masks(cfg.batch, side, cfg.seed))
     level_of = cross_attention_levels(sd.unet)
     layers = list(level_of)

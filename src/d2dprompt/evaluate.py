@@ -5,55 +5,42 @@ Frozen model + learned prompts on a dataset's test split. Maps: latent-size anom
 `metrics/<dataset>.json` (image_AUROC, image_AP, image_F1Max, pixel_AUROC, pixel_AP, pixel_AUPRO, and
 image_F1 / pixel_F1 at thresholds fitted on the validation split, per category and their mean, plus
 the validation split's own image metrics and pixel_AUROC),
-`metrics/<dataset>.md` (the same as a table), and under `<out>/<dataset>/`: thresholds.json, DVC plot
-data (ROC / PR curves, per-category bars) and one PNG grid per category of best and worst cases.
+`metrics/<dataset>.md` (the same as a table), and under `<out>/<dataset>/`: thresholds.json, scores.csv
+(each test image's score and decision), DVC plot data (ROC / PR curves, per-category bars) and one PNG grid per category of best and worst cases.
 """
 
 from __future__ import annotations
 
+import csv
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import typer
-from tqdm import tqdm
 
 from d2dprompt.config import EvaluateParams, ParamsError, flatten, load_params
 from d2dprompt.images import ImageError, load_mask, load_rgb, resize_mask
 from d2dprompt.latent_store import LatentRow, read_latents
-from d2dprompt.maps import finish_maps
+from d2dprompt.inference import anomaly_maps
 from d2dprompt.metrics import image_metrics, pixel_metrics, summarize
-from d2dprompt.models import autocast, pick_device
+from d2dprompt.models import pick_device
 from d2dprompt.outputs import atomic_dir, atomic_file, write_json
 from d2dprompt.prompt_files import load_segmenter
 from d2dprompt.report import markdown_table, write_grids, write_plot_data
-from d2dprompt.segmenter import D2DSegmenter, fixed_noise
+from d2dprompt.segmenter import D2DSegmenter
 from d2dprompt.thresholds import Thresholds, binary_masks, f1_at, fit_thresholds
 
 
-@torch.no_grad()
-def predict_maps(
-    segmenter: D2DSegmenter,
-    latents: torch.Tensor,
-    keys: list[str],
-    noise_seed: int,
-    ev: EvaluateParams,
-    device: torch.device,
-    precision: str = "auto",
-    desc: str = "maps",
-) -> tuple[np.ndarray, np.ndarray]:
-    """(N, map_size, map_size) float32 maps and (N,) image scores, in batches of `ev.batch_size`."""
-    maps, scores = [], []
-    for start in tqdm(range(0, len(keys), ev.batch_size), desc=desc, unit="batch"):
-        batch = latents[start : start + ev.batch_size].float().to(device)
-        noise = fixed_noise(keys[start : start + ev.batch_size], tuple(batch.shape[1:]), noise_seed).to(device)
-        with autocast(device, precision):
-            latent_map = segmenter(batch, noise)["anomaly"]
-        full, score = finish_maps(latent_map, ev.map_size, ev.sigma, ev.score, ev.top_percent)
-        maps.append(full.cpu())
-        scores.append(score.cpu())
-    return torch.cat(maps).numpy(), torch.cat(scores).numpy()
+SCORES_FILE = "scores.csv"  # one row per test image: what predict must reproduce for the same image
+
+
+def write_scores(path: Path, rows: list[LatentRow], labels: np.ndarray, scores: np.ndarray, threshold: float) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image_path", "category", "defect_type", "label", "score", "predicted"])
+        for row, label, score in zip(rows, labels.tolist(), scores.tolist()):
+            writer.writerow([row.image_path, row.category, row.defect_type, label, repr(float(score)), int(score >= threshold)])
 
 
 def ground_truth(root: Path, rows: list[LatentRow], size: int) -> np.ndarray:
@@ -72,7 +59,7 @@ def validation_masks(packed: torch.Tensor, size: int) -> np.ndarray:
     return np.stack([resize_mask(m, size) for m in masks]) if masks.shape[-1] != size else masks
 
 
-def validation_thresholds(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray) -> Thresholds:
+def validation_thresholds(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, ev: EvaluateParams) -> Thresholds:
     """F1-max image and pixel thresholds on the validation split, saying which rows they came from."""
     if labels.size == 0 or labels.min() == labels.max():
         raise ValueError("validation split holds one class only; raise latents.val_fraction or use evaluate.threshold=fixed")
@@ -80,7 +67,7 @@ def validation_thresholds(labels: np.ndarray, scores: np.ndarray, masks: np.ndar
         f"F1-max on the validation split ({int((labels == 0).sum())} held-out normal training images + "
         f"{int(labels.sum())} synthetic anomalies), never the test split"
     )
-    return fit_thresholds(labels, scores, masks, maps, source)
+    return fit_thresholds(labels, scores, masks, maps, source, ev.opening_kernel, ev.min_area)
 
 
 def evaluate_dataset(segmenter: D2DSegmenter, latents_dir: Path, download_dir: Path, ev: EvaluateParams, noise_seed: int, device: torch.device, precision: str = "auto"):
@@ -98,13 +85,13 @@ def evaluate_dataset(segmenter: D2DSegmenter, latents_dir: Path, download_dir: P
         if not val:
             raise ValueError(f"{latents_dir}: no validation rows; set latents.val_fraction > 0 or evaluate.threshold=fixed")
         val_rows = [rows[i] for i in val]
-        val_maps, val_scores = predict_maps(segmenter, tensors["latents"][val], [r.key for r in val_rows], noise_seed, ev, device, precision, "validation maps")
+        val_maps, val_scores = anomaly_maps(segmenter, tensors["latents"][val], noise_seed, ev, device, precision, "validation maps")
         val_masks = validation_masks(tensors["val_masks"], ev.map_size)
         val_labels = np.array([r.label for r in val_rows])
-        thresholds = validation_thresholds(val_labels, val_scores, val_masks, val_maps)
+        thresholds = validation_thresholds(val_labels, val_scores, val_masks, val_maps, ev)
         validation = {**image_metrics(val_labels, val_scores), "pixel_AUROC": pixel_metrics(val_masks, val_maps)["pixel_AUROC"]}
     test_rows = [rows[i] for i in test]
-    maps, scores = predict_maps(segmenter, tensors["latents"][test], [r.key for r in test_rows], noise_seed, ev, device, precision, "test maps")
+    maps, scores = anomaly_maps(segmenter, tensors["latents"][test], noise_seed, ev, device, precision, "test maps")
     masks = ground_truth(download_dir, test_rows, ev.map_size)
     labels = np.array([r.label for r in test_rows])
     predicted = binary_masks(maps, thresholds.pixel, ev.opening_kernel, ev.min_area)
@@ -145,6 +132,7 @@ def main(
             threshold_record = {**asdict(thresholds), "score": ev.score, "top_percent": ev.top_percent, "map_size": ev.map_size, "sigma": ev.sigma}
             with atomic_dir(out / dataset) as tmp:
                 write_json(tmp / "thresholds.json", threshold_record)
+                write_scores(tmp / SCORES_FILE, details["rows"], details["labels"], details["scores"], thresholds.image)
                 write_plot_data(tmp / "plots", details["labels"], details["scores"], details["masks"], details["maps"], summary)
                 write_grids(tmp / "grids", downloads / dataset, details["rows"], details["maps"], details["masks"], details["predicted"], details["scores"], details["labels"], ev.grid_cases)
             # `validation` (synthetic anomalies on held-out normal images) is where choices such as

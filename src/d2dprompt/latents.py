@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from d2dprompt.config import LatentsParams, ParamsError, load_params
 from d2dprompt.images import ImageError, load_mask, load_rgb, resize_mask, resize_rgb
-from d2dprompt.latent_store import LatentRow, write_index
+from d2dprompt.latent_store import LATENT_DTYPE, LatentRow, write_index
 from d2dprompt.manifest import ManifestRow, read_manifest
 from d2dprompt.models import FrozenSD, load_frozen, pick_device
 from d2dprompt.outputs import atomic_dir
@@ -120,7 +120,7 @@ def encode_dataset(
     def flush() -> None:
         if pending:
             val_masks.extend(np.packbits(p[1], axis=-1) for p in pending if p[2].split == "val")
-            latents.append(encode(sd, [p[0] for p in pending], device).half().contiguous())
+            latents.append(encode(sd, [p[0] for p in pending], device).to(LATENT_DTYPE).contiguous())
             masks.append(mask_to_latent([p[1] for p in pending], latent_hw).half().contiguous())
             labels.extend(p[2].label for p in pending)
             index.extend(p[2] for p in pending)

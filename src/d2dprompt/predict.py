@@ -27,13 +27,12 @@ from tqdm import tqdm
 
 from d2dprompt.config import EvaluateParams, ParamsError, load_params
 from d2dprompt.images import ImageError, load_rgb, resize_rgb
-from d2dprompt.latents import encode
-from d2dprompt.maps import finish_maps
+from d2dprompt.inference import anomaly_maps, encode_images
 from d2dprompt.models import pick_device
 from d2dprompt.outputs import atomic_file
 from d2dprompt.prompt_files import load_segmenter
 from d2dprompt.report import jet
-from d2dprompt.segmenter import D2DSegmenter, fixed_noise
+from d2dprompt.segmenter import D2DSegmenter
 from d2dprompt.thresholds import Thresholds, binary_masks
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}  # what Pillow decodes and datasets ship
@@ -51,7 +50,7 @@ class ThresholdsError(ValueError):
 @dataclass(frozen=True)
 class InputImage:
     path: Path
-    key: str  # path relative to the input root (posix): the noise key and the output stem
+    key: str  # path relative to the input root (posix): the output stem
 
 
 def read_thresholds_file(path: Path, ev: EvaluateParams) -> dict:
@@ -124,15 +123,12 @@ def output_stems(keys: list[str]) -> dict[str, str]:
     return {key: stem if counts[stem] == 1 else key for key, stem in stems.items()}
 
 
-@torch.no_grad()
 def predict_batch(
-    segmenter: D2DSegmenter, images: list[np.ndarray], keys: list[str], noise_seed: int, ev: EvaluateParams, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images already at the model's size -> (maps (B, map_size, map_size), scores (B,)) on the CPU."""
-    latents = encode(segmenter.sd, images, device).to(device)
-    noise = fixed_noise(keys, tuple(latents.shape[1:]), noise_seed).to(device)
-    maps, scores = finish_maps(segmenter(latents, noise)["anomaly"], ev.map_size, ev.sigma, ev.score, ev.top_percent)
-    return maps.cpu(), scores.cpu()
+    segmenter: D2DSegmenter, images: list[np.ndarray], noise_seed: int, ev: EvaluateParams, device: torch.device, precision: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images already at the model's size -> (maps (B, map_size, map_size), scores (B,)), as evaluate computes them."""
+    latents = encode_images(segmenter, images, device)
+    return anomaly_maps(segmenter, latents, noise_seed, ev, device, precision, progress=False)
 
 
 def render_overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, title: str) -> Image.Image:
@@ -178,6 +174,7 @@ def predict_images(
     ev: EvaluateParams,
     batch_size: int,
     device: torch.device,
+    precision: str,
     progress: bool = True,
 ) -> tuple[list[dict], list[str]]:
     """Writes the per-image files and `predictions.jsonl`; returns (the prediction records, error lines)."""
@@ -197,9 +194,9 @@ def predict_images(
                     tqdm.write(f"skipped: {err}", file=sys.stderr)
             if batch:
                 resized = [resize_rgb(img, image_size) for img in originals]
-                maps, scores = predict_batch(segmenter, resized, [item.key for item in batch], noise_seed, ev, device)
-                masks = binary_masks(maps.numpy(), thresholds.pixel, opening_kernel=ev.opening_kernel, min_area=ev.min_area)
-                for item, original, amap, mask, score in zip(batch, originals, maps.numpy(), masks, scores.tolist()):
+                maps, scores = predict_batch(segmenter, resized, noise_seed, ev, device, precision)
+                masks = binary_masks(maps, thresholds.pixel, opening_kernel=ev.opening_kernel, min_area=ev.min_area)
+                for item, original, amap, mask, score in zip(batch, originals, maps, masks, scores.tolist()):
                     label = int(score >= thresholds.image)
                     mask_path = out / f"{stems[item.key]}_mask.png"
                     overlay_path = out / f"{stems[item.key]}_overlay.png"
@@ -247,7 +244,7 @@ def main(
         segmenter.to(device)
         records, errors = predict_images(
             segmenter, record["model"]["image_size"], record["model"]["noise_seed"], inputs, out, chosen,
-            cfg.evaluate, batch_size or cfg.evaluate.batch_size, device, progress=len(inputs) > 1,
+            cfg.evaluate, batch_size or cfg.evaluate.batch_size, device, cfg.model.precision, progress=len(inputs) > 1,
         )
     except (ParamsError, ThresholdsError, ImageError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)

@@ -34,7 +34,7 @@ def cache_queries(cfg: Params, latents: Path, out: Path) -> str:
         sd = load_frozen(cfg.model.pretrained, cfg.model.tiny_seed).to(device)
         torch.manual_seed(cfg.train.seed)  # the same initial prompts as the train stage
         segmenter = build_segmenter(sd, cfg.prompt, cfg.attention, cfg.model).to(device)
-        noise = fixed_noise(keys, tuple(data_latents.shape[1:]), cfg.model.noise_seed)
+        noise = fixed_noise(len(keys), tuple(data_latents.shape[1:]), cfg.model.noise_seed)
         tensors = compute_queries(segmenter, data_latents, noise, cfg.train.batch_size, device)
         save_queries(tensors, keys, tmp)
     size = sum(t.numel() * t.element_size() for t in tensors.values())

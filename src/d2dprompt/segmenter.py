@@ -7,8 +7,6 @@ captured cross-attention into normal / abnormal / anomaly maps at latent resolut
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 from torch import nn
 
@@ -22,13 +20,15 @@ from d2dprompt.models import FrozenSD
 from d2dprompt.prompts import PromptLearner
 
 
-def fixed_noise(keys: list[str], shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Per-image Gaussian noise that depends only on (seed, image key): maps are deterministic."""
-    out = torch.empty((len(keys), *shape))
-    for i, key in enumerate(keys):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-        out[i] = torch.randn(shape, generator=gen)
-    return out
+def fixed_noise(count: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """(count, *shape): one Gaussian noise draw per seed, the same for every image.
+
+    Design choice: the noise added at `model.timestep` does not depend on which image it is (path,
+    name or position in a batch), so a map is a function of the pixels and the seed alone and the same
+    image gets the same map and score in training, evaluate and predict, under any file name.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen).expand(count, *shape).contiguous()
 
 
 class D2DSegmenter(nn.Module):

@@ -57,17 +57,59 @@ def sensitivity_threshold(normal_scores: np.ndarray, max_fpr: float) -> float:
     return float(np.nextafter(dtype.type(kth_highest), dtype.type(np.inf)))
 
 
+PIXEL_GRID = 48  # coarse candidates for the post-processed pixel threshold, dense in the upper tail
+PIXEL_REFINE = 16  # then this many between the best candidate's neighbours
+QUANTILE_SAMPLE = 1_000_000  # pixel values the candidate quantiles are read from (a strided subset)
+
+
+def fit_pixel_threshold(masks: np.ndarray, maps: np.ndarray, opening_kernel: int, min_area: int) -> float:
+    """The pixel threshold whose *post-processed* masks (binary_masks: opening, min-area) maximise F1.
+
+    Design choice: the threshold is fitted on what it is applied to. Opening and min-area make F1 a
+    non-monotone function of the threshold, so it is searched on a grid (PIXEL_GRID quantiles of the
+    map values, geometrically dense towards the top where defects lie, plus the raw F1-max threshold),
+    then refined between the best candidate's neighbours (PIXEL_REFINE points). Without opening and
+    min-area the post-processing is the identity and the exact raw F1-max threshold is returned.
+    """
+    raw = fit_f1_threshold(masks, maps)
+    if opening_kernel <= 1 and min_area <= 1:
+        return raw
+    values = np.asarray(maps, dtype=np.float64).ravel()
+    values = values[:: max(1, values.size // QUANTILE_SAMPLE)]
+    tail = np.geomspace(0.5, 1.0 / values.size, PIXEL_GRID)
+    candidates = np.unique(np.append(np.quantile(values, 1.0 - tail), raw))
+
+    def f1(threshold: float) -> float:
+        value = f1_at(masks, binary_masks(maps, threshold, opening_kernel, min_area))
+        return -1.0 if np.isnan(value) else value
+
+    scores = [f1(t) for t in candidates]
+    best = int(np.argmax(scores))
+    low, high = candidates[max(best - 1, 0)], candidates[min(best + 1, len(candidates) - 1)]
+    fine = np.linspace(low, high, PIXEL_REFINE)
+    fine_scores = [f1(t) for t in fine]
+    if max(fine_scores) > scores[best]:
+        return float(fine[int(np.argmax(fine_scores))])
+    return float(candidates[best])
+
+
 def fit_thresholds(
     image_labels: np.ndarray,
     image_scores: np.ndarray,
     masks: np.ndarray,
     maps: np.ndarray,
     source: str,
+    opening_kernel: int,
+    min_area: int,
 ) -> Thresholds:
-    """F1-adaptive image and pixel thresholds from one validation split; `source` names that split."""
+    """F1-adaptive image and pixel thresholds from one validation split; `source` names that split.
+
+    The pixel threshold is fitted on the masks as `binary_masks` will make them with the same
+    `opening_kernel` and `min_area`.
+    """
     return Thresholds(
         image=fit_f1_threshold(image_labels, image_scores),
-        pixel=fit_f1_threshold(masks, maps),
+        pixel=fit_pixel_threshold(masks, maps, opening_kernel, min_area),
         source=source,
     )
 

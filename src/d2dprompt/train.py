@@ -122,7 +122,7 @@ def run(cfg: Params, latents_root: Path, queries_root: Path, out: Path, checkpoi
     data_files = [latents_root / name / "latents.safetensors" for name in cfg.train.datasets]
     run_id = fingerprint(record, data_files, code if code is not None else code_digest())
     latents, masks, labels, keys = training_set(latents_root, cfg.train.datasets, cfg.train.supervision)
-    noise = fixed_noise(keys, tuple(latents.shape[1:]), cfg.model.noise_seed)  # once, off the hot path
+    noise = fixed_noise(len(keys), tuple(latents.shape[1:]), cfg.model.noise_seed)  # once, off the hot path
     if device.type == "cuda":  # the training rows fit on the GPU (MVTec AD at 512 px: ~0.7 GB): no loader to wait for
         latents, masks, labels, noise = (t.to(device) for t in (latents, masks, labels, noise))
     data = Batches(latents, masks, labels, noise, keys)
