@@ -80,3 +80,31 @@ def test_total_loss_skips_zero_weights_and_rejects_unknown_terms():
     assert p.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="unknown loss terms"):
         total_loss(maps, m, labels, {"edges": 1.0})
+
+
+def test_a_constant_score_costs_log2_whatever_the_class_ratio():
+    """Balanced: the image term cannot fall by raising every score towards the share of anomalies."""
+    labels = torch.tensor([1.0, 1.0, 0.0])  # 2 synthetic anomalies per normal image, as the default
+    for level in (0.3, 0.5, 2 / 3):
+        p = torch.full((3, 10, 10), level)
+        expected = 0.5 * (-torch.log(torch.tensor(level)) - torch.log(torch.tensor(1 - level)))
+        assert image_loss(p, labels).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert image_loss(torch.full((3, 10, 10), 0.5), labels).item() == pytest.approx(0.6931, abs=1e-4)
+
+
+def test_the_image_term_alone_falls_by_separating_the_classes():
+    torch.manual_seed(0)
+    labels = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    logits = torch.zeros(6, 8, 8, requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=0.1)
+    history = []
+    for _ in range(100):
+        loss = image_loss(torch.sigmoid(logits), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert all(b <= a + 1e-7 for a, b in zip(history, history[1:]))
+    assert history[-1] < 0.3  # far below the prior-only optimum (log 2 balanced, 0.64 unbalanced)
+    s = image_score(torch.sigmoid(logits))
+    assert s[labels == 1].min() > s[labels == 0].max()

@@ -143,3 +143,4 @@ def test_a_pickle_at_the_checkpoint_path_is_refused_without_running(tmp_path, la
         trained("cached", latents_root, queries_root, tmp_path / "out", checkpoint)
     assert not MARKER.exists()
     assert not (tmp_path / "out" / "prompts.safetensors").exists()
+
