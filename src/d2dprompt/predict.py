@@ -126,12 +126,12 @@ def output_stems(keys: list[str]) -> dict[str, str]:
 
 @torch.no_grad()
 def predict_batch(
-    segmenter: D2DSegmenter, images: list[np.ndarray], keys: list[str], noise_seed: int, ev: EvaluateParams, device: torch.device
+    segmenter: D2DSegmenter, images: list[np.ndarray], keys: list[str], noise_seed: int, ev: EvaluateParams, image_top_percent: float, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images already at the model's size -> (maps (B, map_size, map_size), scores (B,)) on the CPU."""
     latents = encode(segmenter.sd, images, device).to(device)
     noise = fixed_noise(keys, tuple(latents.shape[1:]), noise_seed).to(device)
-    maps, scores = finish_maps(segmenter(latents, noise)["anomaly"], ev.map_size, ev.sigma, ev.score, ev.top_percent)
+    maps, scores = finish_maps(segmenter(latents, noise)["anomaly"], ev.map_size, ev.sigma, ev.score, ev.top_percent, image_top_percent)
     return maps.cpu(), scores.cpu()
 
 
@@ -176,6 +176,7 @@ def predict_images(
     out: Path,
     thresholds: Thresholds,
     ev: EvaluateParams,
+    image_top_percent: float,
     batch_size: int,
     device: torch.device,
     progress: bool = True,
@@ -197,7 +198,7 @@ def predict_images(
                     tqdm.write(f"skipped: {err}", file=sys.stderr)
             if batch:
                 resized = [resize_rgb(img, image_size) for img in originals]
-                maps, scores = predict_batch(segmenter, resized, [item.key for item in batch], noise_seed, ev, device)
+                maps, scores = predict_batch(segmenter, resized, [item.key for item in batch], noise_seed, ev, image_top_percent, device)
                 masks = binary_masks(maps.numpy(), thresholds.pixel, opening_kernel=ev.opening_kernel, min_area=ev.min_area)
                 for item, original, amap, mask, score in zip(batch, originals, maps.numpy(), masks, scores.tolist()):
                     label = int(score >= thresholds.image)
@@ -247,7 +248,7 @@ def main(
         segmenter.to(device)
         records, errors = predict_images(
             segmenter, record["model"]["image_size"], record["model"]["noise_seed"], inputs, out, chosen,
-            cfg.evaluate, batch_size or cfg.evaluate.batch_size, device, progress=len(inputs) > 1,
+            cfg.evaluate, cfg.loss.image_top_percent, batch_size or cfg.evaluate.batch_size, device, progress=len(inputs) > 1,
         )
     except (ParamsError, ThresholdsError, ImageError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)

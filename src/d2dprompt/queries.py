@@ -20,8 +20,6 @@ from d2dprompt.outputs import atomic_dir
 from d2dprompt.query_cache import compute_queries, save_queries
 from d2dprompt.segmenter import build_segmenter, fixed_noise
 
-MODES = ("full", "cached")
-
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
@@ -30,8 +28,6 @@ def main(
 ) -> None:
     try:
         cfg = load_params(params)
-        if cfg.attention.mode not in MODES:
-            raise ParamsError(f"attention.mode={cfg.attention.mode!r}: expected full or cached")
         data_latents, _, _, keys = training_set(latents, cfg.train.datasets, cfg.train.supervision)
         with atomic_dir(out) as tmp:
             if cfg.attention.mode == "full":
