@@ -198,3 +198,24 @@ def test_stage_cli_exits_with_one_line_and_no_outputs(tmp_path, stage, case):
     assert proc.returncode != 0
     assert len(lines) == 1 and lines[0].startswith("error: bad.yaml: ") and expected in lines[0], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no stages/, no checkpoint, no tracking store
+
+
+def test_prompts_json_of_an_older_run_still_loads(tmp_path, tiny, monkeypatch):
+    """Records written before this schema: fp16 allowed, no train.untrained / loss.image_top_percent keys."""
+    from d2dprompt import prompt_files
+    from d2dprompt.config import Params
+    from d2dprompt.segmenter import build_segmenter
+
+    cfg = Params()
+    segmenter = build_segmenter(tiny, cfg.prompt, cfg.attention, cfg.model)
+    record = prompt_files.config_record(cfg)
+    record["model"]["precision"] = "fp16"  # refused in params.yaml now; the record's device/precision are not read back
+    del record["train"]["untrained"], record["loss"]["image_top_percent"]
+    prompt_files.save_prompts(segmenter, record, tmp_path)
+    monkeypatch.setattr(prompt_files, "load_frozen", lambda pretrained, seed: tiny)
+    loaded, read_back = prompt_files.load_segmenter(tmp_path)
+    assert read_back == record and loaded.timestep == cfg.model.timestep
+    record["prompt"]["n_ctx"] = 0
+    (tmp_path / prompt_files.CONFIG_FILE).write_text(json.dumps(record))
+    with pytest.raises(ParamsError, match=rf"^{tmp_path / 'prompts.json'}: prompt.n_ctx: must be >= 1, got 0$"):
+        prompt_files.load_segmenter(tmp_path)

@@ -207,7 +207,7 @@ class Params(Block):
         _latents_fit_levels(self.model, self.attention.levels)
         if self.evaluate.threshold == "f1" and self.latents.val_fraction == 0:
             raise Invalid("evaluate.threshold", "f1 fits thresholds on the validation split, which latents.val_fraction=0 leaves empty; "
-                          "raise latents.val_fraction or use fixed")
+                          "raise latents.val_fraction or set evaluate.threshold: fixed")
         return self
 
 

@@ -19,6 +19,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from d2dprompt.vae_factor import TINY, TINY_VAE_BLOCKS, factor_of
+
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"  # OpenAI CLIP's BPE merges, as shipped in open_clip (MIT)
 
 
