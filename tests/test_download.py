@@ -70,16 +70,19 @@ def server():
 
 def run_cli(tmp_path: Path, download: dict, out: Path | None = None):
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"download": download}))
+    names = download.get("datasets", ["sample"])  # train and evaluate read what download prepares
+    params.write_text(yaml.safe_dump({"download": download, "train": {"datasets": names}, "evaluate": {"datasets": names}}))
     out = out or tmp_path / "out"
     return CliRunner().invoke(app, ["--params", str(params), "--out", str(out)])
 
 
 def error_line(result) -> str:
-    """The one line a failed run leaves after the progress bars on stderr (and no traceback)."""
+    """The one line a failed run leaves after the progress bars on stderr (and no traceback), less its 'error: '."""
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
-    return result.stderr.strip().splitlines()[-1]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: "), line
+    return line.removeprefix("error: ")
 
 
 def sha256(data: bytes) -> str:
@@ -183,9 +186,10 @@ def test_folder_source_and_its_errors(tmp_path, sample_copy):
     assert error_line(bad).startswith(f"{flat}: not MVTec layout")
 
     unset = run_cli(tmp_path, {"datasets": ["folder"]})
-    assert error_line(unset).startswith("download.folder_dir: must be set")
+    params = tmp_path / "params.yaml"
+    assert error_line(unset) == f"{params}: download.folder_dir: must be set to use the 'folder' source"
     unknown = run_cli(tmp_path, {"datasets": ["kaggle"]})
-    assert error_line(unknown).startswith("download.datasets: unknown source 'kaggle'")
+    assert error_line(unknown) == f"{params}: download.datasets[0]: must be one of sample | mvtec | visa | folder, got 'kaggle'"
     missing = run_cli(tmp_path, {"sample_dir": str(tmp_path / "gone")})
     assert error_line(missing).startswith(f"{tmp_path / 'gone'}: folder not found")
 
@@ -253,9 +257,9 @@ def test_checksum_mismatch_is_one_clear_line_and_leaves_nothing(tmp_path, server
 
 def test_archive_keys_are_checked_before_any_download(tmp_path, server):
     no_url = run_cli(tmp_path, mvtec_params(server, b"x", tmp_path, mvtec_url=""))
-    assert error_line(no_url) == "download.mvtec_url: must be set to use the 'mvtec' source"
+    assert error_line(no_url) == f"{tmp_path / 'params.yaml'}: download.mvtec_url: must be set to use the 'mvtec' source"
     bad_hash = run_cli(tmp_path, mvtec_params(server, b"x", tmp_path, mvtec_sha256="abc"))
-    assert error_line(bad_hash) == "download.mvtec_sha256: must be 64 hex digits, got 'abc'"
+    assert error_line(bad_hash) == f"{tmp_path / 'params.yaml'}: download.mvtec_sha256: must be 64 hex digits, got 'abc'"
     assert server.requests == []
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ ROWS = [ManifestRow("sample", "tile", "train", 0, "good", f"tile/train/good/{i:0
 
 @pytest.mark.parametrize("min_change, label", [(8.0, 1), (256.0, 0)])
 def test_synthetic_rows_are_labelled_by_what_is_visible(tiny, min_change, label):
-    params = dataclasses.replace(LatentsParams(), synthetic_per_image=2, val_fraction=0.0, min_change=min_change)
+    params = LatentsParams(synthetic_per_image=2, val_fraction=0.0, min_change=min_change)
     tensors, index = encode_dataset(tiny, ROOT / "sample", ROWS, 64, params, torch.device("cpu"), "test")
     synthetic = [i for i, row in enumerate(index) if row.source == "synthetic"]
     assert len(synthetic) == 4

@@ -23,8 +23,8 @@ def _mask():
 
 def test_focal_is_small_for_a_perfect_map_and_large_for_an_inverted_one():
     m = _mask()
-    assert focal_loss(m, m) < 1e-4
-    assert focal_loss(1 - m, m) > 1.0
+    assert focal_loss(m, m, 2.0) < 1e-4
+    assert focal_loss(1 - m, m, 2.0) > 1.0
 
 
 def test_focal_reduces_to_cross_entropy_at_gamma_zero():
@@ -43,9 +43,10 @@ def test_dice_perfect_and_worst():
 def test_image_score_is_top_percent_mean_and_loss_orders():
     p = torch.zeros(1, 10, 10)
     p[0, 0, 0] = 1.0
-    assert image_score(p).item() == pytest.approx(1.0)  # 1 % of 100 pixels = 1 pixel
+    assert image_score(p, 1.0).item() == pytest.approx(1.0)  # 1 % of 100 pixels = 1 pixel
+    assert image_score(p, 2.0).item() == pytest.approx(0.5)  # 2 % = 2 pixels
     hi, lo = torch.full((1, 10, 10), 0.9), torch.full((1, 10, 10), 0.1)
-    assert image_loss(hi, torch.tensor([1.0])) < image_loss(lo, torch.tensor([1.0]))
+    assert image_loss(hi, torch.tensor([1.0]), 1.0) < image_loss(lo, torch.tensor([1.0]), 1.0)
 
 
 def test_sharpness_is_one_at_half_and_zero_when_decided():
@@ -73,13 +74,13 @@ def test_total_loss_skips_zero_weights_and_rejects_unknown_terms():
     p = torch.full_like(m, 0.3, requires_grad=True)
     maps = {"anomaly": p, "abnormal_mass": p, "anomaly_levels": p[:, None]}
     labels = torch.tensor([1.0, 0.0])
-    loss, values = total_loss(maps, m, labels, {"focal": 1.0, "dice": 0.0, "sharpness": 2.0})
+    loss, values = total_loss(maps, m, labels, {"focal": 1.0, "dice": 0.0, "sharpness": 2.0}, 2.0, 1.0)
     assert set(values) == {"focal", "sharpness"}
     assert loss.item() == pytest.approx(values["focal"] + 2 * values["sharpness"], rel=1e-5)
     loss.backward()
     assert p.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="unknown loss terms"):
-        total_loss(maps, m, labels, {"edges": 1.0})
+        total_loss(maps, m, labels, {"edges": 1.0}, 2.0, 1.0)
 
 
 def test_a_constant_score_costs_log2_whatever_the_class_ratio():
@@ -88,8 +89,8 @@ def test_a_constant_score_costs_log2_whatever_the_class_ratio():
     for level in (0.3, 0.5, 2 / 3):
         p = torch.full((3, 10, 10), level)
         expected = 0.5 * (-torch.log(torch.tensor(level)) - torch.log(torch.tensor(1 - level)))
-        assert image_loss(p, labels).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert image_loss(torch.full((3, 10, 10), 0.5), labels).item() == pytest.approx(0.6931, abs=1e-4)
+        assert image_loss(p, labels, 1.0).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert image_loss(torch.full((3, 10, 10), 0.5), labels, 1.0).item() == pytest.approx(0.6931, abs=1e-4)
 
 
 def test_the_image_term_alone_falls_by_separating_the_classes():
@@ -99,12 +100,12 @@ def test_the_image_term_alone_falls_by_separating_the_classes():
     optimizer = torch.optim.Adam([logits], lr=0.1)
     history = []
     for _ in range(100):
-        loss = image_loss(torch.sigmoid(logits), labels)
+        loss = image_loss(torch.sigmoid(logits), labels, 1.0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         history.append(loss.item())
     assert all(b <= a + 1e-7 for a, b in zip(history, history[1:]))
     assert history[-1] < 0.3  # far below the prior-only optimum (log 2 balanced, 0.64 unbalanced)
-    s = image_score(torch.sigmoid(logits))
+    s = image_score(torch.sigmoid(logits), 1.0)
     assert s[labels == 1].min() > s[labels == 0].max()

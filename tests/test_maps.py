@@ -23,4 +23,4 @@ def test_zero_sigma_is_identity_and_upsampling_keeps_constants():
 def test_image_score_is_the_max():
     x = torch.zeros(2, 4, 4)
     x[1, 2, 3] = 0.7
-    assert image_scores(x).tolist() == [0.0, 0.699999988079071]
+    assert image_scores(x, "max", 5.0).tolist() == [0.0, 0.699999988079071]

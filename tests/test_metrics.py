@@ -16,6 +16,9 @@ from d2dprompt.metrics import (
 )
 
 
+FPR_LIMIT = 0.3  # the field's AUPRO limit, which the hand-computed cases below assume
+
+
 def reference_aupro(masks, maps, fpr_limit):
     """One threshold per distinct score, regions per image with a full 3x3 structure, plain trapezoids."""
     regions = []
@@ -95,15 +98,15 @@ def test_regions_are_8_connected_per_image():
 def test_perfect_and_inverted_maps():
     masks, _ = random_case(5)
     perfect = masks.astype(np.float32) + 0.1 * np.random.default_rng(0).random(masks.shape, dtype=np.float32)
-    assert aupro(masks, perfect) == pytest.approx(1.0, abs=1e-12)
-    result = pixel_metrics(masks, -perfect)
+    assert aupro(masks, perfect, FPR_LIMIT) == pytest.approx(1.0, abs=1e-12)
+    result = pixel_metrics(masks, -perfect, FPR_LIMIT)
     assert result["pixel_AUPRO"] == pytest.approx(0.0, abs=1e-12)
     assert result["pixel_AUROC"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_constant_map_is_the_diagonal():
     masks, _ = random_case(6)
-    result = pixel_metrics(masks, np.full(masks.shape, 0.7, dtype=np.float32))
+    result = pixel_metrics(masks, np.full(masks.shape, 0.7, dtype=np.float32), FPR_LIMIT)
     # one threshold: (0, 0) -> (1, 1); area up to 0.3 is 0.3 * 0.3 / 2 = 0.045, / 0.3 = 0.15
     assert result["pixel_AUPRO"] == pytest.approx(0.15, abs=1e-12)
     assert result["pixel_AUROC"] == pytest.approx(0.5, abs=1e-12)
@@ -121,15 +124,15 @@ def test_single_pixel_region():
 def test_one_class_gives_nan_without_crashing():
     maps = np.random.default_rng(0).random((2, 8, 8))
     for masks in (np.zeros(maps.shape, bool), np.ones(maps.shape, bool)):
-        assert np.isnan(aupro(masks, maps))
-        assert all(np.isnan(v) for v in pixel_metrics(masks, maps).values())
+        assert np.isnan(aupro(masks, maps, FPR_LIMIT))
+        assert all(np.isnan(v) for v in pixel_metrics(masks, maps, FPR_LIMIT).values())
     assert all(np.isnan(v) for v in image_metrics(np.zeros(5), np.arange(5.0)).values())
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_pixel_auroc_ap_match_sklearn(bucketing, seed):
     masks, maps = random_case(seed, ties=seed % 2 == 1)
-    result = pixel_metrics(masks, maps)
+    result = pixel_metrics(masks, maps, FPR_LIMIT)
     assert result["pixel_AUROC"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-10)
     assert result["pixel_AP"] == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), abs=1e-10)
 
@@ -140,7 +143,7 @@ def test_float64_signs_zeros_and_extreme_range(bucketing):
     maps = rng.choice([-1.0, 1.0], masks.shape) * 10.0 ** rng.uniform(-300, 300, masks.shape)
     maps[0, 0, :4] = [-0.0, 0.0, -0.0, 0.0]  # equal scores whatever their sign bit
     masks[0, 0, :4] = [True, False, False, True]
-    result = pixel_metrics(masks, maps)
+    result = pixel_metrics(masks, maps, FPR_LIMIT)
     assert result["pixel_AUROC"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
     assert result["pixel_AP"] == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), abs=1e-12)
     assert result["pixel_AUPRO"] == pytest.approx(reference_aupro(masks, maps, 0.3), abs=1e-4)
@@ -150,7 +153,7 @@ def test_metrics_depend_only_on_the_order_of_scores():
     masks, maps = random_case(3, ties=True)
     ranks = np.unique(maps, return_inverse=True)[1].reshape(maps.shape)
     squashed = np.where(ranks == ranks.max(), np.inf, np.where(ranks == 0, -np.inf, ranks * 1e-30))
-    assert pixel_metrics(masks, squashed) == pytest.approx(pixel_metrics(masks, maps), abs=1e-12)
+    assert pixel_metrics(masks, squashed, FPR_LIMIT) == pytest.approx(pixel_metrics(masks, maps, FPR_LIMIT), abs=1e-12)
 
 
 def brute_force_f1_max(labels, scores):
@@ -171,7 +174,7 @@ def test_f1_max_matches_brute_force(bucketing, seed):
     assert f1 == pytest.approx(brute_force_f1_max(labels, scores), abs=1e-12)
     predicted = scores >= threshold
     assert 2 * np.sum(predicted & labels) / (predicted.sum() + labels.sum()) == pytest.approx(f1, abs=1e-12)
-    result = pixel_metrics(labels.reshape(3, 10, 10), scores.reshape(3, 10, 10))
+    result = pixel_metrics(labels.reshape(3, 10, 10), scores.reshape(3, 10, 10), FPR_LIMIT)
     assert result["pixel_F1Max"] == pytest.approx(f1, abs=1e-12)
 
 
@@ -187,9 +190,9 @@ def test_image_metrics_match_sklearn_and_brute_force():
 
 def test_bad_inputs_fail_with_the_name_at_fault():
     with pytest.raises(ValueError, match="^masks/maps"):
-        pixel_metrics(np.zeros((2, 4, 4), bool), np.zeros((2, 4, 5)))
+        pixel_metrics(np.zeros((2, 4, 4), bool), np.zeros((2, 4, 5)), FPR_LIMIT)
     with pytest.raises(ValueError, match="^scores: contain NaN"):
-        pixel_metrics(np.eye(4, dtype=bool)[None], np.full((1, 4, 4), np.nan))
+        pixel_metrics(np.eye(4, dtype=bool)[None], np.full((1, 4, 4), np.nan), FPR_LIMIT)
     with pytest.raises(ValueError, match="^fpr_limit"):
         aupro(np.eye(4, dtype=bool)[None], np.zeros((1, 4, 4)), fpr_limit=0.0)
     with pytest.raises(ValueError, match="^labels"):

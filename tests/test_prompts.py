@@ -2,11 +2,17 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from d2dprompt.config import PromptParams
 from d2dprompt.prompts import PromptLearner, build_layout, encode
 
 
+def make_learner(tokenizer, encoder, **overrides) -> PromptLearner:
+    """The prompt block's defaults, paired (one sequence per prompt) unless overridden."""
+    return PromptLearner(tokenizer, encoder, **{**PromptParams().model_dump(), "joint": False, **overrides})
+
+
 def test_manual_encoder_equals_transformers_forward(tiny):
-    learner = PromptLearner(tiny.tokenizer, tiny.text_encoder, depth=1)
+    learner = make_learner(tiny.tokenizer, tiny.text_encoder, depth=1)
     with torch.no_grad():
         embeds = tiny.text_encoder.embeddings.token_embedding(learner.input_ids)
         ours = encode(tiny.text_encoder, embeds, [], learner.t_n_ctx)
@@ -72,14 +78,14 @@ def test_deep_prompts_reach_both_prompts(tiny):
 
 
 def test_learned_vectors_replace_the_placeholders(tiny):
-    learner = PromptLearner(tiny.tokenizer, tiny.text_encoder)
+    learner = make_learner(tiny.tokenizer, tiny.text_encoder)
     embeds = learner.token_embeddings(tiny.text_encoder)
     assert torch.equal(embeds[0, learner.layout.ctx_positions[0]], learner.ctx_normal)
     assert torch.equal(embeds[1, learner.layout.ctx_positions[1]], learner.ctx_abnormal)
 
 
 def test_compound_prompts_change_the_output_and_receive_gradients(tiny):
-    learner = PromptLearner(tiny.tokenizer, tiny.text_encoder, depth=9)
+    learner = make_learner(tiny.tokenizer, tiny.text_encoder, depth=9)
     assert len(learner.compound) == 8
     states = learner(tiny.text_encoder)
     states.sum().backward()
@@ -89,15 +95,15 @@ def test_compound_prompts_change_the_output_and_receive_gradients(tiny):
 
 def test_sizes_follow_the_text_encoder_config(tiny):
     encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=96, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4))
-    learner = PromptLearner(tiny.tokenizer, encoder, depth=5)
+    learner = make_learner(tiny.tokenizer, encoder, depth=5)
     assert learner.ctx_normal.shape == (12, 96)
     assert learner(encoder).shape == (2, 77, 96)
     with pytest.raises(ValueError, match=r"prompt.depth=6: must lie in 1..5"):
-        PromptLearner(tiny.tokenizer, encoder, depth=6)
+        make_learner(tiny.tokenizer, encoder, depth=6)
 
 
 def test_too_many_context_tokens_are_refused(tiny):
     with pytest.raises(ValueError, match="prompt.n_ctx=80"):
-        PromptLearner(tiny.tokenizer, tiny.text_encoder, n_ctx=80)
+        make_learner(tiny.tokenizer, tiny.text_encoder, n_ctx=80)
     with pytest.raises(ValueError, match="prompt.t_n_ctx=13"):
-        PromptLearner(tiny.tokenizer, tiny.text_encoder, n_ctx=12, t_n_ctx=13)
+        make_learner(tiny.tokenizer, tiny.text_encoder, n_ctx=12, t_n_ctx=13)

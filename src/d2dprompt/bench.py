@@ -35,7 +35,7 @@ import typer
 from tqdm import tqdm
 
 from d2dprompt.attention import cross_attention_levels
-from d2dprompt.config import AttentionParams, ModelParams, PromptParams
+from d2dprompt.config import AttentionParams, LossParams, ModelParams, PromptParams
 from d2dprompt.losses import total_loss
 from d2dprompt.models import (
     FrozenSD,
@@ -50,6 +50,7 @@ from d2dprompt.segmenter import D2DSegmenter, build_segmenter, fixed_noise
 
 MIB = 2**20
 LOSS_WEIGHTS = {"focal": 1.0, "dice": 1.0, "image": 1.0}  # the default loss block: the terms every run pays for
+LOSS = LossParams()  # focal_gamma and image_top_percent as a default run
 CACHED_SPEEDUP_TARGET = 20.0  # cached training vs full + paired at the same batch (sd21)
 CACHED_MEMORY_TARGET_GB = 3.0  # cached training at batch 8, mixed precision, beyond the frozen weights
 INFER_MS_TARGET = 20.0  # per image on an H100: the fast end of CLIP-based zero-shot detectors (16-155 ms)
@@ -71,6 +72,7 @@ ARCHS = {
     "sd21": Arch(build_sd21_architecture, 512, (0, 1, 2), 1, (1, 1, 1, 2)),
 }
 GPU_SCHEDULE = (3, 10, 3, 10)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # fp16 too: a speed measurement needs no gradient scaler
 
 
 @dataclass
@@ -239,7 +241,7 @@ def bench_arch(name: str, sd: FrozenSD, cfg: Settings, device: torch.device) -> 
         def train_step(forward: Callable[[], dict]) -> None:
             with autocast(device, cfg.precision):
                 maps = forward()
-            loss, _ = total_loss({k: v.float() for k, v in maps.items()}, masks, labels, LOSS_WEIGHTS)
+            loss, _ = total_loss({k: v.float() for k, v in maps.items()}, masks, labels, LOSS_WEIGHTS, LOSS.focal_gamma, LOSS.image_top_percent)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -374,10 +376,8 @@ def main(
     dev = pick_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("--device=cuda: no CUDA device visible to torch")
-    try:
-        autocast(dev, precision)
-    except ValueError:
-        raise typer.BadParameter(f"--precision={precision!r}: expected auto, fp32, bf16 or fp16") from None
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"--precision={precision!r}: expected {', '.join(PRECISIONS)}")
     if threads:
         torch.set_num_threads(threads)  # on shared cores one thread can beat two that wait for each other
     device_name, load = describe_device(dev), os.getloadavg()

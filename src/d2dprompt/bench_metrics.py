@@ -28,6 +28,7 @@ import typer
 from tqdm import tqdm
 
 from d2dprompt import metrics
+from d2dprompt.config import EvaluateParams
 
 app = typer.Typer(add_completion=False)
 
@@ -126,7 +127,7 @@ def _timed(label: str, fn, *args):
 def main(
     n: int = typer.Option(1725, help="maps in the workload (MVTec AD test set: 1,725)"),
     size: int = typer.Option(256, help="map side in pixels (anomalib evaluates at 256)"),
-    fpr_limit: float = typer.Option(metrics.DEFAULT_FPR_LIMIT, help="AUPRO integration limit"),
+    fpr_limit: float = typer.Option(EvaluateParams().aupro_fpr_limit, help="AUPRO integration limit (evaluate.aupro_fpr_limit)"),
     seed: int = typer.Option(0, help="workload seed"),
     repeat: int = typer.Option(3, min=1, help="runs of pixel_metrics; shared machines make single timings noisy"),
     compare_sort: bool = typer.Option(False, help="also time one global sort / argsort of all pixel scores"),

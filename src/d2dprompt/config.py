@@ -1,28 +1,49 @@
-"""Typed view of params.yaml: one dataclass per params block, unknown keys rejected.
+"""Typed view of params.yaml, checked once, completely, when it is read: before any stage does work.
 
-Configuration flows one way: params.yaml -> these dataclasses -> plain function
-arguments. Every default lives here once, with the reason for it.
+Configuration flows one way: params.yaml -> these models -> plain function arguments. Every default
+lives here once with its reason, every range beside it, every choice as a Literal. Anything else stops
+the stage with one line, `<file>: <key.path>: <what is allowed>` (params_errors.py words it).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
+from typing import Annotated, Literal
 
-import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from d2dprompt.params_errors import Invalid, ParamsError, describe
+from d2dprompt.params_yaml import read_yaml
+from d2dprompt.vae_factor import TINY, vae_factor
+
+__all__ = [
+    "AttentionParams", "DownloadParams", "EvaluateParams", "LatentsParams", "LossParams", "ModelParams",
+    "Params", "ParamsError", "PromptParams", "TrainParams", "flatten", "load_params", "params_from_dict",
+]
 
 
-class ParamsError(ValueError):
-    """A params file that does not match the schema (unknown key, wrong type)."""
+
+def _once(values: list) -> list:
+    repeated = [v for i, v in enumerate(values) if v in values[:i]]
+    if repeated:
+        raise ValueError(f"must not list {repeated[0]!r} twice, got {values!r}")
+    return values
 
 
-@dataclass
-class DownloadParams:
-    datasets: list[str] = field(default_factory=lambda: ["sample"])  # sources to prepare: sample | mvtec | visa | folder
-    categories: list[str] = field(default_factory=list)  # empty = every category of each dataset
+Source = Literal["sample", "mvtec", "visa", "folder"]
+Once = AfterValidator(_once)  # a repeated entry is a slip: a dataset prepared, trained on or scored twice, a level read twice
+AdamBeta = Annotated[float, Field(ge=0, lt=1)]
+
+
+class Block(BaseModel):
+    # strict: "3" is not silently 3 (ints still widen to floats); unknown keys are typos, not extensions
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class DownloadParams(Block):
+    datasets: Annotated[list[Source], Once] = Field(["sample"], min_length=1)  # sources to prepare; each needs its *_dir or *_url below
+    categories: list[str] = []  # empty = every category of each dataset
     sample_dir: str = "data/sample"  # the bundled sample, materialised by data.dvc
     folder_dir: str | None = None  # any MVTec-layout folder of your own (source `folder`)
     mvtec_url: str = (
@@ -34,159 +55,197 @@ class DownloadParams:
     visa_sha256: str = "2eb8690c803ab37de0324772964100169ec8ba1fa3f7e94291c9ca673f40f362"
     archive_dir: str = "stages/archives"  # downloaded archives, kept so an interrupted download resumes
 
-
-@dataclass
-class ModelParams:
-    pretrained: str = "tiny"  # "tiny" (embedded, offline), a hub id or a local diffusers folder
-    tiny_seed: int = 0  # the tiny model's weights are a pure function of this seed
-    image_size: int = 128  # pixels fed to the VAE; 512 for SD 2.1-base / SD 1.5
-    timestep: int = 100  # DDPM step of the noised latents the UNet reads; low keeps image detail
-    noise_seed: int = 0  # the noise added at `timestep` is fixed per image, so maps are deterministic
-    device: str = "auto"  # auto = cuda when available, else cpu
-    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; or fp32 | bf16 | fp16
-
-
-@dataclass
-class PromptParams:
-    n_ctx: int = 12  # learnable X tokens in 'X..X object.' / 'X..X damaged object.' (AnomalyCLIP)
-    t_n_ctx: int = 4  # deep compound prompt length, overwriting tokens 1..t_n_ctx
-    depth: int = 9  # compound prompts at text-encoder layers 1..depth-1 (AnomalyCLIP)
-    object_word: str = "object"  # class-agnostic: one prompt pair for every category
-    abnormal_word: str = "damaged"
-    init_std: float = 0.02  # AnomalyCLIP's normal init of the context vectors
+    @model_validator(mode="after")
+    def _sources_are_usable(self) -> DownloadParams:
+        for name in self.datasets:
+            if name in ("sample", "folder"):
+                if not getattr(self, f"{name}_dir"):
+                    raise Invalid(f"{name}_dir", f"must be set to use the '{name}' source")
+                continue
+            if not getattr(self, f"{name}_url"):
+                raise Invalid(f"{name}_url", f"must be set to use the '{name}' source")
+            sha256 = getattr(self, f"{name}_sha256")
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", sha256.strip()):
+                raise Invalid(f"{name}_sha256", f"must be 64 hex digits, got {sha256!r}")
+        return self
 
 
-@dataclass
-class AttentionParams:
-    levels: list[int] = field(default_factory=lambda: [0, 1])  # latent side / 2**level; SD at 512 px: 0..3 = 64,32,16,8
-    mode: str = "cached"  # cached = stored queries, ~text-encoder cost per step; full = UNet every step (exact)
-    prompts: str = "joint"  # joint = both prompts in one sequence, one pass; paired = one UNet pass per prompt
-    recache_every: int = 5  # cached mode: recompute the queries with the current prompts every N epochs (0 = never)
+class ModelParams(Block):
+    pretrained: str = Field(TINY, min_length=1)  # "tiny" (embedded, offline), a hub id or a local diffusers folder
+    tiny_seed: int = Field(0, ge=0)  # the tiny model's weights are a pure function of this seed
+    image_size: int = Field(128, ge=1)  # pixels fed to the VAE; 512 for SD 2.1-base / SD 1.5 (divisibility: Params)
+    timestep: int = Field(100, ge=0)  # DDPM step of the noised latents the UNet reads; low keeps image detail (< the scheduler's steps: checked at load)
+    noise_seed: int = Field(0, ge=0)  # the noise added at `timestep` is fixed per image, so maps are deterministic
+    device: str = "auto"  # auto = cuda when available, else cpu; or cpu | cuda | cuda:N (checked below)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"must be one of auto | cpu | cuda | cuda:N, got {value!r}")
+        return value
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _no_fp16(cls, value: object) -> object:
+        if value == "fp16":  # fp16 gradients underflow without loss scaling
+            raise ValueError("fp16 is refused: fp16 training needs a gradient scaler, which the pipeline does not have; use bf16 (or auto)")
+        return value
 
 
-@dataclass
-class LossParams:
-    focal: float = 1.0  # 2-channel focal loss of (normal, abnormal) maps vs mask
-    dice: float = 1.0  # dice(abnormal, mask) + dice(normal, 1 - mask)
-    image: float = 1.0  # cross-entropy of the image-level logit vs label
-    sharpness: float = 0.0  # entropy of the abnormal map inside defects (0 = off)
-    coverage: float = 0.0  # abnormal mass outside the mask vs inside (0 = off)
-    consistency: float = 0.0  # agreement of the per-level maps (0 = off)
-    focal_gamma: float = 2.0  # focal loss focusing parameter (Lin et al.)
+class PromptParams(Block):
+    n_ctx: int = Field(12, ge=1)  # learnable X tokens in 'X..X object.' / 'X..X damaged object.' (AnomalyCLIP)
+    t_n_ctx: int = Field(4, ge=0)  # deep compound prompt length, overwriting tokens 1..t_n_ctx (at most n_ctx)
+    depth: int = Field(9, ge=1)  # compound prompts at text-encoder layers 1..depth-1 (AnomalyCLIP); the model caps it
+    object_word: str = Field("object", min_length=1)  # class-agnostic: one prompt pair for every category
+    abnormal_word: str = Field("damaged", min_length=1)  # AnomalyCLIP's state word for the abnormal prompt
+    init_std: float = Field(0.02, gt=0)  # AnomalyCLIP's normal init of the context vectors
+
+    @model_validator(mode="after")
+    def _compound_fits(self) -> PromptParams:
+        if self.t_n_ctx > self.n_ctx:  # compound tokens overwrite context tokens, so there must be as many
+            raise Invalid("t_n_ctx", f"must lie in 0..prompt.n_ctx={self.n_ctx}, got {self.t_n_ctx}")
+        return self
 
 
-@dataclass
-class LatentsParams:
-    batch_size: int = 8  # images per VAE call
-    synthetic_per_image: int = 2  # K synthetic anomalies made from each normal training image
-    seed: int = 0  # synthetic anomalies are a pure function of this seed
-    beta_min: float = 0.0  # DRAEM's beta ~ U(0, 0.8) weighs the image inside the mask; the texture keeps 1 - beta
-    beta_max: float = 0.8  # so at least 20 % texture (DRAEM's code)
-    min_change: float = 8.0  # mean grey-level change inside the mask a synthetic defect must reach, else redrawn
-    perlin_scale_max: int = 6  # Perlin period 2**[0, max) per axis (DRAEM)
-    perlin_threshold: float = 0.5  # Perlin noise above this becomes the anomaly mask (DRAEM)
+class AttentionParams(Block):
+    # latent side / 2**level; SD at 512 px: 0..3 = 64, 32, 16, 8; the UNet names the levels it has when it loads
+    levels: Annotated[list[Annotated[int, Field(ge=0)]], Once] = Field([0, 1], min_length=1)
+    mode: Literal["cached", "full"] = "cached"  # cached = stored queries, ~text-encoder cost per step; full = UNet every step (exact)
+    prompts: Literal["joint", "paired"] = "joint"  # joint = both prompts in one sequence, one pass; paired = one UNet pass per prompt
+    recache_every: int = Field(5, ge=0)  # cached mode: recompute the queries with the current prompts every N epochs (0 = never)
+
+
+class LossParams(Block):
+    focal: float = Field(1.0, ge=0)  # 2-channel focal loss of (normal, abnormal) maps vs mask
+    dice: float = Field(1.0, ge=0)  # dice(abnormal, mask) + dice(normal, 1 - mask)
+    image: float = Field(1.0, ge=0)  # class-balanced cross-entropy of the image-level score vs label
+    sharpness: float = Field(0.0, ge=0)  # binary entropy of the anomaly map, averaged over all pixels (0 = off)
+    coverage: float = Field(0.0, ge=0)  # abnormal mass outside the mask vs inside (0 = off)
+    consistency: float = Field(0.0, ge=0)  # agreement of the per-level maps (0 = off)
+    focal_gamma: float = Field(2.0, ge=0)  # focal loss focusing parameter (Lin et al.); 0 = cross-entropy
+    # training image score = mean of the top 1 % of the anomaly map: robust to one hot pixel, small defects count
+    image_top_percent: float = Field(1.0, gt=0, le=100)
+
+
+class LatentsParams(Block):
+    batch_size: int = Field(8, ge=1)  # images per VAE call
+    synthetic_per_image: int = Field(2, ge=0)  # K synthetic anomalies made from each normal training image
+    seed: int = Field(0, ge=0)  # synthetic anomalies are a pure function of this seed (numpy refuses negative seeds)
+    # DRAEM's beta: the image's weight inside the mask, drawn from U(beta_min, beta_max); the texture keeps 1 - beta,
+    # so beta_max < 1 leaves at least 1 - beta_max of texture (DRAEM's code draws beta = U(0, 0.8): >= 20 %)
+    beta_min: float = Field(0.0, ge=0, lt=1)
+    beta_max: float = Field(0.8, ge=0, lt=1)
+    min_change: float = Field(8.0, ge=0)  # mean |change| in grey levels inside the mask, else redrawn with the next seed
+    perlin_scale_max: int = Field(6, ge=1)  # Perlin period 2**[0, max) per axis (DRAEM)
+    perlin_threshold: float = Field(0.5, gt=-1, lt=1)  # Perlin noise (in (-1, 1)) above this becomes the mask (DRAEM)
     texture_dir: str | None = None  # folder of anomaly-source images (e.g. DTD); null = procedural textures
-    val_fraction: float = 0.2  # normal training images held out (with their synthetic anomalies) to fit thresholds
+    val_fraction: float = Field(0.2, ge=0, lt=1)  # normal training images held out (with their anomalies) to fit thresholds
+
+    @model_validator(mode="after")
+    def _beta_range(self) -> LatentsParams:
+        if self.beta_min > self.beta_max:
+            raise Invalid("beta_min", f"must be <= latents.beta_max={self.beta_max}, got {self.beta_min}")
+        return self
 
 
-@dataclass
-class TrainParams:
-    datasets: list[str] = field(default_factory=lambda: ["sample"])  # where supervision comes from
-    supervision: str = "synthetic"  # synthetic = Perlin anomalies on normal images; annotated = real defects + masks
-    epochs: int = 15  # AnomalyCLIP trains 15 epochs
-    batch_size: int = 8  # AnomalyCLIP's batch
-    lr: float = 0.001  # Adam, as AnomalyCLIP
-    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])  # AnomalyCLIP's Adam betas
-    seed: int = 0
+class TrainParams(Block):
+    datasets: Annotated[list[str], Once] = Field(["sample"], min_length=1)  # where supervision comes from; each in download.datasets
+    supervision: Literal["synthetic", "annotated"] = "synthetic"  # synthetic = Perlin anomalies on normal images; annotated = real defects + masks
+    epochs: int = Field(15, ge=1, json_schema_extra={"hint": "an untrained baseline is train.untrained: true"})  # AnomalyCLIP
+    untrained: bool = False  # true = write the initial prompts without optimising: the untrained baseline
+    batch_size: int = Field(8, ge=1)  # AnomalyCLIP's batch
+    lr: float = Field(0.001, gt=0)  # Adam, as AnomalyCLIP
+    betas: list[AdamBeta] = Field([0.5, 0.999], min_length=2, max_length=2)  # AnomalyCLIP's Adam betas
+    seed: int = Field(0, ge=0)  # initial prompts and batch order
 
 
-@dataclass
-class EvaluateParams:
-    datasets: list[str] = field(default_factory=lambda: ["sample"])
-    map_size: int = 256  # side at which maps are scored, as anomalib; ground-truth masks are resized to it
-    sigma: float = 4.0  # Gaussian smoothing in map pixels (AnomalyCLIP / anomalib)
-    batch_size: int = 8
-    aupro_fpr_limit: float = 0.3  # the field's AUPRO integrates PRO up to FPR 0.3
-    grid_cases: int = 2  # per category: this many worst and best anomalous and normal images in the PNG grid
-    score: str = "topk"  # max | topk | fused (maps.image_scores); topk won on the sample's validation split (README)
-    top_percent: float = 5.0  # % of pixels averaged by the topk score; 5 beat 1 on the validation split
-    threshold: str = "f1"  # f1 = F1-optimal on the validation split; fixed = `sensitivity` on the map scale
-    sensitivity: float = 0.5  # the fixed threshold, used when threshold = fixed
-    opening_kernel: int = 3  # square kernel of the morphological opening on binary masks (0/1 = none)
-    min_area: int = 16  # predicted regions smaller than this many map pixels are dropped
+class EvaluateParams(Block):
+    datasets: Annotated[list[str], Once] = ["sample"]  # each in download.datasets; dvc.yaml runs one evaluate stage per entry
+    map_size: int = Field(256, ge=1)  # side at which maps are scored, as anomalib; ground-truth masks are resized to it
+    sigma: float = Field(4.0, ge=0)  # Gaussian smoothing in map pixels (AnomalyCLIP / anomalib); 0 = none
+    batch_size: int = Field(8, ge=1)  # maps per forward: memory depends on it, results do not
+    aupro_fpr_limit: float = Field(0.3, gt=0, le=1)  # the field's AUPRO integrates PRO up to FPR 0.3
+    grid_cases: int = Field(2, ge=0)  # per category: this many worst and best anomalous and normal images in the PNG grid
+    score: Literal["max", "topk", "fused"] = "topk"  # maps.image_scores; topk won on the sample's validation split (README)
+    top_percent: float = Field(5.0, gt=0, le=100)  # % of pixels averaged by the topk score; 5 beat 1 on the validation split
+    threshold: Literal["f1", "fixed"] = "f1"  # f1 = F1-optimal on the validation split; fixed = `sensitivity` on the map scale
+    sensitivity: float = Field(0.5, ge=0, le=1)  # the fixed threshold (maps lie in [0, 1]), used when threshold = fixed
+    opening_kernel: int = Field(3, ge=0)  # square kernel of the morphological opening on binary masks (0/1 = none)
+    min_area: int = Field(16, ge=0)  # predicted regions smaller than this many map pixels are dropped
 
 
-@dataclass
-class Params:
-    download: DownloadParams = field(default_factory=DownloadParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    prompt: PromptParams = field(default_factory=PromptParams)
-    attention: AttentionParams = field(default_factory=AttentionParams)
-    loss: LossParams = field(default_factory=LossParams)
-    latents: LatentsParams = field(default_factory=LatentsParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+class Params(Block):
+    download: DownloadParams = DownloadParams()
+    model: ModelParams = ModelParams()
+    prompt: PromptParams = PromptParams()
+    attention: AttentionParams = AttentionParams()
+    loss: LossParams = LossParams()
+    latents: LatentsParams = LatentsParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_blocks(cls, raw: object) -> object:
+        # a block whose keys are all commented out reads as null in YAML: it means the defaults
+        return {k: {} if v is None else v for k, v in raw.items()} if isinstance(raw, dict) else raw
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Params:
+        """The checks that span blocks, in the order a reader meets the keys."""
+        for key in ("train", "evaluate"):
+            for name in getattr(self, key).datasets:
+                if name not in self.download.datasets:
+                    raise Invalid(f"{key}.datasets", f"{name!r} is not in download.datasets; choose from {' | '.join(self.download.datasets)}")
+        if self.train.supervision == "annotated":
+            for name in self.train.datasets:
+                if name in self.evaluate.datasets:
+                    raise Invalid("train.supervision", f"annotated trains on the test split of {name}, which evaluate scores; "
+                                  "the zero-shot protocol trains on one dataset and evaluates on another")
+        _latents_fit_levels(self.model, self.attention.levels)
+        if self.evaluate.threshold == "f1" and self.latents.val_fraction == 0:
+            raise Invalid("evaluate.threshold", "f1 fits thresholds on the validation split, which latents.val_fraction=0 leaves empty; "
+                          "raise latents.val_fraction or set evaluate.threshold: fixed")
+        return self
 
 
-def _coerce(value, annotation, key: str):
-    """Check `value` against a dataclass field type; ints widen to floats, nothing else is guessed."""
-    origin = typing.get_origin(annotation)
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ParamsError(f"params key '{key}' must be a mapping")
-        return _build(annotation, value, key)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
-    if origin is list:
-        (inner,) = typing.get_args(annotation)
-        if not isinstance(value, list):
-            raise ParamsError(f"params key '{key}' must be a list, got {value!r}")
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is bool and isinstance(value, bool):
-        return value
-    if isinstance(value, annotation) and not (isinstance(value, bool) and annotation is not bool):
-        return value
-    raise ParamsError(f"params key '{key}' must be {annotation.__name__}, got {value!r}")
-
-
-def _build(cls, raw: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in names:
-            where = f"{prefix}.{key}" if prefix else key
-            raise ParamsError(f"unknown params key '{where}'")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
-    return cls(**kwargs)
+def _latents_fit_levels(model: ModelParams, levels: list[int]) -> None:
+    """The VAE's latents must halve evenly down to the coarsest attention level read."""
+    try:
+        factor = vae_factor(model.pretrained)
+    except ValueError as err:
+        raise Invalid("model.pretrained", str(err)) from None
+    side, step = model.image_size, factor * 2 ** max(levels)
+    if side % factor:
+        raise Invalid("model.image_size", f"{side} is not a multiple of the VAE factor {factor}; use a multiple of {step}")
+    if side % step:
+        raise Invalid("model.image_size", f"{side} gives {side // factor}x{side // factor} latents (VAE factor {factor}), "
+                      f"not divisible by 2**{max(levels)} for attention.levels={levels}; use a multiple of {step}")
 
 
 def params_from_dict(raw: dict | None) -> Params:
-    """Build Params from a nested dict; missing keys take their defaults, unknown keys raise."""
-    return _build(Params, raw or {})
+    """Build Params from a nested dict; missing keys take their defaults, anything else raises ParamsError."""
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"must be a mapping of blocks ({', '.join(Params.model_fields)}), got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ParamsError(describe(err.errors()[0], Params)) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{path}: params file not found")
-    with path.open() as fh:
-        raw = yaml.safe_load(fh)
+    """Read and check a params file; every problem is one ParamsError line starting with `path`."""
+    shown = str(path)
+    raw = read_yaml(Path(path), shown)  # its errors already name the file and line
     try:
         return params_from_dict(raw)
     except ParamsError as err:
-        raise ParamsError(f"{path}: {err}") from None
+        raise ParamsError(f"{shown}: {err}") from None
 
 
 def flatten(params: Params) -> dict[str, object]:
     """'block.key' -> value, as MLflow and `dvc exp show` list params."""
-    out: dict[str, object] = {}
-    for block, values in dataclasses.asdict(params).items():
-        for key, value in values.items():
-            out[f"{block}.{key}"] = value
-    return out
+    return {f"{block}.{key}": value for block, values in params.model_dump().items() for key, value in values.items()}
+

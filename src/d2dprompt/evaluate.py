@@ -70,28 +70,26 @@ def validation_thresholds(labels: np.ndarray, scores: np.ndarray, masks: np.ndar
     return fit_thresholds(labels, scores, masks, maps, source, ev.opening_kernel, ev.min_area)
 
 
-def evaluate_dataset(segmenter: D2DSegmenter, latents_dir: Path, download_dir: Path, ev: EvaluateParams, noise_seed: int, device: torch.device, precision: str = "auto"):
+def evaluate_dataset(segmenter: D2DSegmenter, latents_dir: Path, download_dir: Path, ev: EvaluateParams, noise_seed: int, device: torch.device, precision: str, image_top_percent: float):
     """Metrics per category + mean, the thresholds, and the arrays behind them (for pictures)."""
     tensors, rows = read_latents(latents_dir)
     test = [i for i, r in enumerate(rows) if r.split == "test" and r.source == "real"]
     val = [i for i, r in enumerate(rows) if r.split == "val"]
     if not test:
         raise ValueError(f"{latents_dir}: no test images")
-    if ev.threshold not in ("f1", "fixed"):
-        raise ParamsError(f"evaluate.threshold={ev.threshold!r}: expected f1 or fixed")
     thresholds = Thresholds(ev.sensitivity, ev.sensitivity, "fixed evaluate.sensitivity")
     validation: dict[str, float] = {}
     if ev.threshold != "fixed":
         if not val:
             raise ValueError(f"{latents_dir}: no validation rows; set latents.val_fraction > 0 or evaluate.threshold=fixed")
         val_rows = [rows[i] for i in val]
-        val_maps, val_scores = anomaly_maps(segmenter, tensors["latents"][val], noise_seed, ev, device, precision, "validation maps")
+        val_maps, val_scores = anomaly_maps(segmenter, tensors["latents"][val], noise_seed, ev, device, precision, image_top_percent, "validation maps")
         val_masks = validation_masks(tensors["val_masks"], ev.map_size)
         val_labels = np.array([r.label for r in val_rows])
         thresholds = validation_thresholds(val_labels, val_scores, val_masks, val_maps, ev)
-        validation = {**image_metrics(val_labels, val_scores), "pixel_AUROC": pixel_metrics(val_masks, val_maps)["pixel_AUROC"]}
+        validation = {**image_metrics(val_labels, val_scores), "pixel_AUROC": pixel_metrics(val_masks, val_maps, ev.aupro_fpr_limit)["pixel_AUROC"]}
     test_rows = [rows[i] for i in test]
-    maps, scores = anomaly_maps(segmenter, tensors["latents"][test], noise_seed, ev, device, precision, "test maps")
+    maps, scores = anomaly_maps(segmenter, tensors["latents"][test], noise_seed, ev, device, precision, image_top_percent, "test maps")
     masks = ground_truth(download_dir, test_rows, ev.map_size)
     labels = np.array([r.label for r in test_rows])
     predicted = binary_masks(maps, thresholds.pixel, ev.opening_kernel, ev.min_area)
@@ -128,7 +126,7 @@ def main(
         segmenter.to(device)
         noise_seed = record["model"]["noise_seed"]
         with start_run("evaluate", {**flatten(cfg), "evaluate.dataset": dataset}) as log:
-            summary, thresholds, details = evaluate_dataset(segmenter, latents / dataset, downloads / dataset, ev, noise_seed, device, cfg.model.precision)
+            summary, thresholds, details = evaluate_dataset(segmenter, latents / dataset, downloads / dataset, ev, noise_seed, device, cfg.model.precision, cfg.loss.image_top_percent)
             threshold_record = {**asdict(thresholds), "score": ev.score, "top_percent": ev.top_percent, "map_size": ev.map_size, "sigma": ev.sigma}
             with atomic_dir(out / dataset) as tmp:
                 write_json(tmp / "thresholds.json", threshold_record)

@@ -32,6 +32,7 @@ def anomaly_maps(
     ev: EvaluateParams,
     device: torch.device,
     precision: str,
+    image_top_percent: float,
     desc: str = "maps",
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -42,7 +43,7 @@ def anomaly_maps(
         noise = fixed_noise(batch.shape[0], tuple(batch.shape[1:]), noise_seed).to(device)
         with autocast(device, precision):
             latent_map = segmenter(batch, noise)["anomaly"]
-        full, score = finish_maps(latent_map, ev.map_size, ev.sigma, ev.score, ev.top_percent)
+        full, score = finish_maps(latent_map, ev.map_size, ev.sigma, ev.score, ev.top_percent, image_top_percent)
         maps.append(full.cpu())
         scores.append(score.cpu())
     return torch.cat(maps).numpy(), torch.cat(scores).numpy()

@@ -48,9 +48,7 @@ def read_latents(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[Late
 
 
 def training_set(latents_root: Path, datasets: list[str], supervision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """(latents, latent-size masks, labels, keys) concatenated over `datasets`."""
-    if supervision not in ("synthetic", "annotated"):
-        raise ValueError(f"train.supervision={supervision!r}: expected synthetic or annotated")
+    """(latents, latent-size masks, labels, keys) concatenated over `datasets`; `supervision` is synthetic | annotated."""
     parts = []
     for name in datasets:
         tensors, rows = read_latents(latents_root / name)

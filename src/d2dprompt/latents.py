@@ -165,9 +165,7 @@ def main(
     try:
         cfg = load_params(params)
         device = pick_device(cfg.model.device)
-        sd = load_frozen(cfg.model.pretrained, cfg.model.tiny_seed).to(device)
-        if cfg.model.image_size % sd.vae_scale:
-            raise ParamsError(f"model.image_size={cfg.model.image_size}: must be a multiple of the VAE factor {sd.vae_scale}")
+        sd = load_frozen(cfg.model.pretrained, cfg.model.tiny_seed).to(device)  # image_size fits its VAE: config.py checked
         with atomic_dir(out) as tmp:
             for name in cfg.download.datasets:
                 root = downloads / name

@@ -9,7 +9,8 @@ abnormal prompt's tokens, p_l(x) the anomaly map of attention level l, and mean(
                fractional where a latent cell is partly defective).
 - dice:        [1 - 2 sum(p m) / (sum p + sum m)] + [1 - 2 sum((1-p)(1-m)) / (sum(1-p) + sum(1-m))]
                (abnormal map vs mask, normal map vs 1 - mask), averaged over the batch.
-- image:       class-balanced binary cross-entropy of s = mean of the top 1 % of p against y:
+- image:       class-balanced binary cross-entropy of s = mean of the top `loss.image_top_percent` %
+               of p against y:
                0.5 * mean over anomalous images + 0.5 * mean over normal ones (the mean of the
                class present when a batch holds one class only).
 - sharpness:   mean binary entropy H(p) / log 2 over pixels: 0 when every pixel is decided, 1 at p = 0.5.
@@ -34,10 +35,9 @@ import torch
 import torch.nn.functional as F
 
 CLAMP = 1e-6  # keeps logs finite
-TOP_FRACTION = 0.01  # image score = mean of the top 1 % pixels: robust to a single hot pixel, small defects count
 
 
-def focal_loss(p: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+def focal_loss(p: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     q = p.clamp(CLAMP, 1 - CLAMP)
     return -(mask * (1 - q) ** gamma * q.log() + (1 - mask) * q**gamma * (1 - q).log()).mean()
 
@@ -52,15 +52,15 @@ def dice_loss(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (_dice(p, mask) + _dice(1 - p, 1 - mask)).mean()
 
 
-def image_score(p: torch.Tensor, top_fraction: float = TOP_FRACTION) -> torch.Tensor:
-    """(B, h, w) -> (B,): mean of the top `top_fraction` of pixels."""
+def image_score(p: torch.Tensor, top_percent: float) -> torch.Tensor:
+    """(B, h, w) -> (B,): mean of the top `top_percent` % of pixels."""
     flat = p.flatten(1)
-    k = max(1, int(round(flat.shape[1] * top_fraction)))
+    k = max(1, int(round(flat.shape[1] * top_percent / 100)))
     return flat.topk(k, dim=1).values.mean(1)
 
 
-def image_loss(p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    s = image_score(p).clamp(CLAMP, 1 - CLAMP)
+def image_loss(p: torch.Tensor, labels: torch.Tensor, top_percent: float) -> torch.Tensor:
+    s = image_score(p, top_percent).clamp(CLAMP, 1 - CLAMP)
     y = labels.to(s.dtype)
     per_image = F.binary_cross_entropy(s, y, reduction="none")
     positive = y > 0.5
@@ -95,7 +95,8 @@ def total_loss(
     mask: torch.Tensor,
     labels: torch.Tensor,
     weights: dict[str, float],
-    focal_gamma: float = 2.0,
+    focal_gamma: float,
+    image_top_percent: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of the terms with non-zero weight; returns (loss, each term's unweighted value)."""
     unknown = set(weights) - set(LOSS_NAMES)
@@ -105,7 +106,7 @@ def total_loss(
     terms = {
         "focal": lambda: focal_loss(p, mask, focal_gamma),
         "dice": lambda: dice_loss(p, mask),
-        "image": lambda: image_loss(p, labels),
+        "image": lambda: image_loss(p, labels, image_top_percent),
         "sharpness": lambda: sharpness_loss(p),
         "coverage": lambda: coverage_loss(maps["abnormal_mass"], mask, labels),
         "consistency": lambda: consistency_loss(maps["anomaly_levels"]),

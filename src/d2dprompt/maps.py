@@ -36,16 +36,14 @@ def to_image_size(maps: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
     return gaussian_blur(up, sigma)
 
 
-SCORE_METHODS = ("max", "topk", "fused")
-
-
-def image_scores(maps: torch.Tensor, method: str = "max", top_percent: float = 1.0, logits: torch.Tensor | None = None) -> torch.Tensor:
+def image_scores(maps: torch.Tensor, method: str, top_percent: float, logits: torch.Tensor | None = None) -> torch.Tensor:
     """(B, H, W) -> (B,) image anomaly scores.
 
     max:   the maximum of the smoothed map, the field's usual score.
     topk:  mean of the top `top_percent` % of pixels: less sensitive to one hot pixel.
     fused: mean of `max` and the image-level probability `logits` (the training image term's
            score, computed on the unsmoothed latent map), as AnomalyCLIP fuses map and image scores.
+    `method` is evaluate.score, one of these three (config.py checks it).
     """
     flat = maps.flatten(1)
     if method == "max":
@@ -53,15 +51,18 @@ def image_scores(maps: torch.Tensor, method: str = "max", top_percent: float = 1
     if method == "topk":
         k = max(1, int(round(flat.shape[1] * top_percent / 100)))
         return flat.topk(k, dim=1).values.mean(1)
-    if method == "fused":
-        if logits is None:
-            raise ValueError("evaluate.score=fused needs the image-level scores")
-        return 0.5 * (flat.amax(1) + logits)
-    raise ValueError(f"evaluate.score={method!r}: expected one of {', '.join(SCORE_METHODS)}")
+    if logits is None:
+        raise ValueError("evaluate.score=fused needs the image-level scores")
+    return 0.5 * (flat.amax(1) + logits)
 
 
-def finish_maps(latent_maps: torch.Tensor, map_size: int, sigma: float, score: str, top_percent: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latent-size anomaly maps -> (maps at `map_size`, image scores): what evaluate and predict report."""
+def finish_maps(
+    latent_maps: torch.Tensor, map_size: int, sigma: float, score: str, top_percent: float, image_top_percent: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent-size anomaly maps -> (maps at `map_size`, image scores): what evaluate and predict report.
+
+    `image_top_percent` (loss.image_top_percent) makes the `fused` score's image term the one training used.
+    """
     maps = to_image_size(latent_maps.float(), map_size, sigma)
-    logits = image_score(latent_maps.float()) if score == "fused" else None
+    logits = image_score(latent_maps.float(), image_top_percent) if score == "fused" else None
     return maps, image_scores(maps, score, top_percent, logits)

@@ -17,7 +17,6 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-DEFAULT_FPR_LIMIT = 0.3  # MVTec AD / anomalib integrate the PRO curve up to FPR 0.3
 _CHUNK = 1 << 22  # pixels per counting step: scratch buffers stay small and are reused (page faults are slow)
 _MAX_BUCKET_BITS = 24  # 16M buckets (64 MiB of counts): few normal pixels share a bucket with an anomalous one
 _IMAGES_PER_LABEL_CALL = 64  # masks labelled per scipy call, into one reused 16 MiB label buffer at 256 px
@@ -230,7 +229,7 @@ def _pro_weights(masks: np.ndarray, positive_index: np.ndarray) -> np.ndarray:
     return 1.0 / (sizes[region_of_pixel].astype(np.float64) * n_regions)
 
 
-def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = DEFAULT_FPR_LIMIT) -> float:
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> float:
     """Normalised area under the per-region-overlap curve up to `fpr_limit` (MVTec AD's AU-PRO).
 
     Regions: 8-connected components (full 3x3 structure, scipy.ndimage.label) of each image's
@@ -251,7 +250,7 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = DEFAULT_FPR_LI
     return _aupro(_rank(scores, anomalous, _pro_weights(masks, np.flatnonzero(anomalous))), fpr_limit)
 
 
-def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = DEFAULT_FPR_LIMIT) -> dict[str, float]:
+def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> dict[str, float]:
     """pixel_AUROC, pixel_AP (scikit-learn's definitions), pixel_F1Max and pixel_AUPRO over all pixels.
 
     One pass over the pixels serves all four. Each is nan when the masks hold only one class.

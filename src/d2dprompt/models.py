@@ -18,7 +18,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-TINY = "tiny"
+from d2dprompt.vae_factor import TINY, TINY_VAE_BLOCKS, factor_of
+
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"  # OpenAI CLIP's BPE merges, as shipped in open_clip (MIT)
 
 
@@ -38,8 +39,8 @@ class FrozenSD:
 
     @property
     def vae_scale(self) -> int:
-        """Pixels per latent cell: each VAE block but the last halves the resolution."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Pixels per latent cell (config.py knows it before the weights load)."""
+        return factor_of(self.vae.config.block_out_channels)
 
     def to(self, device: torch.device | str) -> "FrozenSD":
         for module in (self.text_encoder, self.unet, self.vae):
@@ -112,7 +113,7 @@ def build_tiny(seed: int = 0) -> FrozenSD:
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),  # three blocks -> latents at 1/4 of the image side
+        block_out_channels=TINY_VAE_BLOCKS,
         latent_channels=4,
         norm_num_groups=16,
         sample_size=128,
@@ -223,9 +224,10 @@ def _freeze(sd: FrozenSD) -> FrozenSD:
 
 
 def autocast(device: torch.device, precision: str):
-    """Mixed precision on CUDA (bf16 by default); CPU runs in fp32, where half precision is slow."""
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ValueError(f"model.precision={precision!r}: expected auto, fp32, bf16 or fp16")
+    """Mixed precision on CUDA (bf16 for auto); CPU runs in fp32, where half precision is slow.
+
+    `precision` is model.precision (checked by config.py) or bench's --precision, which may also say fp16.
+    """
     if device.type != "cuda" or precision == "fp32":
         return torch.autocast(device_type=device.type, enabled=False)
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16

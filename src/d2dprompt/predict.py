@@ -124,11 +124,12 @@ def output_stems(keys: list[str]) -> dict[str, str]:
 
 
 def predict_batch(
-    segmenter: D2DSegmenter, images: list[np.ndarray], noise_seed: int, ev: EvaluateParams, device: torch.device, precision: str
+    segmenter: D2DSegmenter, images: list[np.ndarray], noise_seed: int, ev: EvaluateParams, device: torch.device, precision: str,
+    image_top_percent: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images already at the model's size -> (maps (B, map_size, map_size), scores (B,)), as evaluate computes them."""
     latents = encode_images(segmenter, images, device)
-    return anomaly_maps(segmenter, latents, noise_seed, ev, device, precision, progress=False)
+    return anomaly_maps(segmenter, latents, noise_seed, ev, device, precision, image_top_percent, progress=False)
 
 
 def render_overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, title: str) -> Image.Image:
@@ -172,6 +173,7 @@ def predict_images(
     out: Path,
     thresholds: Thresholds,
     ev: EvaluateParams,
+    image_top_percent: float,
     batch_size: int,
     device: torch.device,
     precision: str,
@@ -194,7 +196,7 @@ def predict_images(
                     tqdm.write(f"skipped: {err}", file=sys.stderr)
             if batch:
                 resized = [resize_rgb(img, image_size) for img in originals]
-                maps, scores = predict_batch(segmenter, resized, noise_seed, ev, device, precision)
+                maps, scores = predict_batch(segmenter, resized, noise_seed, ev, device, precision, image_top_percent)
                 masks = binary_masks(maps, thresholds.pixel, opening_kernel=ev.opening_kernel, min_area=ev.min_area)
                 for item, original, amap, mask, score in zip(batch, originals, maps, masks, scores.tolist()):
                     label = int(score >= thresholds.image)
@@ -244,7 +246,7 @@ def main(
         segmenter.to(device)
         records, errors = predict_images(
             segmenter, record["model"]["image_size"], record["model"]["noise_seed"], inputs, out, chosen,
-            cfg.evaluate, batch_size or cfg.evaluate.batch_size, device, cfg.model.precision, progress=len(inputs) > 1,
+            cfg.evaluate, cfg.loss.image_top_percent, batch_size or cfg.evaluate.batch_size, device, cfg.model.precision, progress=len(inputs) > 1,
         )
     except (ParamsError, ThresholdsError, ImageError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)

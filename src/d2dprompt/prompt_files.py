@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from d2dprompt.config import Params, params_from_dict
+from d2dprompt.config import Params, ParamsError, params_from_dict
 from d2dprompt.models import FrozenSD, load_frozen
 from d2dprompt.outputs import atomic_file, write_json
 from d2dprompt.segmenter import D2DSegmenter, build_segmenter
@@ -19,11 +18,11 @@ PROMPTS_FILE, CONFIG_FILE = "prompts.safetensors", "prompts.json"
 def config_record(cfg: Params) -> dict:
     """What a prompt file depends on: enough to rebuild the segmenter, and to refuse a stale checkpoint."""
     return {
-        "model": dataclasses.asdict(cfg.model),
-        "prompt": dataclasses.asdict(cfg.prompt),
-        "attention": dataclasses.asdict(cfg.attention),
-        "loss": dataclasses.asdict(cfg.loss),
-        "train": dataclasses.asdict(cfg.train),
+        "model": cfg.model.model_dump(),
+        "prompt": cfg.prompt.model_dump(),
+        "attention": cfg.attention.model_dump(),
+        "loss": cfg.loss.model_dump(),
+        "train": cfg.train.model_dump(),
     }
 
 
@@ -40,7 +39,12 @@ def load_segmenter(folder: str | Path, sd: FrozenSD | None = None, early_exit: b
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name}: missing; run the train stage first")
     record = json.loads((folder / CONFIG_FILE).read_text())
-    cfg = params_from_dict({k: record[k] for k in ("model", "prompt", "attention")})
+    # device and precision are today's params.yaml's to choose (an older record may hold fp16, refused now)
+    model = {k: v for k, v in record["model"].items() if k not in ("device", "precision")}
+    try:
+        cfg = params_from_dict({"model": model, "prompt": record["prompt"], "attention": record["attention"]})
+    except ParamsError as err:
+        raise ParamsError(f"{folder / CONFIG_FILE}: {err}") from None
     if sd is None:
         sd = load_frozen(cfg.model.pretrained, cfg.model.tiny_seed)
     segmenter = build_segmenter(sd, cfg.prompt, cfg.attention, cfg.model, early_exit)

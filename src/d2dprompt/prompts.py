@@ -84,13 +84,13 @@ class PromptLearner(nn.Module):
         self,
         tokenizer: CLIPTokenizer,
         text_encoder: CLIPTextModel,
-        n_ctx: int = 12,
-        t_n_ctx: int = 4,
-        depth: int = 9,
-        object_word: str = "object",
-        abnormal_word: str = "damaged",
-        init_std: float = 0.02,
-        joint: bool = False,
+        n_ctx: int,
+        t_n_ctx: int,
+        depth: int,
+        object_word: str,
+        abnormal_word: str,
+        init_std: float,
+        joint: bool,
     ):
         super().__init__()
         width = text_encoder.config.hidden_size

@@ -20,8 +20,6 @@ from d2dprompt.outputs import atomic_dir
 from d2dprompt.query_cache import compute_queries, save_queries
 from d2dprompt.segmenter import build_segmenter, fixed_noise
 
-MODES = ("full", "cached")
-
 
 def cache_queries(cfg: Params, latents: Path, out: Path) -> str:
     """Write the query cache of `cfg`'s training rows to `out` (empty in full mode); returns a summary line."""

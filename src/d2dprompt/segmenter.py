@@ -121,9 +121,7 @@ class D2DSegmenter(nn.Module):
 
 
 def build_segmenter(sd: FrozenSD, prompt, attention, model, early_exit: bool = True) -> D2DSegmenter:
-    """From the `prompt`, `attention` and `model` params blocks."""
-    if attention.prompts not in ("paired", "joint"):
-        raise ValueError(f"attention.prompts={attention.prompts!r}: expected paired or joint")
+    """From the `prompt`, `attention` and `model` params blocks (checked by config.py)."""
     learner = PromptLearner(
         sd.tokenizer,
         sd.text_encoder,

@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 URI_ENV = "D2D_MLFLOW_URI"  # overrides the repository's SQLite store (tests, tracking servers)
 DB_NAME = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -139,15 +141,22 @@ def run_tags(stage: str, cwd: Path | None = None) -> dict[str, str]:
     return tags
 
 
+def _as_mapping(value: Any) -> Any:
+    """A dataclass or pydantic model (config.Params) as a dict; anything else unchanged."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    return value
+
+
 def flatten_params(params: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, str]:
-    """Nested mappings / dataclasses -> {'a.b': str(value)}, values cut to MLflow's length limit."""
-    if dataclasses.is_dataclass(params) and not isinstance(params, type):
-        params = dataclasses.asdict(params)
+    """Nested mappings / dataclasses / pydantic models -> {'a.b': str(value)}, values cut to MLflow's length limit."""
+    params = _as_mapping(params)
     out: dict[str, str] = {}
     for key, value in params.items():
         name = f"{prefix}.{key}" if prefix else str(key)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            value = dataclasses.asdict(value)
+        value = _as_mapping(value)
         if isinstance(value, Mapping) and value:
             out.update(flatten_params(value, name))
         else:

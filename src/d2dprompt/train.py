@@ -73,7 +73,7 @@ def train_epoch(
             else:
                 maps = segmenter.forward_cached(queries.batch(batch, device), latent_hw)
         maps = {k: v.float() for k, v in maps.items()}
-        loss, values = total_loss(maps, data.masks[batch].to(device), data.labels[batch].to(device), weights, cfg.loss.focal_gamma)
+        loss, values = total_loss(maps, data.masks[batch].to(device), data.labels[batch].to(device), weights, cfg.loss.focal_gamma, cfg.loss.image_top_percent)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -126,8 +126,6 @@ def run(cfg: Params, latents_root: Path, queries_root: Path, out: Path, checkpoi
     if device.type == "cuda":  # the training rows fit on the GPU (MVTec AD at 512 px: ~0.7 GB): no loader to wait for
         latents, masks, labels, noise = (t.to(device) for t in (latents, masks, labels, noise))
     data = Batches(latents, masks, labels, noise, keys)
-    if cfg.attention.mode not in ("full", "cached"):
-        raise ParamsError(f"attention.mode={cfg.attention.mode!r}: expected full or cached")
     queries = open_queries(queries_root, keys) if cfg.attention.mode == "cached" else None
     sd = load_frozen(cfg.model.pretrained, cfg.model.tiny_seed).to(device)
     torch.manual_seed(cfg.train.seed)
@@ -146,7 +144,9 @@ def run(cfg: Params, latents_root: Path, queries_root: Path, out: Path, checkpoi
     elif state is not None:
         typer.echo(f"{checkpoint}: left by a run with other params, data or code; training from scratch")
     out.mkdir(parents=True, exist_ok=True)
-    for epoch in range(len(history), cfg.train.epochs):
+    if cfg.train.untrained:  # the baseline: prompts as initialised; prompts.json records train.untrained: true
+        typer.echo("train.untrained: true: writing the initial prompts without optimising them")
+    for epoch in range(len(history), 0 if cfg.train.untrained else cfg.train.epochs):
         every = cfg.attention.recache_every
         if queries is not None and every and epoch and epoch % every == 0:
             refresh = _clone(segmenter.prompts.state_dict())
