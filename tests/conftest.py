@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,18 @@ def tiny() -> FrozenSD:
     return build_tiny(0)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_mlflow(tmp_path_factory, monkeypatch):
-    """Runs logged by tests go to a throwaway store, never the repository's mlflow.db."""
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_mlflow(tmp_path_factory):
+    """Runs logged by tests go to a throwaway store, never the repository's mlflow.db.
+
+    Session-scoped, so stage CLIs run by module- or session-scoped fixtures are isolated too.
+    """
     store = tmp_path_factory.getbasetemp() / "mlflow"
     store.mkdir(exist_ok=True)
-    monkeypatch.setenv("D2D_MLFLOW_URI", f"sqlite:///{store / 'mlflow.db'}")
+    previous = os.environ.get("D2D_MLFLOW_URI")
+    os.environ["D2D_MLFLOW_URI"] = f"sqlite:///{store / 'mlflow.db'}"
+    yield
+    if previous is None:
+        os.environ.pop("D2D_MLFLOW_URI", None)
+    else:
+        os.environ["D2D_MLFLOW_URI"] = previous
