@@ -87,11 +87,11 @@ def test_garbage_and_missing_files_raise(tmp_path):
         load_rgb(tmp_path / "nope.png")
 
 
-def test_mask_is_bool_with_any_positive_value_as_defect(tmp_path):
-    values = np.array([[0, 1, 255], [0, 0, 3]], dtype=np.uint8)
+def test_mask_is_bool_with_its_one_foreground_value_as_defect(tmp_path):
+    values = np.array([[0, 3, 3], [0, 0, 3]], dtype=np.uint8)
     Image.fromarray(values).save(tmp_path / "m.png")
     np.testing.assert_array_equal(load_mask(tmp_path / "m.png", (2, 3)), values > 0)
-    _png_16bit(tmp_path / "m16.png", np.array([[0, 1], [65535, 0]], dtype=np.uint16), colour_type=0)
+    _png_16bit(tmp_path / "m16.png", np.array([[0, 65535], [65535, 0]], dtype=np.uint16), colour_type=0)
     np.testing.assert_array_equal(load_mask(tmp_path / "m16.png", (2, 2)), [[False, True], [True, False]])
     colour = np.zeros((2, 2, 3), np.uint8)
     colour[1, 1, 2] = 200

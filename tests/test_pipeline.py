@@ -83,8 +83,9 @@ def test_training_beats_untrained_prompts_and_writes_every_metric(workspace, tra
     assert json.loads((workspace / "untrained/prompts.json").read_text())["train"]["untrained"] is True
     before = pixel_auroc(workspace, "untrained", "metrics-untrained")
     after = json.loads((workspace / "metrics-trained/sample.json").read_text())
-    categories = {k: v for k, v in after.items() if k not in ("thresholds", "validation")}
+    categories = {k: v for k, v in after.items() if k not in ("thresholds", "validation", "mean_over", "undefined")}
     assert set(categories) == {"disc", "tile", "weave", "mean"}
+    assert set(after["mean_over"].values()) == {3} and after["undefined"] == {}  # every sample category has defects
     for values in categories.values():
         assert set(METRICS) | {"image_F1", "pixel_F1"} <= set(values)
         assert all(0.0 <= values[m] <= 1.0 for m in METRICS)

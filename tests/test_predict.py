@@ -16,6 +16,7 @@ from d2dprompt import prompt_files
 from d2dprompt.config import EvaluateParams, Params
 from d2dprompt.predict import (
     FALLBACK_SOURCE,
+    IMAGE_SUFFIXES,
     ThresholdsError,
     app,
     find_images,
@@ -89,11 +90,12 @@ def make_folder(root: Path) -> Path:
     data = SCRATCH.read_bytes()
     (inputs / "a/truncated.png").write_bytes(data[: len(data) // 2])
     (inputs / "notes.png").write_text("not an image\n")
-    (inputs / "readme.txt").write_text("ignored: not an image suffix\n")
+    (inputs / "readme.txt").write_text("skipped: not an image suffix\n")
     return inputs
 
 
 GOOD = ["a/000.png", "a/b/001.png", "c.png"]
+SUFFIXES = ", ".join(sorted(IMAGE_SUFFIXES))
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +119,9 @@ def test_folder_skips_unreadable_files(folder_run):
         assert Path(row["overlay"]).is_file()
         assert Image.open(row["mask"]).size == Image.open(row["image"]).size
     errors = (out / "errors.txt").read_text().splitlines()
-    assert len(errors) == 2
+    assert len(errors) == 3
     assert errors[0].startswith(str(inputs / "a/truncated.png")) and errors[1].startswith(str(inputs / "notes.png"))
+    assert errors[2] == f"{inputs / 'readme.txt'}: not an image file (suffix '.txt'; predict reads {SUFFIXES})"
     assert "truncated.png" in result.stderr and "notes.png" in result.stderr
     assert "3 of 5 images" in result.stdout
 

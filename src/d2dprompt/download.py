@@ -7,8 +7,23 @@ Sources: `sample` (the bundled sample at `download.sample_dir`), `folder` (any
 MVTec-layout folder at `download.folder_dir`), `mvtec` (MVTec AD archive) and
 `visa` (VisA archive, converted with its `split_csv/1cls.csv`). Archives are
 downloaded once into `download.archive_dir` (resumable, sha256-verified); put an
-archive there by hand to skip the download. Each dataset is built in a temp
-folder and renamed into place, so a failure leaves the previous output untouched.
+archive there by hand to skip the download.
+
+What a failure leaves: each dataset is built in a scratch folder `<out>/.tmp-<name>-*` and renamed
+into place only when complete; the next run removes scratch folders a killed run left behind.
+- Run directly (`python -m d2dprompt.download`), a failed or killed run leaves the previous
+  `<out>/<name>/` as it was.
+- Under DVC (`dvc repro`, `dvc exp run`), DVC removes the stage's output `stages/download` before
+  the stage runs, so after a failure there is no previous output in the workspace (`dvc checkout`
+  restores the version recorded in dvc.lock from the DVC cache). What survives is the archive cache
+  in `download.archive_dir`: verified archives, and a partial `<archive>.part` that the next run
+  resumes, so a rerun does not download again.
+
+Symbolic links in a `sample` or `folder` dataset may point to files or folders inside that dataset
+folder (they are followed; the copy holds regular files). A link whose target lies outside it stops
+the stage with one line naming the link and its target: a dataset folder must hold its own data,
+and following such a link would copy any file the user can read into the outputs. (Archive entries
+are held to the same rule by `safe_extract`.)
 """
 
 from __future__ import annotations
@@ -247,7 +262,7 @@ def _write_binary_mask(image: Path, mask_file: Path, category_dir: Path, where: 
             width, height = img.size
     except OSError as err:
         raise ImageError(f"{image}: cannot decode image ({err})") from None
-    mask = load_mask(mask_file, (height, width))
+    mask = load_mask(mask_file, (height, width), binary=False)  # VisA masks hold class ids
     target = category_dir / "ground_truth" / VISA_DEFECT / f"{image.stem}_mask.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(mask.astype(np.uint8) * 255).save(target)
@@ -265,10 +280,23 @@ def _shown(root: Path, shown_as: str):
 # ---------------------------------------------------------------- building one dataset
 
 
+def refuse_outside_links(root: Path, relative: str) -> None:
+    """Raise when a component of `root/relative` is a symbolic link leading outside `root`."""
+    inside = root.resolve()
+    path = root
+    for part in PurePosixPath(relative).parts:
+        path = path / part
+        if path.is_symlink():
+            target = path.resolve()
+            if not target.is_relative_to(inside):
+                raise LayoutError(f"{path}: symbolic link to {target}, outside the dataset folder; copy the file in instead")
+
+
 def _copy_notices(source: Path, dest: Path) -> None:
     """Licence and readme files at the dataset root travel with the images."""
     for item in sorted(source.iterdir()):
         if item.is_file() and item.name.lower().startswith(("license", "licence", "readme")):
+            refuse_outside_links(source, item.name)
             dest.mkdir(parents=True, exist_ok=True)
             shutil.copy2(item, dest / item.name)
 
@@ -316,6 +344,9 @@ def build_dataset(
                     (build / rel).parent.mkdir(parents=True, exist_ok=True)
             src_image = source / row.image_path
             with _shown(source, shown_as):
+                for rel in (row.image_path, row.mask_path):
+                    if rel:
+                        refuse_outside_links(source, rel)
                 shape = load_rgb(src_image).shape[:2]
                 if row.mask_path:
                     load_mask(source / row.mask_path, shape)

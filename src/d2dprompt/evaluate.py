@@ -25,9 +25,9 @@ from d2dprompt.latent_store import LatentRow, read_latents
 from d2dprompt.inference import anomaly_maps
 from d2dprompt.metrics import image_metrics, pixel_metrics, summarize
 from d2dprompt.models import pick_device
-from d2dprompt.outputs import atomic_dir, atomic_file, write_json
+from d2dprompt.outputs import atomic_dir, write_json
 from d2dprompt.prompt_files import load_segmenter
-from d2dprompt.report import markdown_table, write_grids, write_plot_data
+from d2dprompt.report import write_grids, write_metrics, write_plot_data
 from d2dprompt.segmenter import D2DSegmenter
 from d2dprompt.thresholds import Thresholds, binary_masks, f1_at, fit_thresholds
 
@@ -135,9 +135,7 @@ def main(
                 write_grids(tmp / "grids", downloads / dataset, details["rows"], details["maps"], details["masks"], details["predicted"], details["scores"], details["labels"], ev.grid_cases)
             # `validation` (synthetic anomalies on held-out normal images) is where choices such as
             # evaluate.score are made without looking at the test split
-            write_json(metrics / f"{dataset}.json", {**summary, "thresholds": asdict(thresholds), "validation": details["validation"]})
-            with atomic_file(metrics / f"{dataset}.md") as tmp:
-                tmp.write_text(markdown_table(dataset, summary, asdict(thresholds)))
+            write_metrics(metrics, dataset, summary, asdict(thresholds), details["validation"])
             log.log_metrics({f"{dataset}.{cat}.{name}": v for cat, values in summary.items() for name, v in values.items() if v == v})
             log.log_artifact(metrics / f"{dataset}.json")
             log.log_artifact(metrics / f"{dataset}.md")

@@ -2,6 +2,13 @@
 
 Every loader fully decodes the file, so a truncated or corrupt image fails here
 with an `ImageError` whose message starts with the file's path.
+
+Masks follow MVTec AD: 0 is background and at most one other value marks the defect (255 in MVTec
+AD, any one value here; colour masks are read by their brightest channel). Anything else stops
+with one line naming the file and the values found: a background that is not 0 (e.g. 3 and 255), a
+mask without any 0 pixel, or several defect values (anti-aliased or JPEG-saved masks), because
+reading "any value > 0 is defect" would silently turn them into much larger defects. Class-id masks
+(VisA) are read with `binary=False` and converted to 0/255 by the download stage.
 """
 
 from __future__ import annotations
@@ -68,8 +75,21 @@ def load_rgb(path: str | Path) -> np.ndarray:
     return rgb
 
 
-def load_mask(path: str | Path, shape_hw: tuple[int, int]) -> np.ndarray:
-    """Decode a defect mask to bool HxW (any value > 0 is defect); it must be `shape_hw` in size."""
+def _require_binary(path: Path, values: np.ndarray) -> None:
+    top = values.max()
+    if values.min() == 0 and not np.any((values != 0) & (values != top)):
+        return
+    found = np.unique(values).astype(np.float64)
+    shown = ", ".join(f"{v:g}" for v in found[:6]) + (f", ... ({found.size} values)" if found.size > 6 else "")
+    raise ImageError(f"{path}: not a binary mask (values {shown}); MVTec masks hold 0 and one foreground value")
+
+
+def load_mask(path: str | Path, shape_hw: tuple[int, int], binary: bool = True) -> np.ndarray:
+    """Decode a defect mask to bool HxW; it must be `shape_hw` in size.
+
+    binary=True (MVTec layout): 0 and at most one other value, see the module docstring.
+    binary=False (class-id masks): any value > 0 is defect.
+    """
     path = Path(path)
     img = _open_decoded(path, "mask")
     if img.mode in ("RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "HSV", "LAB"):
@@ -83,6 +103,8 @@ def load_mask(path: str | Path, shape_hw: tuple[int, int]) -> np.ndarray:
     expected = tuple(int(s) for s in shape_hw)
     if values.shape != expected:
         raise ImageError(f"{path}: mask is {values.shape[0]}x{values.shape[1]}, image is {expected[0]}x{expected[1]}")
+    if binary:
+        _require_binary(path, values)
     return values > 0
 
 

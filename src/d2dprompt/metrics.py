@@ -305,8 +305,9 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
 def summarize(per_category: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """Copy of `per_category` plus "mean": per metric, the mean over categories that have a value.
 
-    The field reports the unweighted mean over categories; a category whose metric is nan (e.g.
-    AUPRO of a category without anomalous pixels) is left out of that metric's mean.
+    The field reports the unweighted mean over categories; a category whose metric is nan (undefined:
+    a category without anomalous test images has no AUROC, AP, AUPRO, F1Max or F1) is left out of
+    that metric's mean, and `mean_coverage` says how many categories each mean covers.
     """
     if "mean" in per_category:
         raise ValueError("per_category: 'mean' is reserved for the summary")
@@ -317,3 +318,17 @@ def summarize(per_category: dict[str, dict[str, float]]) -> dict[str, dict[str, 
         finite = values[~np.isnan(values)]
         mean[name] = float(finite.mean()) if finite.size else float("nan")
     return {**{cat: dict(m) for cat, m in per_category.items()}, "mean": mean}
+
+
+def mean_coverage(summary: dict[str, dict[str, float]]) -> dict[str, dict]:
+    """What each mean of `summarize` stands on: {"mean_over": {metric: categories averaged},
+    "undefined": {metric: [categories where it is nan]}} (metrics defined everywhere are not listed).
+    """
+    categories = {cat: m for cat, m in summary.items() if cat != "mean"}
+    mean_over, undefined = {}, {}
+    for name in summary["mean"]:
+        missing = [cat for cat, m in categories.items() if name not in m or np.isnan(m[name])]
+        mean_over[name] = len(categories) - len(missing)
+        if missing:
+            undefined[name] = missing
+    return {"mean_over": mean_over, "undefined": undefined}

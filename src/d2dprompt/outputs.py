@@ -1,14 +1,27 @@
-"""Write stage outputs atomically: build next to the destination, then rename into place."""
+"""Write stage outputs atomically: build next to the destination, then rename into place.
+
+Temps are named `.<dest name>.<pid>-<random>` beside the destination (`.<dest name>.old` holds the
+previous folder during a swap). A process killed with SIGKILL cannot remove them, so the first write
+into a folder removes every temp there whose process is gone; a temp of a live process on this
+machine (a concurrent run) is left alone. Leftovers of an older naming (`.<dest name>.<random>`)
+and `.<dest name>.old` carry no pid: they are removed by the next write of that same destination.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+# tempfile's random part is 8 characters of [a-z0-9_]
+_PID_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)-[a-z0-9_]{8}")
+_hidden_names: dict[str, list[str]] = {}  # per folder: hidden names seen at this process's first write there
 
 
 def _umask() -> int:
@@ -17,12 +30,64 @@ def _umask() -> int:
     return mask
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (a process of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):  # not a pid at all: nothing can be alive under it
+        return False
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale_temps(dest: str | Path) -> None:
+    """Remove what killed writers left beside `dest` (see the module docstring).
+
+    The folder is listed once per process: listing it on every write would make writing N files
+    into one folder (predict's overlays) cost N^2.
+    """
+    dest = Path(dest)
+    folder = os.path.abspath(dest.parent)
+    names = _hidden_names.get(folder)
+    if names is None:
+        names = []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not entry.name.startswith("."):
+                    continue
+                match = _PID_TEMP.fullmatch(entry.name)
+                if match is None:
+                    names.append(entry.name)
+                elif not process_alive(int(match["pid"])):
+                    _remove(Path(folder, entry.name))
+        _hidden_names[folder] = names
+    own = re.compile(rf"\.{re.escape(dest.name)}\.(?:[a-z0-9_]{{8}}|old)")
+    for name in [n for n in names if own.fullmatch(n)]:
+        _remove(Path(folder, name))
+        names.remove(name)
+
+
+def _temp_prefix(dest: Path) -> str:
+    return f".{dest.name}.{os.getpid()}-"
+
+
 @contextmanager
 def atomic_dir(dest: str | Path) -> Iterator[Path]:
     """Yield an empty temp folder beside `dest`; on success it replaces `dest`, on error it vanishes."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    remove_stale_temps(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), dir=dest.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; outputs should look like any other folder
     try:
         yield tmp
@@ -44,7 +109,8 @@ def atomic_file(dest: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `dest`; on success it replaces `dest`."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    remove_stale_temps(dest)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(dest), dir=dest.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -56,6 +122,22 @@ def atomic_file(dest: str | Path) -> Iterator[Path]:
         raise
 
 
+def nan_to_null(data: object) -> object:
+    """Copy of nested dicts/lists with every NaN float as None: JSON's null for an undefined value."""
+    if isinstance(data, dict):
+        return {key: nan_to_null(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [nan_to_null(value) for value in data]
+    if isinstance(data, float) and math.isnan(data):
+        return None
+    return data
+
+
 def write_json(dest: str | Path, data: object) -> None:
+    """Write strict JSON: NaN and infinity are refused (many readers reject them); see nan_to_null."""
+    try:
+        text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False)
+    except ValueError as err:
+        raise ValueError(f"{dest}: cannot write NaN or infinity as JSON ({err})") from None
     with atomic_file(dest) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text + "\n")

@@ -6,8 +6,11 @@ sorted). Per image it writes `<out>/<relative stem>_overlay.png` (image | anomal
 the predicted mask outlined), `<out>/<relative stem>_mask.png` (0/255 at the image's original size)
 and one JSON line in `<out>/predictions.jsonl`. Thresholds come from `--thresholds` (fitted on a
 validation split by the evaluate stage), are overridden by `--image-threshold` / `--pixel-threshold`,
-and otherwise fall back to `evaluate.sensitivity`; every line says which. Unreadable files are
-skipped, named on stderr and listed in `<out>/errors.txt`.
+and otherwise fall back to `evaluate.sensitivity`; every line says which. Files that cannot be
+predicted are skipped, named on stderr and listed in `<out>/errors.txt` with the reason: unreadable
+images, files under the folder without an image suffix, and images with a side shorter than the
+model's input side (`model.image_size` of the trained prompts; upscaling would invent the detail
+the model judges). The exit status is 1 only when no image could be predicted.
 """
 
 from __future__ import annotations
@@ -95,23 +98,58 @@ def resolve_thresholds(
     return Thresholds(values["image"], values["pixel"], source)
 
 
-def find_images(target: Path, exclude: Path | None = None) -> list[InputImage]:
-    """One file, or every image-suffixed file under a folder (sorted), skipping anything under `exclude`."""
+def find_inputs(target: Path, exclude: Path | None = None) -> tuple[list[InputImage], list[str]]:
+    """(images, skipped): one file, or every image-suffixed file under a folder (sorted), and one
+    `<path>: <reason>` line per other file there; anything under `exclude` is left out of both.
+    """
     if target.is_file():
-        return [InputImage(target, target.name)]
+        return [InputImage(target, target.name)], []
     if not target.is_dir():
         raise FileNotFoundError(f"{target}: no such file or folder")
     skip = exclude.resolve() if exclude is not None else None
-    found = []
+    suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+    found, skipped = [], []
     for path in sorted(target.rglob("*")):
-        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+        if not path.is_file():
             continue
         if skip is not None and path.resolve().is_relative_to(skip):
             continue  # our own outputs, when --out lies inside the input folder
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append(f"{path}: not an image file (suffix '{path.suffix}'; predict reads {suffixes})")
+            continue
         found.append(InputImage(path, path.relative_to(target).as_posix()))
     if not found:
-        raise FileNotFoundError(f"{target}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under this folder")
-    return found
+        others = f"; {len(skipped)} other file{'s' if len(skipped) > 1 else ''} skipped" if skipped else ""
+        raise FileNotFoundError(f"{target}: no images ({suffixes}) under this folder{others}")
+    return found, skipped
+
+
+def find_images(target: Path, exclude: Path | None = None) -> list[InputImage]:
+    """The images of `find_inputs`."""
+    return find_inputs(target, exclude)[0]
+
+
+def check_size(path: Path, image: np.ndarray, image_size: int) -> np.ndarray:
+    """Refuse an image with a side shorter than the model's input side: upscaling invents its detail."""
+    height, width = image.shape[:2]
+    if min(height, width) < image_size:
+        raise ImageError(
+            f"{path}: image is {width}x{height}, smaller than the model's input side {image_size} "
+            "(model.image_size of the trained prompts)"
+        )
+    return image
+
+
+def note_skipped(out: Path, skipped: list[str], errors: list[str]) -> list[str]:
+    """Add the files `find_inputs` skipped to errors.txt (in path order) and stderr; returns all lines."""
+    if not skipped:
+        return errors
+    for line in skipped:
+        typer.echo(f"skipped: {line}", err=True)
+    lines = sorted(skipped + errors)
+    with atomic_file(out / ERRORS_FILE) as tmp:
+        tmp.write_text("".join(f"{line}\n" for line in lines))
+    return lines
 
 
 def output_stems(keys: list[str]) -> dict[str, str]:
@@ -189,7 +227,7 @@ def predict_images(
             batch, originals = [], []
             for item in inputs[start : start + batch_size]:
                 try:
-                    originals.append(load_rgb(item.path))
+                    originals.append(check_size(item.path, load_rgb(item.path), image_size))
                     batch.append(item)
                 except ImageError as err:
                     errors.append(str(err))
@@ -237,7 +275,7 @@ def main(
     batch_size: int | None = typer.Option(None, min=1, help="images per forward (default: evaluate.batch_size)"),
 ) -> None:
     try:
-        inputs = find_images(target, exclude=out)
+        inputs, skipped = find_inputs(target, exclude=out)
         cfg = load_params(params)
         chosen = resolve_thresholds(thresholds, image_threshold, pixel_threshold, cfg.evaluate)
         device = pick_device(cfg.model.device)
@@ -248,16 +286,17 @@ def main(
             segmenter, record["model"]["image_size"], record["model"]["noise_seed"], inputs, out, chosen,
             cfg.evaluate, cfg.loss.image_top_percent, batch_size or cfg.evaluate.batch_size, device, cfg.model.precision, progress=len(inputs) > 1,
         )
+        errors = note_skipped(out, skipped, errors)
     except (ParamsError, ThresholdsError, ImageError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
     for record in records if len(inputs) == 1 else []:
         verdict = "anomalous" if record["label"] else "normal"
         typer.echo(f"{record['image']}: score {record['score']:.4f} vs {chosen.image:.4f} -> {verdict}; mask {record['mask']}")
-    note = f", {len(errors)} unreadable (listed in {out / ERRORS_FILE})" if errors else ""
+    note = f", {len(errors)} skipped (listed in {out / ERRORS_FILE})" if errors else ""
     typer.echo(f"{len(records)} of {len(inputs)} images -> {out / PREDICTIONS_FILE}{note}; thresholds: {chosen.source}")
     if not records:
-        typer.echo(f"error: {target}: no image could be read", err=True)
+        typer.echo(f"error: {target}: no image could be predicted", err=True)
         raise typer.Exit(1)
 
 

@@ -10,7 +10,8 @@ import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from d2dprompt.images import load_rgb, resize_rgb
-from d2dprompt.outputs import atomic_file
+from d2dprompt.metrics import mean_coverage
+from d2dprompt.outputs import atomic_file, nan_to_null, write_json
 
 BAR_METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")  # the per-category bars users compare first
 CURVE_POINTS = 400  # points kept per curve: smooth on screen, small in git diffs and DVC caches
@@ -25,7 +26,7 @@ def markdown_table(dataset: str, summary: dict[str, dict[str, float]], threshold
         "|---|" + "---:|" * len(names),
     ]
     for category, values in summary.items():
-        cells = ["–" if math.isnan(values[n]) else f"{values[n]:.4f}" for n in names]
+        cells = ["n/a" if math.isnan(values.get(n, math.nan)) else f"{values[n]:.4f}" for n in names]
         label = f"**{category}**" if category == "mean" else category
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
@@ -34,7 +35,26 @@ def markdown_table(dataset: str, summary: dict[str, dict[str, float]], threshold
         f"({thresholds['source']}).",
         "",
     ]
+    coverage = mean_coverage(summary)
+    if coverage["undefined"]:
+        total = len(summary) - 1
+        covered = ", ".join(f"{name} {coverage['mean_over'][name]} of {total}" for name in coverage["undefined"])
+        lines += [
+            "n/a: undefined for that category (a category without anomalous test images has no AUROC, AP, "
+            f"AUPRO, F1Max or F1). Means cover the categories where the metric is defined: {covered}.",
+            "",
+        ]
     return "\n".join(lines)
+
+
+def write_metrics(folder: Path, dataset: str, summary: dict, thresholds: dict, validation: dict) -> list[Path]:
+    """`<folder>/<dataset>.json` (undefined metrics as null, with what each mean covers) and `.md`."""
+    record = {**summary, **mean_coverage(summary), "thresholds": thresholds, "validation": validation}
+    paths = [folder / f"{dataset}.json", folder / f"{dataset}.md"]
+    write_json(paths[0], nan_to_null(record))
+    with atomic_file(paths[1]) as tmp:
+        tmp.write_text(markdown_table(dataset, summary, thresholds))
+    return paths
 
 
 def _decimate(*columns: np.ndarray) -> list[np.ndarray]:

@@ -157,10 +157,17 @@ def image_labels_from(values: np.ndarray, threshold: float | None = None) -> np.
 
 
 def f1_at(labels: np.ndarray, predictions: np.ndarray) -> float:
-    """F1 of binary predictions (any shape: image labels or pixel masks); nan if both are all-normal."""
+    """F1 of binary predictions (any shape: image labels or pixel masks).
+
+    nan (undefined) when `labels` hold no anomalous sample, whatever was predicted: recall is 0/0
+    then, and a 0.0 would drag a mean over categories down for a category that cannot score. This
+    matches metrics.f1_max_threshold, which is nan without anomalous samples too.
+    """
     labels, predictions = np.asarray(labels, dtype=bool), np.asarray(predictions, dtype=bool)
     if labels.shape != predictions.shape:
         raise ValueError(f"labels/predictions: shapes differ ({labels.shape} vs {predictions.shape})")
+    if not labels.any():
+        return float("nan")
     tp = int(np.count_nonzero(labels & predictions))
     errors = int(np.count_nonzero(labels ^ predictions))
-    return 2 * tp / (2 * tp + errors) if tp + errors else float("nan")
+    return 2 * tp / (2 * tp + errors)

@@ -19,6 +19,12 @@ MLFLOW_ALLOW_FILE_STORE. Parallel queue workers share one SQLite file: opening
 a new store is serialised with a file lock (MLflow's schema migrations race
 otherwise), and every store call is retried with backoff on "database is locked".
 MLflow is imported inside functions: importing it takes over a second.
+
+A stage killed with SIGKILL cannot close its run. Each run therefore records the process behind it
+(tags `pid`, `host`, `boot_id`, `pid_namespace`), and the next run of the same stage marks the runs
+of that stage still RUNNING as KILLED when their process is gone: same host and pid namespace and no
+such pid any more, or the machine has rebooted since. A run of a live process (a parallel
+`dvc exp run --queue` worker) or of another machine is never touched.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import getpass
 import logging
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+from d2dprompt.outputs import process_alive
 
 URI_ENV = "D2D_MLFLOW_URI"  # overrides the repository's SQLite store (tests, tracking servers)
 DB_NAME = "mlflow.db"
@@ -223,6 +231,53 @@ class RunLogger:
         _retry(self.client.log_artifacts, self.run_id, str(directory), artifact_path)
 
 
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_tags() -> dict[str, str]:
+    """What tells later runs whether this process still lives: pid, host, boot and pid namespace."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # containers sharing a hostname differ here
+    except OSError:
+        namespace = ""
+    return {
+        "pid": str(os.getpid()),
+        "host": socket.gethostname(),
+        "boot_id": _read("/proc/sys/kernel/random/boot_id"),
+        "pid_namespace": namespace,
+    }
+
+
+def process_gone(tags: Mapping[str, str], here: Mapping[str, str]) -> bool:
+    """True only when the process that logged `tags` is certainly dead; unknown counts as alive."""
+    if tags.get("host") != here["host"] or not tags.get("pid", "").isdigit():
+        return False  # another machine (or a run logged before pids were recorded): cannot tell
+    if here["boot_id"] and tags.get("boot_id") and tags["boot_id"] != here["boot_id"]:
+        return True  # rebooted since: every process of that boot is gone
+    if tags.get("pid_namespace", "") != here["pid_namespace"]:
+        return False
+    return not process_alive(int(tags["pid"]))
+
+
+def close_killed_runs(client: Any, experiment_id: str, stage: str, here: Mapping[str, str]) -> list[str]:
+    """Mark RUNNING runs of `stage` whose process is gone as KILLED; returns their run ids."""
+    query = f"tags.stage = '{stage}' and attributes.status = 'RUNNING'"  # stage names are code constants
+    closed = []
+    for run in _retry(client.search_runs, [experiment_id], filter_string=query, max_results=1000):
+        if process_gone(run.data.tags, here):
+            _retry(client.set_terminated, run.info.run_id, "KILLED")
+            _log.warning(
+                "mlflow run %s (%s) marked KILLED: its process %s on %s is gone",
+                run.info.run_name, run.info.run_id, run.data.tags.get("pid"), run.data.tags.get("host"),
+            )
+            closed.append(run.info.run_id)
+    return closed
+
+
 def _experiment_id(client: Any, name: str, artifacts: str | None) -> str:
     from mlflow.exceptions import MlflowException
 
@@ -256,7 +311,12 @@ def start_run(
     with _store_init_lock(uri):
         client = MlflowClient(tracking_uri=uri)  # opens the store, creating or migrating its schema
     experiment_id = _experiment_id(client, experiment, artifact_location(uri))
-    tags = run_tags(stage)
+    here = process_tags()
+    try:
+        close_killed_runs(client, experiment_id, stage, here)
+    except Exception as error:  # housekeeping: a store that cannot search must not stop the stage
+        _log.warning("mlflow: could not check for runs left RUNNING by killed %s stages (%s)", stage, error)
+    tags = {**run_tags(stage), **here}
     tags.update({MLFLOW_SOURCE_NAME: Path(sys.argv[0]).name or "python", MLFLOW_SOURCE_TYPE: "LOCAL"})
     with contextlib.suppress(Exception):
         tags[MLFLOW_USER] = getpass.getuser()
