@@ -48,7 +48,7 @@ def category(labels, scores, masks, maps, image_threshold=0.5, pixel_threshold=0
     labels, scores, masks, maps = map(np.asarray, (labels, scores, masks, maps))
     return {
         **image_metrics(labels, scores),
-        **pixel_metrics(masks, maps),
+        **pixel_metrics(masks, maps, 0.3),
         "image_F1": f1_at(labels == 1, scores >= image_threshold),
         "pixel_F1": f1_at(masks, maps >= pixel_threshold),
     }
@@ -96,7 +96,7 @@ NO_POSITIVES = [
     ("f1_at, pixels", lambda: f1_at(np.zeros((2, 3, 3), bool), np.ones((2, 3, 3), bool))),
     ("f1_max_threshold", lambda: f1_max_threshold(np.zeros(4), np.arange(4.0))[0]),
     ("image_F1Max", lambda: image_metrics(np.zeros(4), np.arange(4.0))["image_F1Max"]),
-    ("pixel_F1Max", lambda: pixel_metrics(np.zeros((2, 3, 3)), np.ones((2, 3, 3)))["pixel_F1Max"]),
+    ("pixel_F1Max", lambda: pixel_metrics(np.zeros((2, 3, 3)), np.ones((2, 3, 3)), 0.3)["pixel_F1Max"]),
 ]
 
 
@@ -167,7 +167,11 @@ def disc(tmp_path) -> Path:
 
 def run_download(tmp_path: Path, folder: Path):
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"download": {"datasets": ["folder"], "folder_dir": str(folder)}}))
+    params.write_text(
+        yaml.safe_dump(
+            {"download": {"datasets": ["folder"], "folder_dir": str(folder)}, "train": {"datasets": ["folder"]}, "evaluate": {"datasets": ["folder"]}}
+        )
+    )
     return CliRunner().invoke(download.app, ["--params", str(params), "--out", str(tmp_path / "out")])
 
 
@@ -175,7 +179,7 @@ def test_download_stops_on_a_mask_whose_background_is_not_0(tmp_path, disc):
     mask = disc / "disc" / "ground_truth" / "stain" / "000_mask.png"
     values = np.asarray(Image.open(mask))
     Image.fromarray(np.where(values == 0, 3, 255).astype(np.uint8)).save(mask)
-    line = failed_line(run_download(tmp_path, disc))
+    line = failed_line(run_download(tmp_path, disc)).removeprefix("error: ")
     assert line == f"{mask}: not a binary mask (values 3, 255); {MASK_RULE}"
     assert not (tmp_path / "out" / "folder").exists()
 
@@ -214,7 +218,7 @@ def _outside_notice(tmp_path: Path, disc: Path) -> tuple[Path, Path]:
 )
 def test_a_symlink_leading_out_of_a_folder_dataset_is_refused(make, tmp_path, disc):
     link, target = make(tmp_path, disc)
-    line = failed_line(run_download(tmp_path, disc))
+    line = failed_line(run_download(tmp_path, disc)).removeprefix("error: ")
     assert line == f"{link}: symbolic link to {target}, outside the dataset folder; copy the file in instead"
     assert not (tmp_path / "out" / "folder").exists() and list((tmp_path / "out").iterdir()) == []
 

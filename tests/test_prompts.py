@@ -50,9 +50,9 @@ def test_joint_layout_keeps_groups_apart(tiny):
 def test_joint_prompts_encode_each_prompt_as_paired_does(tiny):
     """Joint differs from paired only in the UNet reading both prompts in one softmax."""
     torch.manual_seed(0)
-    paired = PromptLearner(tiny.tokenizer, tiny.text_encoder, joint=False)
+    paired = make_learner(tiny.tokenizer, tiny.text_encoder, joint=False)
     torch.manual_seed(0)
-    joint = PromptLearner(tiny.tokenizer, tiny.text_encoder, joint=True)
+    joint = make_learner(tiny.tokenizer, tiny.text_encoder, joint=True)
     with torch.no_grad():
         for p in paired.compound:  # deep prompts large enough that a wrong placement would show
             p.normal_(0, 1)
@@ -65,7 +65,7 @@ def test_joint_prompts_encode_each_prompt_as_paired_does(tiny):
 
 
 def test_deep_prompts_reach_both_prompts(tiny):
-    learner = PromptLearner(tiny.tokenizer, tiny.text_encoder, joint=True)
+    learner = make_learner(tiny.tokenizer, tiny.text_encoder, joint=True)
     with torch.no_grad():
         before = learner(tiny.text_encoder)
         learner.compound[-1].normal_(0, 1)  # the last deep prompt stays in place up to the output
