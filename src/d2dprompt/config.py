@@ -168,8 +168,8 @@ class EvaluateParams(Block):
     batch_size: int = Field(8, ge=1)  # maps per forward: memory depends on it, results do not
     aupro_fpr_limit: float = Field(0.3, gt=0, le=1)  # the field's AUPRO integrates PRO up to FPR 0.3
     grid_cases: int = Field(2, ge=0)  # per category: this many worst and best anomalous and normal images in the PNG grid
-    score: Literal["max", "topk", "fused"] = "topk"  # maps.image_scores; topk won on the sample's validation split (README)
-    top_percent: float = Field(5.0, gt=0, le=100)  # % of pixels averaged by the topk score; 5 beat 1 on the validation split
+    score: Literal["max", "topk", "fused"] = "fused"  # maps.image_scores; fused ranked first on the sample's validation split (README)
+    top_percent: float = Field(5.0, gt=0, le=100)  # % of pixels averaged by the topk score; 5 beat 1 on the validation split (README)
     threshold: Literal["f1", "fixed"] = "f1"  # f1 = F1-optimal on the validation split; fixed = `sensitivity` on the map scale
     sensitivity: float = Field(0.5, ge=0, le=1)  # the fixed threshold (maps lie in [0, 1]), used when threshold = fixed
     opening_kernel: int = Field(3, ge=0)  # square kernel of the morphological opening on binary masks (0/1 = none)
