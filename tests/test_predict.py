@@ -161,10 +161,10 @@ def test_thresholds_file_and_overrides(folder_run, prompts_dir, params_file, tmp
 
 def test_thresholds_file_fitted_elsewhere_is_refused(prompts_dir, params_file, tmp_path):
     file = tmp_path / "thresholds.json"
-    file.write_text(json.dumps({"image": 0.5, "pixel": 0.5, "score": "fused"}))
+    file.write_text(json.dumps({"image": 0.5, "pixel": 0.5, "score": "max"}))
     result = run([SCRATCH, "--out", tmp_path / "out", "--thresholds", file], prompts_dir, params_file)
     assert result.exit_code == 1
-    expected = f"error: {file}: fitted with score='fused' but evaluate.score={EvaluateParams().score!r}"
+    expected = f"error: {file}: fitted with score='max' but evaluate.score={EvaluateParams().score!r}"
     assert result.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "out").exists()
 
