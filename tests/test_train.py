@@ -129,6 +129,15 @@ class Exploit:
 MARKER = Path(os.environ.get("TMPDIR", "/tmp")) / "d2dprompt-pickle-ran"
 
 
+def test_a_checkpoint_with_foreign_json_is_refused_in_one_line(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    save_file({"prompts/ctx": torch.zeros(2)}, folder / checkpoints.STATE_TENSORS)
+    (folder / checkpoints.STATE_JSON).write_text('{"history": []}')
+    with pytest.raises(checkpoints.CheckpointError, match=r"not a readable checkpoint \(KeyError\)"):
+        checkpoints.load_state(folder)
+
+
 @pytest.mark.parametrize("where", ["file", "state"])
 def test_a_pickle_at_the_checkpoint_path_is_refused_without_running(tmp_path, latents_root, queries_root, where):
     MARKER.unlink(missing_ok=True)

@@ -92,9 +92,10 @@ def load_state(folder: Path) -> TrainState | None:
     try:
         tensors = load_file(folder / STATE_TENSORS)
         meta = json.loads((folder / STATE_JSON).read_text())
-    except (OSError, SafetensorError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        fingerprint_, history, groups, has_refresh = meta["fingerprint"], meta["history"], meta["param_groups"], meta["refresh"]
+    except (OSError, SafetensorError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{folder}: not a readable checkpoint ({type(err).__name__}); remove it to train from scratch") from None
-    optimizer: dict = {"state": {}, "param_groups": meta["param_groups"]}
+    optimizer: dict = {"state": {}, "param_groups": groups}
     prompts, refresh = {}, {}
     for name, value in tensors.items():
         kind, _, rest = name.partition("/")
@@ -105,4 +106,4 @@ def load_state(folder: Path) -> TrainState | None:
         else:
             index, _, key = rest.partition("/")
             optimizer["state"].setdefault(int(index), {})[key] = value
-    return TrainState(meta["fingerprint"], prompts, optimizer, meta["history"], refresh if meta["refresh"] else None)
+    return TrainState(fingerprint_, prompts, optimizer, history, refresh if has_refresh else None)

@@ -13,9 +13,8 @@ from tqdm import tqdm
 
 from d2dprompt.config import EvaluateParams
 from d2dprompt.latent_store import LATENT_DTYPE
-from d2dprompt.latents import encode
 from d2dprompt.maps import finish_maps
-from d2dprompt.models import autocast
+from d2dprompt.models import autocast, encode
 from d2dprompt.segmenter import D2DSegmenter, fixed_noise
 
 

@@ -26,30 +26,17 @@ from d2dprompt.config import LatentsParams, ParamsError, load_params
 from d2dprompt.images import ImageError, load_mask, load_rgb, resize_mask, resize_rgb
 from d2dprompt.latent_store import LATENT_DTYPE, LatentRow, write_index
 from d2dprompt.manifest import ManifestRow, read_manifest
-from d2dprompt.models import FrozenSD, load_frozen, pick_device
+from d2dprompt.models import FrozenSD, encode, load_frozen, pick_device
 from d2dprompt.outputs import atomic_dir
 from d2dprompt.synth import procedural_texture, synthesize_visible
 
 TEXTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
-def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    """uint8 HxWx3 list -> (B, 3, H, W) in [-1, 1], the VAE's input range."""
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1
-
-
 def mask_to_latent(masks: list[np.ndarray], latent_hw: tuple[int, int]) -> torch.Tensor:
     """bool HxW masks -> (B, h, w) fraction of defective pixels per latent cell."""
     m = torch.from_numpy(np.stack(masks)).float()[:, None]
     return F.adaptive_avg_pool2d(m, latent_hw)[:, 0]
-
-
-@torch.no_grad()
-def encode(sd: FrozenSD, images: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    x = to_tensor(images).to(device, sd.vae.dtype)
-    dist = sd.vae.encode(x).latent_dist
-    return (dist.mean * sd.vae.config.scaling_factor).float().cpu()
 
 
 def load_textures(folder: str | None) -> list[Path]:

@@ -14,6 +14,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -221,6 +222,20 @@ def _freeze(sd: FrozenSD) -> FrozenSD:
         module.requires_grad_(False)
         module.eval()
     return sd
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HxWx3 list -> (B, 3, H, W) in [-1, 1], the VAE's input range."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1
+
+
+@torch.no_grad()
+def encode(sd: FrozenSD, images: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """uint8 HxWx3 images -> (B, C, h, w) float32 latents on the CPU: the VAE's mean x its scaling factor."""
+    x = to_tensor(images).to(device, sd.vae.dtype)
+    dist = sd.vae.encode(x).latent_dist
+    return (dist.mean * sd.vae.config.scaling_factor).float().cpu()
 
 
 def autocast(device: torch.device, precision: str):
