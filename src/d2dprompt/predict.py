@@ -140,18 +140,6 @@ def check_size(path: Path, image: np.ndarray, image_size: int) -> np.ndarray:
     return image
 
 
-def note_skipped(out: Path, skipped: list[str], errors: list[str]) -> list[str]:
-    """Add the files `find_inputs` skipped to errors.txt (in path order) and stderr; returns all lines."""
-    if not skipped:
-        return errors
-    for line in skipped:
-        typer.echo(f"skipped: {line}", err=True)
-    lines = sorted(skipped + errors)
-    with atomic_file(out / ERRORS_FILE) as tmp:
-        tmp.write_text("".join(f"{line}\n" for line in lines))
-    return lines
-
-
 def output_stems(keys: list[str]) -> dict[str, str]:
     """key -> output stem: the key without its suffix, or the whole key where two images share a stem."""
     stems = {key: key.rsplit(".", 1)[0] if "." in Path(key).name else key for key in keys}
@@ -215,10 +203,16 @@ def predict_images(
     batch_size: int,
     device: torch.device,
     precision: str,
+    skipped: list[str],
     progress: bool = True,
 ) -> tuple[list[dict], list[str]]:
-    """Writes the per-image files and `predictions.jsonl`; returns (the prediction records, error lines)."""
+    """Writes the per-image files, `predictions.jsonl` and `errors.txt` (the `skipped` lines of
+    `find_inputs` plus every image that could not be predicted, in path order); returns (the
+    prediction records, the error lines).
+    """
     stems = output_stems([item.key for item in inputs])
+    for line in skipped:
+        typer.echo(f"skipped: {line}", err=True)
     errors: list[str] = []
     records: list[dict] = []
     bar = tqdm(total=len(inputs), desc="predict", unit="img", disable=not progress)
@@ -259,6 +253,7 @@ def predict_images(
                     records.append(record)
             bar.update(len(inputs[start : start + batch_size]))
     bar.close()
+    errors = sorted(skipped + errors)
     with atomic_file(out / ERRORS_FILE) as tmp:
         tmp.write_text("".join(f"{line}\n" for line in errors))
     return records, errors
@@ -284,9 +279,9 @@ def main(
         segmenter.to(device)
         records, errors = predict_images(
             segmenter, record["model"]["image_size"], record["model"]["noise_seed"], inputs, out, chosen,
-            cfg.evaluate, cfg.loss.image_top_percent, batch_size or cfg.evaluate.batch_size, device, cfg.model.precision, progress=len(inputs) > 1,
+            cfg.evaluate, cfg.loss.image_top_percent, batch_size or cfg.evaluate.batch_size, device, cfg.model.precision, skipped,
+            progress=len(inputs) > 1,
         )
-        errors = note_skipped(out, skipped, errors)
     except (ParamsError, ThresholdsError, ImageError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
