@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +35,32 @@ def _isolated_mlflow(tmp_path_factory):
         os.environ.pop("D2D_MLFLOW_URI", None)
     else:
         os.environ["D2D_MLFLOW_URI"] = previous
+
+
+def run_cmd(args: list[str], cwd: Path, timeout: int = 1800) -> subprocess.CompletedProcess:
+    """Run a command with the test's Python environment first on PATH; fail with its output."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def repo_copy(tmp_path_factory) -> Path:
+    """The repository as a user clones it (tracked and not-ignored files, one commit), without outputs.
+
+    For tests that run `dvc exp run` / `dvc metrics show` exactly as the README shows them.
+    """
+    dest = tmp_path_factory.mktemp("repo") / "d2dprompt"
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    for name in ("stages", "metrics"):  # outputs: what a run writes must come from that run
+        shutil.rmtree(dest / name, ignore_errors=True)
+    for args in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        run_cmd(args, dest)
+    return dest

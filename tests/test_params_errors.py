@@ -164,7 +164,7 @@ def test_every_stage_checks_params_before_loading_a_model(tmp_path, monkeypatch,
     for module in (latents, queries, train):
         monkeypatch.setattr(module, "load_frozen", _no_model)
     for module in (evaluate, predict):
-        monkeypatch.setattr(module, "load_segmenter", _no_model)
+        monkeypatch.setattr(module, "load_trained", _no_model)
     params, out = tmp_path / "bad.yaml", tmp_path / "out"
     params.write_text(BAD)
     args = {

@@ -129,7 +129,7 @@ def test_mlflow_holds_train_and_evaluate_runs(workspace, trained):
     assert len(client.get_metric_history(train.info.run_id, "loss_total")) == 4
     assert {a.path for a in client.list_artifacts(train.info.run_id)} >= {"prompts.safetensors", "prompts.json"}
     evaluate = next(r for r in runs if r.data.tags.get("stage") == "evaluate")
-    assert "sample.mean.pixel_AUROC" in evaluate.data.metrics
+    assert "d2dprompt.sample.mean.pixel_AUROC" in evaluate.data.metrics  # <method>.<dataset>.<category>.<metric>
     assert client.list_artifacts(evaluate.info.run_id, "evaluate")
 
 

@@ -8,6 +8,7 @@ the stage with one line, `<file>: <key.path>: <what is allowed>` (params_errors.
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -18,7 +19,7 @@ from d2dprompt.params_yaml import read_yaml
 from d2dprompt.vae_factor import TINY, vae_factor
 
 __all__ = [
-    "AttentionParams", "DownloadParams", "EvaluateParams", "LatentsParams", "LossParams", "ModelParams",
+    "AnomalyCLIPParams", "AttentionParams", "D2DParams", "DownloadParams", "METHODS", "TRAINED_METHODS", "EvaluateParams", "LatentsParams", "LossParams", "ModelParams",
     "Params", "ParamsError", "PromptParams", "TrainParams", "flatten", "load_params", "params_from_dict",
 ]
 
@@ -32,6 +33,11 @@ def _once(values: list) -> list:
 
 
 Source = Literal["sample", "mvtec", "visa", "folder"]
+# d2dprompt = learned prompts on SD cross-attention (this project); d2d = fixed hand-written prompts, nothing
+# learned; anomalyclip = learned prompts on CLIP patch-text similarity (zqhang/AnomalyCLIP)
+Method = Literal["d2dprompt", "d2d", "anomalyclip"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
+TRAINED_METHODS = ("d2dprompt", "anomalyclip")  # d2d's train entry only records its fixed prompts
 Once = AfterValidator(_once)  # a repeated entry is a slip: a dataset prepared, trained on or scored twice, a level read twice
 AdamBeta = Annotated[float, Field(ge=0, lt=1)]
 
@@ -117,6 +123,34 @@ class AttentionParams(Block):
     recache_every: int = Field(5, ge=0)  # cached mode: recompute the queries with the current prompts every N epochs (0 = never)
 
 
+class D2DParams(Block):
+    """The original D2D: fixed prompts, attention read on the listed words (found by token id)."""
+
+    normal_prompt: str = Field("a photo of a flawless object", min_length=1)  # D2D's hand-written normal prompt
+    abnormal_prompt: str = Field("a photo of a damaged object", min_length=1)  # ... and its abnormal twin
+    normal_words: list[str] = Field(["flawless", "object"], min_length=1)  # content words whose attention forms the normal map
+    abnormal_words: list[str] = Field(["damaged", "object"], min_length=1)  # ... the abnormal map
+
+    @model_validator(mode="after")
+    def _words_in_prompts(self) -> D2DParams:
+        for side in ("normal", "abnormal"):
+            words = getattr(self, f"{side}_prompt").lower().replace(".", " ").split()
+            for word in getattr(self, f"{side}_words"):
+                if word.lower() not in words:
+                    raise Invalid(f"{side}_words", f"{word!r} is not a word of d2d.{side}_prompt {getattr(self, f'{side}_prompt')!r}")
+        return self
+
+
+class AnomalyCLIPParams(Block):
+    """AnomalyCLIP's backbone; its prompts, loss weights and training protocol are the shared prompt / loss / train blocks."""
+
+    pretrained: str = Field(TINY, min_length=1)  # tiny (embedded, offline) | openai/clip-vit-large-patch14-336 | a local folder
+    tiny_seed: int = Field(0, ge=0)  # the tiny CLIP's weights are a pure function of this seed
+    image_size: int = Field(112, ge=14)  # 518 for ViT-L/14@336 (AnomalyCLIP); tiny: 8x8 patches of 14 px
+    dpam_layers: int = Field(19, ge=0)  # V-V attention on a parallel path in the last N vision blocks (AnomalyCLIP: 19 of 24)
+    feature_layers: Annotated[list[Annotated[int, Field(ge=1)]], Once] = Field([24], min_length=1)  # maps from these blocks (1-based; AnomalyCLIP since 2025-04: [24])
+
+
 class LossParams(Block):
     focal: float = Field(1.0, ge=0)  # 2-channel focal loss of (normal, abnormal) maps vs mask
     dice: float = Field(1.0, ge=0)  # dice(abnormal, mask) + dice(normal, 1 - mask)
@@ -177,6 +211,7 @@ class EvaluateParams(Block):
 
 
 class Params(Block):
+    methods: Annotated[list[Method], Once] = Field(["d2dprompt"], min_length=1)  # each runs through the same data, splits, thresholds and metrics
     download: DownloadParams = DownloadParams()
     model: ModelParams = ModelParams()
     prompt: PromptParams = PromptParams()
@@ -185,12 +220,14 @@ class Params(Block):
     latents: LatentsParams = LatentsParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    d2d: D2DParams = D2DParams()
+    anomalyclip: AnomalyCLIPParams = AnomalyCLIPParams()
 
     @model_validator(mode="before")
     @classmethod
     def _empty_blocks(cls, raw: object) -> object:
         # a block whose keys are all commented out reads as null in YAML: it means the defaults
-        return {k: {} if v is None else v for k, v in raw.items()} if isinstance(raw, dict) else raw
+        return {k: {} if v is None and k != "methods" else v for k, v in raw.items()} if isinstance(raw, dict) else raw
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
@@ -246,6 +283,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def flatten(params: Params) -> dict[str, object]:
-    """'block.key' -> value, as MLflow and `dvc exp show` list params."""
-    return {f"{block}.{key}": value for block, values in params.model_dump().items() for key, value in values.items()}
+    """'block.key' -> value, as MLflow and `dvc exp show` list params (top-level lists such as `methods` as they are)."""
+    flat: dict[str, object] = {}
+    for block, values in params.model_dump().items():
+        if isinstance(values, dict):
+            flat.update({f"{block}.{key}": value for key, value in values.items()})
+        else:
+            flat[block] = values
+    return flat
 

@@ -1,7 +1,10 @@
-"""python -m d2dprompt.evaluate DATASET [--params params.yaml] [--prompts stages/train] [--out stages/evaluate]
+"""python -m d2dprompt.evaluate DATASET [--params params.yaml] [--prompts stages/train/d2dprompt] [--out stages/evaluate/d2dprompt] [--metrics metrics/d2dprompt]
 
-Frozen model + learned prompts on a dataset's test split. Maps: latent-size anomaly map -> bilinear to
-`evaluate.map_size` -> Gaussian sigma `evaluate.sigma`; image score by `evaluate.score`. Writes
+One method's trained folder (prompts.json names the method) on a dataset's test split; dvc.yaml runs
+one evaluate@<method>-<dataset> per pair. Every method goes through the same splits, threshold fitting,
+map post-processing and metric code. Maps: the method's anomaly map -> bilinear to `evaluate.map_size`
+-> Gaussian sigma `evaluate.sigma`; image score by `evaluate.score` for d2dprompt and d2d, as
+AnomalyCLIP's own test code computes it for anomalyclip. Writes
 `metrics/<dataset>.json` (image_AUROC, image_AP, image_F1Max, pixel_AUROC, pixel_AP, pixel_AUPRO, and
 image_F1 / pixel_F1 at thresholds fitted on the validation split, per category and their mean, plus
 the validation split's own image metrics and pixel_AUROC),
@@ -12,6 +15,7 @@ the validation split's own image metrics and pixel_AUROC),
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,16 +23,16 @@ import numpy as np
 import torch
 import typer
 
-from d2dprompt.config import EvaluateParams, ParamsError, flatten, load_params
+from d2dprompt.config import EvaluateParams, Params, ParamsError, flatten, load_params
 from d2dprompt.images import ImageError, load_mask, load_rgb, resize_mask
 from d2dprompt.latent_store import LatentRow, read_latents
-from d2dprompt.inference import anomaly_maps
+from d2dprompt.inference import anomaly_maps, row_maps
 from d2dprompt.metrics import image_metrics, pixel_metrics, summarize
 from d2dprompt.models import pick_device
 from d2dprompt.outputs import atomic_dir, write_json
-from d2dprompt.prompt_files import load_segmenter
+from d2dprompt.prompt_files import load_trained, method_of
+from d2dprompt.row_images import RowImages
 from d2dprompt.report import write_grids, write_metrics, write_plot_data
-from d2dprompt.segmenter import D2DSegmenter
 from d2dprompt.thresholds import Thresholds, binary_masks, f1_at, fit_thresholds
 
 
@@ -70,9 +74,26 @@ def validation_thresholds(labels: np.ndarray, scores: np.ndarray, masks: np.ndar
     return fit_thresholds(labels, scores, masks, maps, source, ev.opening_kernel, ev.min_area)
 
 
-def evaluate_dataset(segmenter: D2DSegmenter, latents_dir: Path, download_dir: Path, ev: EvaluateParams, noise_seed: int, device: torch.device, precision: str, image_top_percent: float):
+Scorer = Callable[[list[int], str], tuple[np.ndarray, np.ndarray]]  # row indices, progress label -> (maps, scores)
+
+
+def method_scorer(model, record: dict, latents_dir: Path, download_dir: Path, cfg: Params, device: torch.device) -> tuple[Scorer, list[LatentRow], dict]:
+    """The rows of the dataset and a function scoring any of them with the trained method."""
+    ev, precision = cfg.evaluate, cfg.model.precision
+    tensors, rows = read_latents(latents_dir)  # the validation masks come from here for every method
+    if method_of(record) == "anomalyclip":
+        data = RowImages([download_dir] * len(rows), rows, cfg)
+        return (lambda idx, desc: row_maps(model, data, idx, ev, device, precision, desc)), rows, tensors
+    noise_seed = record["model"]["noise_seed"]
+
+    def score(idx: list[int], desc: str) -> tuple[np.ndarray, np.ndarray]:
+        return anomaly_maps(model, tensors["latents"][idx], noise_seed, ev, device, precision, cfg.loss.image_top_percent, desc)
+
+    return score, rows, tensors
+
+
+def evaluate_dataset(score: Scorer, rows: list[LatentRow], tensors: dict, latents_dir: Path, download_dir: Path, ev: EvaluateParams):
     """Metrics per category + mean, the thresholds, and the arrays behind them (for pictures)."""
-    tensors, rows = read_latents(latents_dir)
     test = [i for i, r in enumerate(rows) if r.split == "test" and r.source == "real"]
     val = [i for i, r in enumerate(rows) if r.split == "val"]
     if not test:
@@ -83,13 +104,13 @@ def evaluate_dataset(segmenter: D2DSegmenter, latents_dir: Path, download_dir: P
         if not val:
             raise ValueError(f"{latents_dir}: no validation rows; set latents.val_fraction > 0 or evaluate.threshold=fixed")
         val_rows = [rows[i] for i in val]
-        val_maps, val_scores = anomaly_maps(segmenter, tensors["latents"][val], noise_seed, ev, device, precision, image_top_percent, "validation maps")
+        val_maps, val_scores = score(val, "validation maps")
         val_masks = validation_masks(tensors["val_masks"], ev.map_size)
         val_labels = np.array([r.label for r in val_rows])
         thresholds = validation_thresholds(val_labels, val_scores, val_masks, val_maps, ev)
         validation = {**image_metrics(val_labels, val_scores), "pixel_AUROC": pixel_metrics(val_masks, val_maps, ev.aupro_fpr_limit)["pixel_AUROC"]}
     test_rows = [rows[i] for i in test]
-    maps, scores = anomaly_maps(segmenter, tensors["latents"][test], noise_seed, ev, device, precision, image_top_percent, "test maps")
+    maps, scores = score(test, "test maps")
     masks = ground_truth(download_dir, test_rows, ev.map_size)
     labels = np.array([r.label for r in test_rows])
     predicted = binary_masks(maps, thresholds.pixel, ev.opening_kernel, ev.min_area)
@@ -109,11 +130,11 @@ def evaluate_dataset(segmenter: D2DSegmenter, latents_dir: Path, download_dir: P
 def main(
     dataset: str = typer.Argument(..., help="a dataset prepared by the download stage"),
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    prompts: Path = typer.Option(Path("stages/train"), help="train stage output"),
+    prompts: Path = typer.Option(Path("stages/train/d2dprompt"), help="a train@<method> output (prompts.json names the method)"),
     latents: Path = typer.Option(Path("stages/latents"), help="latents stage output"),
     downloads: Path = typer.Option(Path("stages/download"), help="download stage output"),
-    out: Path = typer.Option(Path("stages/evaluate"), help="pictures and plot data go to <out>/<dataset>/"),
-    metrics: Path = typer.Option(Path("metrics"), help="<metrics>/<dataset>.json and .md"),
+    out: Path = typer.Option(Path("stages/evaluate/d2dprompt"), help="pictures and plot data go to <out>/<dataset>/"),
+    metrics: Path = typer.Option(Path("metrics/d2dprompt"), help="<metrics>/<dataset>.json and .md"),
 ) -> None:
     from d2dprompt.tracking import start_run
 
@@ -121,13 +142,15 @@ def main(
         cfg = load_params(params)
         ev = cfg.evaluate
         device = pick_device(cfg.model.device)
-        segmenter, record = load_segmenter(prompts)
-        segmenter.sd.to(device)
-        segmenter.to(device)
-        noise_seed = record["model"]["noise_seed"]
-        with start_run("evaluate", {**flatten(cfg), "evaluate.dataset": dataset}) as log:
-            summary, thresholds, details = evaluate_dataset(segmenter, latents / dataset, downloads / dataset, ev, noise_seed, device, cfg.model.precision, cfg.loss.image_top_percent)
-            threshold_record = {**asdict(thresholds), "score": ev.score, "top_percent": ev.top_percent, "map_size": ev.map_size, "sigma": ev.sigma}
+        model, record = load_trained(prompts)
+        method = method_of(record)
+        model.to(device)
+        (model.clip if method == "anomalyclip" else model.sd).to(device)  # frozen parts live outside the module
+        with start_run("evaluate", {**flatten(cfg), "evaluate.dataset": dataset, "method": method}) as log:
+            score, rows, tensors = method_scorer(model, record, latents / dataset, downloads / dataset, cfg, device)
+            summary, thresholds, details = evaluate_dataset(score, rows, tensors, latents / dataset, downloads / dataset, ev)
+            image_score = ev.score if method != "anomalyclip" else "anomalyclip"  # its own test code's score
+            threshold_record = {**asdict(thresholds), "method": method, "score": image_score, "top_percent": ev.top_percent, "map_size": ev.map_size, "sigma": ev.sigma}
             with atomic_dir(out / dataset) as tmp:
                 write_json(tmp / "thresholds.json", threshold_record)
                 write_scores(tmp / SCORES_FILE, details["rows"], details["labels"], details["scores"], thresholds.image)
@@ -136,11 +159,11 @@ def main(
             # `validation` (synthetic anomalies on held-out normal images) is where choices such as
             # evaluate.score are made without looking at the test split
             write_metrics(metrics, dataset, summary, asdict(thresholds), details["validation"])
-            log.log_metrics({f"{dataset}.{cat}.{name}": v for cat, values in summary.items() for name, v in values.items() if v == v})
+            log.log_metrics({f"{method}.{dataset}.{cat}.{name}": v for cat, values in summary.items() for name, v in values.items() if v == v})
             log.log_artifact(metrics / f"{dataset}.json")
             log.log_artifact(metrics / f"{dataset}.md")
             log.log_artifacts(out / dataset, "evaluate")
-        typer.echo(f"{dataset}: " + " ".join(f"{k}={v:.4f}" for k, v in summary["mean"].items()))
+        typer.echo(f"{method} {dataset}: " + " ".join(f"{k}={v:.4f}" for k, v in summary["mean"].items()))
     except (ParamsError, ImageError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None

@@ -1,5 +1,9 @@
 """The one path from images or stored latents to anomaly maps and image scores; evaluate and predict share it.
 
+D2D-Prompt and D2D read stored latents (`anomaly_maps`); AnomalyCLIP reads pixels (`anomalyclip_maps`).
+Both end in the same map post-processing (maps.to_image_size: bilinear to evaluate.map_size, Gaussian
+evaluate.sigma), so thresholds and metrics treat every method alike.
+
 So the same image gets the same score everywhere: latents are rounded to the dtype the latents stage
 stores them in (LATENT_DTYPE), the UNet runs under the same autocast (`model.precision`), and the
 noise is the seed's one draw (segmenter.fixed_noise), whatever the image is called.
@@ -13,7 +17,7 @@ from tqdm import tqdm
 
 from d2dprompt.config import EvaluateParams
 from d2dprompt.latent_store import LATENT_DTYPE
-from d2dprompt.maps import finish_maps
+from d2dprompt.maps import finish_maps, to_image_size
 from d2dprompt.models import autocast, encode
 from d2dprompt.segmenter import D2DSegmenter, fixed_noise
 
@@ -46,3 +50,52 @@ def anomaly_maps(
         maps.append(full.cpu())
         scores.append(score.cpu())
     return torch.cat(maps).numpy(), torch.cat(scores).numpy()
+
+
+@torch.no_grad()
+def anomalyclip_maps(
+    model, images: torch.Tensor, ev: EvaluateParams, device: torch.device, precision: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of CLIP-normalised images -> (maps at evaluate.map_size, image scores as AnomalyCLIP's test.py)."""
+    from d2dprompt.methods.anomalyclip import image_score
+
+    with autocast(device, precision):
+        out = model(images.to(device))
+    return to_image_size(out["anomaly_map"].float(), ev.map_size, ev.sigma).cpu(), image_score(out).float().cpu()
+
+
+def row_maps(model, data, idx: list[int], ev: EvaluateParams, device: torch.device, precision: str, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """AnomalyCLIP on rows of a row_images.RowImages, in batches of `ev.batch_size`."""
+    maps, scores = [], []
+    for start in tqdm(range(0, len(idx), ev.batch_size), desc=desc, unit="batch"):
+        images, _, _ = data.batch(idx[start : start + ev.batch_size])
+        batch_maps, batch_scores = anomalyclip_maps(model, images, ev, device, precision)
+        maps.append(batch_maps)
+        scores.append(batch_scores)
+    return torch.cat(maps).numpy(), torch.cat(scores).numpy()
+
+
+def pixel_batch(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HxWx3 images at the model's size -> (B, 3, H, W) CLIP-normalised floats, as AnomalyCLIP reads them."""
+    from d2dprompt.methods.anomalyclip import normalize
+
+    return normalize(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255)
+
+
+def input_size(record: dict) -> int:
+    """The side a trained folder's model reads images at."""
+    return record["anomalyclip"]["image_size"] if record.get("method") == "anomalyclip" else record["model"]["image_size"]
+
+
+def image_scorer(model, record: dict, ev: EvaluateParams, device: torch.device, precision: str, image_top_percent: float):
+    """images (uint8, already at `input_size(record)`) -> (maps, scores), exactly as evaluate scores its rows."""
+    if record.get("method") == "anomalyclip":
+        def score(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+            maps, scores = anomalyclip_maps(model, pixel_batch(images), ev, device, precision)
+            return maps.numpy(), scores.numpy()
+        return score
+
+    def score_latents(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        latents = encode_images(model, images, device)
+        return anomaly_maps(model, latents, record["model"]["noise_seed"], ev, device, precision, image_top_percent, progress=False)
+    return score_latents

@@ -32,15 +32,22 @@ def write_index(rows: list[LatentRow], path: Path) -> None:
         writer.writerows(asdict(r) for r in rows)
 
 
+def read_index(folder: str | Path) -> list[LatentRow]:
+    """One dataset's index.csv: the rows (and splits) every method reads, whether it uses latents or pixels."""
+    index_path = Path(folder) / "index.csv"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path}: missing; run the latents stage first")
+    with index_path.open(newline="") as fh:
+        return [LatentRow(**{**r, "label": int(r["label"])}) for r in csv.DictReader(fh)]
+
+
 def read_latents(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[LatentRow]]:
     """Load one dataset's latents stage output."""
     folder = Path(folder)
-    index_path, tensor_path = folder / "index.csv", folder / "latents.safetensors"
-    for path in (index_path, tensor_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; run the latents stage first")
-    with index_path.open(newline="") as fh:
-        rows = [LatentRow(**{**r, "label": int(r["label"])}) for r in csv.DictReader(fh)]
+    tensor_path = folder / "latents.safetensors"
+    rows = read_index(folder)
+    if not tensor_path.is_file():
+        raise FileNotFoundError(f"{tensor_path}: missing; run the latents stage first")
     tensors = load_file(tensor_path)
     if tensors["latents"].shape[0] != len(rows):
         raise ValueError(f"{folder}: index.csv and latents.safetensors disagree on the number of rows")

@@ -23,51 +23,17 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from d2dprompt.config import LatentsParams, ParamsError, load_params
-from d2dprompt.images import ImageError, load_mask, load_rgb, resize_mask, resize_rgb
+from d2dprompt.images import ImageError
 from d2dprompt.latent_store import LATENT_DTYPE, LatentRow, write_index
 from d2dprompt.manifest import ManifestRow, read_manifest
 from d2dprompt.models import FrozenSD, encode, load_frozen, pick_device
 from d2dprompt.outputs import atomic_dir
-from d2dprompt.synth import procedural_texture, synthesize_visible
-
-TEXTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-
+from d2dprompt.row_images import load_textures, real_image, synthetic_variant
 
 def mask_to_latent(masks: list[np.ndarray], latent_hw: tuple[int, int]) -> torch.Tensor:
     """bool HxW masks -> (B, h, w) fraction of defective pixels per latent cell."""
     m = torch.from_numpy(np.stack(masks)).float()[:, None]
     return F.adaptive_avg_pool2d(m, latent_hw)[:, 0]
-
-
-def load_textures(folder: str | None) -> list[Path]:
-    if folder is None:
-        return []
-    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in TEXTURE_SUFFIXES)
-    if not paths:
-        raise ParamsError(f"latents.texture_dir: no images under {folder}")
-    return paths
-
-
-def synthetic_variants(
-    image: np.ndarray, key: str, params: LatentsParams, textures: list[Path]
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """K anomalies of one normal image; a pure function of (seed, image key, k). An empty mask = no defect."""
-
-    def texture_for(rng: np.random.Generator) -> np.ndarray:
-        return load_rgb(textures[rng.integers(len(textures))]) if textures else procedural_texture(image.shape[:2], rng)
-
-    return [
-        synthesize_visible(
-            image,
-            texture_for,
-            (params.seed, zlib.crc32(key.encode()), k),
-            beta_range=(params.beta_min, params.beta_max),
-            scale_max=params.perlin_scale_max,
-            threshold=params.perlin_threshold,
-            min_change=params.min_change,
-        )
-        for k in range(params.synthetic_per_image)
-    ]
 
 
 def validation_images(rows: list[ManifestRow], fraction: float, seed: int) -> set[str]:
@@ -114,20 +80,13 @@ def encode_dataset(
             pending.clear()
 
     for row in tqdm(rows, desc=desc, unit="img"):
-        raw = load_rgb(root / row.image_path)
-        if row.mask_path:
-            mask = load_mask(root / row.mask_path, raw.shape[:2])
-        elif row.label:
-            raise ImageError(f"{root / row.image_path}: anomalous image without a mask in the manifest")
-        else:
-            mask = np.zeros(raw.shape[:2], dtype=bool)
-        image = resize_rgb(raw, image_size)
-        mask = resize_mask(mask, image_size)
+        image, mask = real_image(root, row.image_path, row.mask_path, row.label, image_size)
         split = "val" if row.image_path in held_out else row.split
         base = LatentRow(row.image_path, "real", row.category, split, row.label, row.defect_type, row.image_path, row.mask_path)
         pending.append((image, mask, base))
         if row.split == "train" and row.label == 0:
-            for k, (syn, syn_mask) in enumerate(synthetic_variants(image, row.image_path, params, textures)):
+            for k in range(params.synthetic_per_image):
+                syn, syn_mask = synthetic_variant(image, row.image_path, k, params, textures)
                 label = int(syn_mask.any())  # no visible defect could be drawn: a normal row, not a mislabelled one
                 kind = "synthetic" if label else "good"
                 pending.append((syn, syn_mask, LatentRow(f"{row.image_path}#syn{k}", "synthetic", row.category, split, label, kind, row.image_path, "")))

@@ -1,5 +1,5 @@
-"""python -m d2dprompt.predict IMAGE_OR_FOLDER [--prompts stages/train] [--out predictions] [--params params.yaml]
-       [--thresholds stages/evaluate/<dataset>/thresholds.json] [--image-threshold X] [--pixel-threshold Y] [--batch-size N]
+"""python -m d2dprompt.predict IMAGE_OR_FOLDER [--prompts stages/train/d2dprompt] [--out predictions] [--params params.yaml]
+       [--thresholds stages/evaluate/<method>/<dataset>/thresholds.json] [--image-threshold X] [--pixel-threshold Y] [--batch-size N]
 
 Runs the frozen model + trained prompts on one image or on every image under a folder (recursive,
 sorted). Per image it writes `<out>/<relative stem>_overlay.png` (image | anomaly map | overlay with
@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 import typer
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
@@ -30,12 +30,11 @@ from tqdm import tqdm
 
 from d2dprompt.config import EvaluateParams, ParamsError, load_params
 from d2dprompt.images import ImageError, load_rgb, resize_rgb
-from d2dprompt.inference import anomaly_maps, encode_images
+from d2dprompt.inference import image_scorer, input_size
 from d2dprompt.models import pick_device
 from d2dprompt.outputs import atomic_file
-from d2dprompt.prompt_files import load_segmenter
+from d2dprompt.prompt_files import load_trained, method_of
 from d2dprompt.report import jet
-from d2dprompt.segmenter import D2DSegmenter
 from d2dprompt.thresholds import Thresholds, binary_masks
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}  # what Pillow decodes and datasets ship
@@ -149,15 +148,6 @@ def output_stems(keys: list[str]) -> dict[str, str]:
     return {key: stem if counts[stem] == 1 else key for key, stem in stems.items()}
 
 
-def predict_batch(
-    segmenter: D2DSegmenter, images: list[np.ndarray], noise_seed: int, ev: EvaluateParams, device: torch.device, precision: str,
-    image_top_percent: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Images already at the model's size -> (maps (B, map_size, map_size), scores (B,)), as evaluate computes them."""
-    latents = encode_images(segmenter, images, device)
-    return anomaly_maps(segmenter, latents, noise_seed, ev, device, precision, image_top_percent, progress=False)
-
-
 def render_overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, title: str) -> Image.Image:
     """image | anomaly map | overlay (map blended at 50 %, predicted mask outlined in white), all map_size wide.
 
@@ -192,21 +182,19 @@ def save_png(image: Image.Image, dest: Path) -> None:
 
 
 def predict_images(
-    segmenter: D2DSegmenter,
+    score_images: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]],
     image_size: int,
-    noise_seed: int,
     inputs: list[InputImage],
     out: Path,
     thresholds: Thresholds,
     ev: EvaluateParams,
-    image_top_percent: float,
     batch_size: int,
-    device: torch.device,
-    precision: str,
     skipped: list[str],
     progress: bool = True,
 ) -> tuple[list[dict], list[str]]:
-    """Writes the per-image files, `predictions.jsonl` and `errors.txt` (the `skipped` lines of
+    """`score_images` is inference.image_scorer's: images at `image_size` -> (maps, scores).
+
+    Writes the per-image files, `predictions.jsonl` and `errors.txt` (the `skipped` lines of
     `find_inputs` plus every image that could not be predicted, in path order); returns (the
     prediction records, the error lines).
     """
@@ -228,7 +216,7 @@ def predict_images(
                     tqdm.write(f"skipped: {err}", file=sys.stderr)
             if batch:
                 resized = [resize_rgb(img, image_size) for img in originals]
-                maps, scores = predict_batch(segmenter, resized, noise_seed, ev, device, precision, image_top_percent)
+                maps, scores = score_images(resized)
                 masks = binary_masks(maps, thresholds.pixel, opening_kernel=ev.opening_kernel, min_area=ev.min_area)
                 for item, original, amap, mask, score in zip(batch, originals, maps, masks, scores.tolist()):
                     label = int(score >= thresholds.image)
@@ -261,7 +249,7 @@ def predict_images(
 
 def main(
     target: Path = typer.Argument(..., help="an image, or a folder searched recursively for images"),
-    prompts: Path = typer.Option(Path("stages/train"), help="train stage output (prompts.json + prompts.safetensors)"),
+    prompts: Path = typer.Option(Path("stages/train/d2dprompt"), help="a train@<method> output (prompts.json + prompts.safetensors)"),
     out: Path = typer.Option(Path("predictions"), help="where masks, overlays and predictions.jsonl go"),
     params: Path = typer.Option(Path("params.yaml"), help="params file (evaluate block, model.device)"),
     thresholds: Path | None = typer.Option(None, help="thresholds.json written by the evaluate stage"),
@@ -274,12 +262,12 @@ def main(
         cfg = load_params(params)
         chosen = resolve_thresholds(thresholds, image_threshold, pixel_threshold, cfg.evaluate)
         device = pick_device(cfg.model.device)
-        segmenter, record = load_segmenter(prompts)
-        segmenter.sd.to(device)
-        segmenter.to(device)
+        model, record = load_trained(prompts)
+        model.to(device)
+        (model.clip if method_of(record) == "anomalyclip" else model.sd).to(device)  # frozen parts live outside the module
+        score_images = image_scorer(model, record, cfg.evaluate, device, cfg.model.precision, cfg.loss.image_top_percent)
         records, errors = predict_images(
-            segmenter, record["model"]["image_size"], record["model"]["noise_seed"], inputs, out, chosen,
-            cfg.evaluate, cfg.loss.image_top_percent, batch_size or cfg.evaluate.batch_size, device, cfg.model.precision, skipped,
+            score_images, input_size(record), inputs, out, chosen, cfg.evaluate, batch_size or cfg.evaluate.batch_size, skipped,
             progress=len(inputs) > 1,
         )
     except (ParamsError, ThresholdsError, ImageError, FileNotFoundError, ValueError) as err:

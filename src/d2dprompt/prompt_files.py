@@ -1,4 +1,9 @@
-"""Trained prompt files: `prompts.safetensors` (prompt parameters only) + `prompts.json` (the config behind them)."""
+"""A trained run's folder: `prompts.safetensors` (learned parameters only; empty for d2d) + `prompts.json`.
+
+prompts.json names the method and holds the params blocks that rebuild its model, so evaluate and
+predict need nothing else: d2dprompt and d2d rebuild a D2DSegmenter on the frozen SD model, anomalyclip
+an AnomalyCLIP on the frozen CLIP.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import json
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from d2dprompt.config import Params, ParamsError, params_from_dict
 from d2dprompt.models import FrozenSD, load_frozen
@@ -13,40 +19,86 @@ from d2dprompt.outputs import atomic_file, write_json
 from d2dprompt.segmenter import D2DSegmenter, build_segmenter
 
 PROMPTS_FILE, CONFIG_FILE = "prompts.safetensors", "prompts.json"
+# the params blocks each method's model is a function of (and a checkpoint is keyed on)
+RECORD_BLOCKS = {
+    "d2dprompt": ("model", "prompt", "attention", "loss", "train"),
+    "d2d": ("model", "attention", "d2d"),
+    "anomalyclip": ("anomalyclip", "prompt", "loss", "train"),
+}
+TODAYS = ("device", "precision")  # model keys that today's params.yaml chooses, not the record
 
 
-def config_record(cfg: Params) -> dict:
-    """What a prompt file depends on: enough to rebuild the segmenter, and to refuse a stale checkpoint."""
-    return {
-        "model": cfg.model.model_dump(),
-        "prompt": cfg.prompt.model_dump(),
-        "attention": cfg.attention.model_dump(),
-        "loss": cfg.loss.model_dump(),
-        "train": cfg.train.model_dump(),
-    }
+def config_record(cfg: Params, method: str = "d2dprompt") -> dict:
+    """What a trained folder depends on: enough to rebuild the model, and to refuse a stale checkpoint."""
+    return {"method": method, **{block: getattr(cfg, block).model_dump() for block in RECORD_BLOCKS[method]}}
 
 
-def save_prompts(segmenter: D2DSegmenter, record: dict, folder: Path) -> None:
+def method_of(record: dict) -> str:
+    return record.get("method", "d2dprompt")  # folders written before methods existed hold D2D-Prompt
+
+
+def save_prompts(model: nn.Module, record: dict, folder: Path) -> None:
     with atomic_file(folder / PROMPTS_FILE) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in segmenter.prompts.state_dict().items()}, tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.prompts.state_dict().items()}, tmp)
     write_json(folder / CONFIG_FILE, record)
 
 
-def load_segmenter(folder: str | Path, sd: FrozenSD | None = None, early_exit: bool = True) -> tuple[D2DSegmenter, dict]:
-    """Rebuild the trained segmenter from `prompts.json` + `prompts.safetensors` (loads SD when not given)."""
+def read_record(folder: str | Path) -> tuple[dict, Params]:
+    """prompts.json and the params it holds (checked as params.yaml is), naming the file on error."""
     folder = Path(folder)
     for name in (CONFIG_FILE, PROMPTS_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name}: missing; run the train stage first")
     record = json.loads((folder / CONFIG_FILE).read_text())
-    # device and precision are today's params.yaml's to choose (an older record may hold fp16, refused now)
-    model = {k: v for k, v in record["model"].items() if k not in ("device", "precision")}
+    method = method_of(record)
+    if method not in RECORD_BLOCKS:
+        raise ParamsError(f"{folder / CONFIG_FILE}: unknown method {method!r}")
+    blocks = {b: record[b] for b in RECORD_BLOCKS[method] if b not in ("loss", "train")}
+    if "model" in blocks:  # an older record may hold fp16, refused now
+        blocks["model"] = {k: v for k, v in blocks["model"].items() if k not in TODAYS}
     try:
-        cfg = params_from_dict({"model": model, "prompt": record["prompt"], "attention": record["attention"]})
+        return record, params_from_dict(blocks)
     except ParamsError as err:
         raise ParamsError(f"{folder / CONFIG_FILE}: {err}") from None
+
+
+def build_d2d_segmenter(sd: FrozenSD, cfg: Params, early_exit: bool = True) -> D2DSegmenter:
+    """D2D: the fixed sentences of `cfg.d2d` in place of learned prompts, the same capture and maps."""
+    from d2dprompt.methods.d2d import FixedPrompts
+
+    d = cfg.d2d
+    prompts = FixedPrompts(sd.tokenizer, d.normal_prompt, d.abnormal_prompt, d.normal_words, d.abnormal_words, cfg.attention.prompts == "joint")
+    return D2DSegmenter(sd, prompts, cfg.attention.levels, cfg.model.timestep, early_exit)
+
+
+def build_anomalyclip(cfg: Params):
+    from d2dprompt.methods.anomalyclip import AnomalyCLIP, load_clip
+
+    a, p = cfg.anomalyclip, cfg.prompt
+    clip, tokenizer = load_clip(a.pretrained, a.tiny_seed, a.image_size)
+    return AnomalyCLIP(clip, tokenizer, p.n_ctx, p.t_n_ctx, p.depth, p.object_word, p.abnormal_word, p.init_std, a.dpam_layers, a.feature_layers)
+
+
+def load_segmenter(folder: str | Path, sd: FrozenSD | None = None, early_exit: bool = True) -> tuple[D2DSegmenter, dict]:
+    """Rebuild a d2dprompt or d2d segmenter from its folder (loads SD when not given)."""
+    record, cfg = read_record(folder)
+    method = method_of(record)
+    if method == "anomalyclip":
+        raise ValueError(f"{Path(folder) / CONFIG_FILE}: an anomalyclip run; it has no SD segmenter")
     if sd is None:
         sd = load_frozen(cfg.model.pretrained, cfg.model.tiny_seed)
+    if method == "d2d":
+        return build_d2d_segmenter(sd, cfg, early_exit), record
     segmenter = build_segmenter(sd, cfg.prompt, cfg.attention, cfg.model, early_exit)
-    segmenter.prompts.load_state_dict(load_file(folder / PROMPTS_FILE))
+    segmenter.prompts.load_state_dict(load_file(Path(folder) / PROMPTS_FILE))
     return segmenter, record
+
+
+def load_trained(folder: str | Path, early_exit: bool = True) -> tuple[nn.Module, dict]:
+    """Any method's trained model: a D2DSegmenter (d2dprompt, d2d) or an AnomalyCLIP."""
+    record, cfg = read_record(folder)
+    if method_of(record) != "anomalyclip":
+        return load_segmenter(folder, early_exit=early_exit)
+    model = build_anomalyclip(cfg)
+    model.prompts.load_state_dict(load_file(Path(folder) / PROMPTS_FILE))
+    return model, record

@@ -47,9 +47,21 @@ def markdown_table(dataset: str, summary: dict[str, dict[str, float]], threshold
     return "\n".join(lines)
 
 
+HEADLINE = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")  # what papers compare first: the first columns of `dvc exp show`
+
+
+def headline_first(values: dict[str, float]) -> dict[str, float]:
+    return {**{k: values[k] for k in HEADLINE if k in values}, **{k: v for k, v in values.items() if k not in HEADLINE}}
+
+
 def write_metrics(folder: Path, dataset: str, summary: dict, thresholds: dict, validation: dict) -> list[Path]:
-    """`<folder>/<dataset>.json` (undefined metrics as null, with what each mean covers) and `.md`."""
-    record = {**summary, **mean_coverage(summary), "thresholds": thresholds, "validation": validation}
+    """`<folder>/<dataset>.json` (undefined metrics as null, with what each mean covers) and `.md`.
+
+    The mean comes first and its headline metrics first within it, so `dvc metrics show` and
+    `dvc exp show` list the numbers people compare before the per-category ones.
+    """
+    ordered = {"mean": headline_first(summary["mean"]), **{k: headline_first(v) for k, v in summary.items() if k != "mean"}}
+    record = {**ordered, **mean_coverage(summary), "thresholds": thresholds, "validation": validation}
     paths = [folder / f"{dataset}.json", folder / f"{dataset}.md"]
     write_json(paths[0], nan_to_null(record))
     with atomic_file(paths[1]) as tmp:

@@ -1,6 +1,10 @@
-"""python -m d2dprompt.train [--params params.yaml] [--latents stages/latents] [--out stages/train]
+"""python -m d2dprompt.train [--method d2dprompt] [--params params.yaml] [--latents stages/latents] [--out stages/train/<method>]
 
-Trains only the prompt vectors (AnomalyCLIP-style context + deep compound prompts) so the frozen UNet's
+One entry per method of params.yaml's `methods` (dvc.yaml: train@<method>). `d2dprompt` (below) and
+`anomalyclip` (train_anomalyclip.py) learn prompts; `d2d` learns nothing: its entry writes the fixed
+prompt record (d2d block) and an empty parameter file, so evaluate reads every method the same way.
+
+D2D-Prompt trains only the prompt vectors (AnomalyCLIP-style context + deep compound prompts) so the frozen UNet's
 cross-attention maps segment defects. Supervision (`train.supervision`): `synthetic` = the latents
 stage's Perlin anomalies plus the normal training images of `train.datasets`; `annotated` = the real
 defects and masks of the test split of auxiliary datasets (the zero-shot protocol: train on VisA,
@@ -17,9 +21,11 @@ import csv
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import typer
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from d2dprompt.checkpoints import CheckpointError, TrainState, code_digest, fingerprint, load_state, save_state
@@ -27,7 +33,8 @@ from d2dprompt.config import Params, ParamsError, flatten, load_params
 from d2dprompt.latent_store import training_set
 from d2dprompt.losses import LOSS_NAMES, total_loss
 from d2dprompt.models import autocast, load_frozen, pick_device
-from d2dprompt.outputs import atomic_file
+from d2dprompt.images import ImageError
+from d2dprompt.outputs import atomic_file, write_json
 from d2dprompt.prompt_files import (
     CONFIG_FILE,
     PROMPTS_FILE,
@@ -115,10 +122,21 @@ def refreshed_queries(segmenter: D2DSegmenter, prompts: dict[str, torch.Tensor],
         segmenter.prompts.load_state_dict(current)
 
 
+def write_fixed(cfg: Params, out: Path) -> list[dict[str, float]]:
+    """d2d: nothing to learn; the record of its fixed sentences and an empty parameter file."""
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / PROMPTS_FILE) as tmp:
+        save_file({}, tmp)
+    write_json(out / CONFIG_FILE, config_record(cfg, "d2d"))
+    write_history([], out / HISTORY_FILE)  # no epochs: a header only, so every train entry has the same outputs
+    typer.echo(f"d2d: fixed prompts {cfg.d2d.normal_prompt!r} / {cfg.d2d.abnormal_prompt!r}, nothing to train")
+    return []
+
+
 def run(cfg: Params, latents_root: Path, queries_root: Path, out: Path, checkpoint: Path, log=None, code: str | None = None) -> list[dict[str, float]]:
-    """Train (resuming from a matching checkpoint) and write the outputs; returns the per-epoch history."""
+    """Train D2D-Prompt (resuming from a matching checkpoint) and write the outputs; returns the per-epoch history."""
     device = pick_device(cfg.model.device)
-    record = config_record(cfg)
+    record = config_record(cfg, "d2dprompt")
     data_files = [latents_root / name / "latents.safetensors" for name in cfg.train.datasets]
     run_id = fingerprint(record, data_files, code if code is not None else code_digest())
     latents, masks, labels, keys = training_set(latents_root, cfg.train.datasets, cfg.train.supervision)
@@ -166,25 +184,38 @@ def run(cfg: Params, latents_root: Path, queries_root: Path, out: Path, checkpoi
 
 
 def main(
+    method: str = typer.Option("d2dprompt", help="one of params.yaml's methods: d2dprompt | d2d | anomalyclip"),
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
     latents: Path = typer.Option(Path("stages/latents"), help="latents stage output"),
-    queries: Path = typer.Option(Path("stages/queries"), help="queries stage output (cached mode)"),
-    out: Path = typer.Option(Path("stages/train"), help="where prompts and history go"),
-    checkpoint: Path = typer.Option(
-        Path("stages/checkpoints/train"), help="per-epoch state folder; not a DVC output, so DVC never deletes it before a rerun"
+    downloads: Path = typer.Option(Path("stages/download"), help="download stage output (methods that read pixels)"),
+    queries: Path = typer.Option(Path("stages/queries"), help="queries stage output (d2dprompt, cached mode)"),
+    out: Optional[Path] = typer.Option(None, help="where prompts and history go [default: stages/train/<method>]"),
+    checkpoint: Optional[Path] = typer.Option(
+        None, help="per-epoch state folder, not a DVC output, so DVC never deletes it before a rerun [default: stages/checkpoints/train/<method>]"
     ),
 ) -> None:
     from d2dprompt.tracking import start_run
 
     try:
         cfg = load_params(params)
-        with start_run("train", flatten(cfg)) as log:
-            history = run(cfg, latents, queries, out, checkpoint, log)
+        if method not in cfg.methods:
+            raise ParamsError(f"{params}: methods: {method!r} is not listed ({' | '.join(cfg.methods)})")
+        out = out or Path("stages/train") / method
+        checkpoint = checkpoint or Path("stages/checkpoints/train") / method
+        with start_run("train", {**flatten(cfg), "method": method}) as log:
+            if method == "d2d":
+                history = write_fixed(cfg, out)
+            elif method == "anomalyclip":
+                from d2dprompt.train_anomalyclip import run as run_anomalyclip
+
+                history = run_anomalyclip(cfg, latents, downloads, out, checkpoint, log)
+            else:
+                history = run(cfg, latents, queries, out, checkpoint, log)
             if history:
                 log.log_metrics({f"final_loss_{k}": v for k, v in history[-1].items() if k != "epoch"})
             log.log_artifact(out / PROMPTS_FILE)
             log.log_artifact(out / CONFIG_FILE)
-    except (ParamsError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except (ParamsError, CheckpointError, ImageError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
 

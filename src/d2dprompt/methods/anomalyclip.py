@@ -295,15 +295,22 @@ def anomalyclip_loss(
     labels: torch.Tensor,
     local_weight: float = 4.0,  # train.py's lam = 4 since the 2025-04 fix
     focal_gamma: float = 2.0,  # loss.py's FocalLoss default
+    focal: float = 1.0,  # per-term switches (the loss block's weights), 1 = the authors' loss; 0 ablates the term
+    dice: float = 1.0,
+    image: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """masks (B, H, W) in {0, 1}, labels (B,) in {0, 1} -> (total, unweighted terms summed over layers)."""
+    """masks (B, H, W) in {0, 1}, labels (B,) in {0, 1} -> (total, unweighted terms summed over layers).
+
+    total = local_weight * (focal * focal_term + dice * dice_terms) + image * cross_entropy.
+    """
+    weights = {"focal": focal, "dice": dice, "image": image}
     masks = (masks > 0.5).to(torch.float32)  # train.py binarises the resized mask at 0.5
-    focal = dice = masks.new_zeros(())
+    focal_term = dice_term = masks.new_zeros(())
     for similarity in out["similarity"]:
         probs = upsample(similarity, masks.shape[-2:])
-        focal = focal + focal_loss(probs, masks, focal_gamma)
-        dice = dice + dice_loss(probs[:, 1], masks) + dice_loss(probs[:, 0], 1 - masks)
-    image = F.cross_entropy(out["image_logits"], labels.long().to(out["image_logits"].device))
-    total = local_weight * (focal + dice) + image
-    values = {"focal": focal, "dice": dice, "image": image, "total": total}
+        focal_term = focal_term + focal_loss(probs, masks, focal_gamma)
+        dice_term = dice_term + dice_loss(probs[:, 1], masks) + dice_loss(probs[:, 0], 1 - masks)
+    image_term = F.cross_entropy(out["image_logits"], labels.long().to(out["image_logits"].device))
+    total = local_weight * (weights["focal"] * focal_term + weights["dice"] * dice_term) + weights["image"] * image_term
+    values = {"focal": focal_term, "dice": dice_term, "image": image_term, "total": total}
     return total, {name: float(v.detach()) for name, v in values.items()}
