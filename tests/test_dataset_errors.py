@@ -74,7 +74,7 @@ def test_undefined_metrics_are_left_out_of_means_and_written_as_null(tmp_path):
     json_path, md_path = write_metrics(tmp_path, "toy", summary, thresholds, {"image_AUROC": 1.0})
 
     record = strict_json(json_path)
-    assert set(record["clean"].values()) == {None}  # every metric needs an anomalous image
+    assert set(record["per_category"]["clean"].values()) == {None}  # every metric needs an anomalous image
     assert record["mean"]["image_F1"] == pytest.approx(0.8)
     assert record["mean_over"] == dict.fromkeys(summary["mean"], 1)
     assert record["undefined"] == dict.fromkeys(summary["mean"], ["clean"])

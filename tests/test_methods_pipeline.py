@@ -31,6 +31,8 @@ def test_dvc_metrics_show_lists_every_method_side_by_side(three_methods):
         assert all(0.0 <= mean[m] <= 1.0 for m in HEADLINE)
     table = run_cmd(["dvc", "metrics", "show"], three_methods).stdout
     assert all(f"metrics/{m}/sample.json" in table for m in METHODS)
+    header = table.splitlines()[0].split()
+    assert header[0] == "Path" and header[1].startswith("mean."), header[:3]  # the means, not a category, come first
 
 
 def test_each_method_is_trained_only_where_it_learns(three_methods):

@@ -218,3 +218,17 @@ def test_find_images_skips_the_output_folder(tmp_path):
     assert [i.key for i in find_images(tmp_path, exclude=tmp_path / "out")] == ["a.jpg", "b.PNG"]
     with pytest.raises(FileNotFoundError, match="no images"):
         find_images(tmp_path / "out", exclude=tmp_path / "out")
+
+
+def test_thresholds_of_another_method_are_refused(tmp_path):
+    from d2dprompt.predict import ThresholdsError, read_thresholds_file
+
+    ev = EvaluateParams()
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps({"image": 0.5, "pixel": 0.5, "method": "anomalyclip", "score": "anomalyclip"}))
+    assert read_thresholds_file(path, ev, "anomalyclip")["image"] == 0.5  # its own score, not evaluate.score
+    with pytest.raises(ThresholdsError, match="fitted for method 'anomalyclip', not for the 'd2dprompt' run"):
+        read_thresholds_file(path, ev, "d2dprompt")
+    path.write_text(json.dumps({"image": 0.5, "pixel": 0.5, "method": "d2d", "score": "max"}))
+    with pytest.raises(ThresholdsError, match="fitted with score='max' but evaluate.score='fused'"):
+        read_thresholds_file(path, ev, "d2d")

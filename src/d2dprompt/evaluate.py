@@ -26,7 +26,7 @@ import typer
 from d2dprompt.config import EvaluateParams, Params, ParamsError, flatten, load_params
 from d2dprompt.images import ImageError, load_mask, load_rgb, resize_mask
 from d2dprompt.latent_store import LatentRow, read_latents
-from d2dprompt.inference import anomaly_maps, row_maps
+from d2dprompt.inference import anomaly_maps, image_score_name, row_maps
 from d2dprompt.metrics import image_metrics, pixel_metrics, summarize
 from d2dprompt.models import pick_device
 from d2dprompt.outputs import atomic_dir, write_json
@@ -149,8 +149,7 @@ def main(
         with start_run("evaluate", {**flatten(cfg), "evaluate.dataset": dataset, "method": method}) as log:
             score, rows, tensors = method_scorer(model, record, latents / dataset, downloads / dataset, cfg, device)
             summary, thresholds, details = evaluate_dataset(score, rows, tensors, latents / dataset, downloads / dataset, ev)
-            image_score = ev.score if method != "anomalyclip" else "anomalyclip"  # its own test code's score
-            threshold_record = {**asdict(thresholds), "method": method, "score": image_score, "top_percent": ev.top_percent, "map_size": ev.map_size, "sigma": ev.sigma}
+            threshold_record = {**asdict(thresholds), "method": method, "score": image_score_name(method, ev.score), "top_percent": ev.top_percent, "map_size": ev.map_size, "sigma": ev.sigma}
             with atomic_dir(out / dataset) as tmp:
                 write_json(tmp / "thresholds.json", threshold_record)
                 write_scores(tmp / SCORES_FILE, details["rows"], details["labels"], details["scores"], thresholds.image)

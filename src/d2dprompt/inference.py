@@ -82,6 +82,11 @@ def pixel_batch(images: list[np.ndarray]) -> torch.Tensor:
     return normalize(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255)
 
 
+def image_score_name(method: str, score: str) -> str:
+    """What thresholds.json records as the image score: evaluate.score, or AnomalyCLIP's own (its test.py's)."""
+    return "anomalyclip" if method == "anomalyclip" else score
+
+
 def input_size(record: dict) -> int:
     """The side a trained folder's model reads images at."""
     return record["anomalyclip"]["image_size"] if record.get("method") == "anomalyclip" else record["model"]["image_size"]

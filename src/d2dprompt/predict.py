@@ -30,10 +30,10 @@ from tqdm import tqdm
 
 from d2dprompt.config import EvaluateParams, ParamsError, load_params
 from d2dprompt.images import ImageError, load_rgb, resize_rgb
-from d2dprompt.inference import image_scorer, input_size
+from d2dprompt.inference import image_score_name, image_scorer, input_size
 from d2dprompt.models import pick_device
 from d2dprompt.outputs import atomic_file
-from d2dprompt.prompt_files import load_trained, method_of
+from d2dprompt.prompt_files import load_trained, method_of, read_record
 from d2dprompt.report import jet
 from d2dprompt.thresholds import Thresholds, binary_masks
 
@@ -55,7 +55,7 @@ class InputImage:
     key: str  # path relative to the input root (posix): the output stem
 
 
-def read_thresholds_file(path: Path, ev: EvaluateParams) -> dict:
+def read_thresholds_file(path: Path, ev: EvaluateParams, method: str = "d2dprompt") -> dict:
     if not path.is_file():
         raise ThresholdsError(f"{path}: thresholds file not found")
     try:
@@ -68,20 +68,23 @@ def read_thresholds_file(path: Path, ev: EvaluateParams) -> dict:
         value = record.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ThresholdsError(f"{path}: key '{key}' must be a finite number, got {value!r}")
+    if record.get("method", method) != method:
+        raise ThresholdsError(f"{path}: fitted for method {record['method']!r}, not for the {method!r} run predicting")
     for key in SCALE_KEYS:
-        if key in record and record[key] != getattr(ev, key):
-            raise ThresholdsError(f"{path}: fitted with {key}={record[key]!r} but evaluate.{key}={getattr(ev, key)!r}")
+        expected = image_score_name(method, ev.score) if key == "score" else getattr(ev, key)
+        if key in record and record[key] != expected:
+            raise ThresholdsError(f"{path}: fitted with {key}={record[key]!r} but evaluate.{key}={expected!r}")
     return record
 
 
 def resolve_thresholds(
-    file: Path | None, image: float | None, pixel: float | None, ev: EvaluateParams
+    file: Path | None, image: float | None, pixel: float | None, ev: EvaluateParams, method: str = "d2dprompt"
 ) -> Thresholds:
     """Explicit values beat the file, the file beats `evaluate.sensitivity`."""
     values = {"image": ev.sensitivity, "pixel": ev.sensitivity}
     origins = {"image": FALLBACK_SOURCE, "pixel": FALLBACK_SOURCE}
     if file is not None:
-        record = read_thresholds_file(file, ev)
+        record = read_thresholds_file(file, ev, method)
         fitted = f"{file} ({record['source']})" if record.get("source") else str(file)
         for key in values:
             values[key], origins[key] = float(record[key]), fitted
@@ -260,7 +263,7 @@ def main(
     try:
         inputs, skipped = find_inputs(target, exclude=out)
         cfg = load_params(params)
-        chosen = resolve_thresholds(thresholds, image_threshold, pixel_threshold, cfg.evaluate)
+        chosen = resolve_thresholds(thresholds, image_threshold, pixel_threshold, cfg.evaluate, method_of(read_record(prompts)[0]))
         device = pick_device(cfg.model.device)
         model, record = load_trained(prompts)
         model.to(device)

@@ -57,11 +57,12 @@ def headline_first(values: dict[str, float]) -> dict[str, float]:
 def write_metrics(folder: Path, dataset: str, summary: dict, thresholds: dict, validation: dict) -> list[Path]:
     """`<folder>/<dataset>.json` (undefined metrics as null, with what each mean covers) and `.md`.
 
-    The mean comes first and its headline metrics first within it, so `dvc metrics show` and
-    `dvc exp show` list the numbers people compare before the per-category ones.
+    {"mean": ..., "per_category": {category: ...}, ...}: the mean comes first in the file and, since
+    DVC sorts flattened keys (mean.* < per_category.*), first in `dvc metrics show` / `dvc exp show`.
     """
-    ordered = {"mean": headline_first(summary["mean"]), **{k: headline_first(v) for k, v in summary.items() if k != "mean"}}
-    record = {**ordered, **mean_coverage(summary), "thresholds": thresholds, "validation": validation}
+    categories = {k: headline_first(v) for k, v in summary.items() if k != "mean"}
+    record = {"mean": headline_first(summary["mean"]), "per_category": categories, **mean_coverage(summary),
+              "thresholds": thresholds, "validation": validation}
     paths = [folder / f"{dataset}.json", folder / f"{dataset}.md"]
     write_json(paths[0], nan_to_null(record))
     with atomic_file(paths[1]) as tmp:

@@ -1,0 +1,78 @@
+"""AnomalyCLIP's training: the same rows as D2D-Prompt for both protocols, prompts that learn, resume bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from d2dprompt import train_anomalyclip
+from d2dprompt.config import params_from_dict
+from d2dprompt.latent_store import training_set, write_index
+from d2dprompt.latents import encode_dataset
+from d2dprompt.manifest import scan_mvtec_layout
+from tests.conftest import ROOT
+from tests.test_train import Kill, KillAfter
+
+EPOCHS = 2
+
+
+def config(supervision: str = "synthetic"):
+    return params_from_dict(
+        {
+            "methods": ["anomalyclip"],
+            "download": {"categories": ["tile"]},
+            "model": {"image_size": 64},
+            "latents": {"synthetic_per_image": 1},
+            "train": {"epochs": EPOCHS, "batch_size": 8, "supervision": supervision},
+            "evaluate": {"datasets": []},
+            "anomalyclip": {"image_size": 56, "dpam_layers": 4},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def latents_root(tmp_path_factory, tiny) -> Path:
+    root = tmp_path_factory.mktemp("latents")
+    rows = scan_mvtec_layout(ROOT / "sample", "sample", ["tile"])
+    tensors, index = encode_dataset(tiny, ROOT / "sample", rows, 64, config().latents, torch.device("cpu"), "latents")
+    (root / "sample").mkdir()
+    save_file(tensors, root / "sample" / "latents.safetensors")
+    write_index(index, root / "sample" / "index.csv")
+    return root
+
+
+@pytest.mark.parametrize("supervision", ["synthetic", "annotated"])
+def test_anomalyclip_trains_on_the_rows_d2dprompt_trains_on(latents_root, supervision):
+    roots, rows = train_anomalyclip.training_rows(latents_root, ROOT, ["sample"], supervision)
+    *_, labels, keys = training_set(latents_root, ["sample"], supervision)
+    assert [f"sample/{r.key}" for r in rows] == keys and [r.label for r in rows] == labels.int().tolist()
+    assert set(roots) == {ROOT / "sample"}
+    images, masks, batch_labels = train_anomalyclip.RowImages(roots, rows, config(supervision)).batch([0, len(rows) - 1])
+    assert images.shape == (2, 3, 56, 56) and masks.shape == (2, 56, 56)
+    assert batch_labels.tolist() == [rows[0].label, rows[-1].label]
+
+
+def run(latents_root: Path, tmp: Path, kill_after: int | None = None):
+    log = KillAfter(kill_after) if kill_after is not None else None
+    return train_anomalyclip.run(config(), latents_root, ROOT, tmp / "out", tmp / "ckpt", log=log, code="v1")
+
+
+def test_prompts_learn_and_a_killed_run_resumes_bit_for_bit(latents_root, tmp_path):
+    history = run(latents_root, tmp_path / "a")
+    assert [row["epoch"] for row in history] == [1, 2] and history[1]["total"] < history[0]["total"] + 1.0
+    learned = load_file(tmp_path / "a/out/prompts.safetensors")
+    torch.manual_seed(config().train.seed)
+    initial = train_anomalyclip.build_anomalyclip(config()).prompts.state_dict()
+    assert any(not torch.equal(learned[k], initial[k]) for k in initial)  # the optimiser moved them
+    assert not (tmp_path / "a/ckpt").exists()  # finished: no checkpoint left to resume into stale outputs
+
+    with pytest.raises(Kill):
+        run(latents_root, tmp_path / "b", kill_after=1)
+    assert (tmp_path / "b/ckpt").is_dir()
+    resumed = run(latents_root, tmp_path / "b")
+    assert [row["epoch"] for row in resumed] == [1, 2]
+    again = load_file(tmp_path / "b/out/prompts.safetensors")
+    assert all(torch.equal(learned[k], again[k]) for k in learned)
