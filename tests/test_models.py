@@ -73,7 +73,7 @@ def test_hub_style_tokenizer_folder_loads_like_stable_diffusion_2(tmp_path):
 @pytest.mark.parametrize("prompts", ["joint", "paired"])
 def test_an_fp16_checkpoint_loads_in_fp32_and_runs_both_modes(tmp_path, prompts):
     from d2dprompt.config import params_from_dict
-    from d2dprompt.segmenter import build_segmenter
+    from d2dprompt.methods.d2dprompt import build_segmenter
 
     loaded = load_frozen(str(save_tiny(tmp_path / "sd16", seed=0, dtype=torch.float16)))
     for module in (loaded.text_encoder, loaded.unet, loaded.vae):

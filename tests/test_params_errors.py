@@ -204,7 +204,7 @@ def test_prompts_json_of_an_older_run_still_loads(tmp_path, tiny, monkeypatch):
     """Records written before this schema: fp16 allowed, no train.untrained / loss.image_top_percent keys."""
     from d2dprompt import prompt_files
     from d2dprompt.config import Params
-    from d2dprompt.segmenter import build_segmenter
+    from d2dprompt.methods.d2dprompt import build_segmenter
 
     cfg = Params()
     segmenter = build_segmenter(tiny, cfg.prompt, cfg.attention, cfg.model)

@@ -24,7 +24,7 @@ from d2dprompt.predict import (
     resolve_thresholds,
 )
 from d2dprompt.prompt_files import config_record, save_prompts
-from d2dprompt.segmenter import build_segmenter
+from d2dprompt.methods.d2dprompt import build_segmenter
 from tests.conftest import ROOT
 
 SAMPLE = ROOT / "sample"

@@ -46,7 +46,7 @@ from d2dprompt.models import (
 )
 from d2dprompt.outputs import write_json
 from d2dprompt.query_cache import QueryCache
-from d2dprompt.segmenter import D2DSegmenter, build_segmenter, fixed_noise
+from d2dprompt.methods.d2dprompt import D2DSegmenter, build_segmenter, fixed_noise
 
 MIB = 2**20
 LOSS_WEIGHTS = {"focal": 1.0, "dice": 1.0, "image": 1.0}  # the default loss block: the terms every run pays for

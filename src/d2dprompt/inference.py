@@ -19,7 +19,7 @@ from d2dprompt.config import EvaluateParams
 from d2dprompt.latent_store import LATENT_DTYPE
 from d2dprompt.maps import finish_maps, to_image_size
 from d2dprompt.models import autocast, encode
-from d2dprompt.segmenter import D2DSegmenter, fixed_noise
+from d2dprompt.methods.d2dprompt import D2DSegmenter, fixed_noise
 
 
 def encode_images(segmenter: D2DSegmenter, images: list[np.ndarray], device: torch.device) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 from d2dprompt.config import Params, ParamsError, params_from_dict
 from d2dprompt.models import FrozenSD, load_frozen
 from d2dprompt.outputs import atomic_file, write_json
-from d2dprompt.segmenter import D2DSegmenter, build_segmenter
+from d2dprompt.methods.d2dprompt import D2DSegmenter, build_segmenter
 
 PROMPTS_FILE, CONFIG_FILE = "prompts.safetensors", "prompts.json"
 # the params blocks each method's model is a function of (and a checkpoint is keyed on)

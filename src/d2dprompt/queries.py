@@ -18,7 +18,7 @@ from d2dprompt.latent_store import training_set
 from d2dprompt.models import load_frozen, pick_device
 from d2dprompt.outputs import atomic_dir
 from d2dprompt.query_cache import compute_queries, save_queries
-from d2dprompt.segmenter import build_segmenter, fixed_noise
+from d2dprompt.methods.d2dprompt import build_segmenter, fixed_noise
 
 
 def cache_queries(cfg: Params, latents: Path, out: Path) -> str:

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from d2dprompt.outputs import atomic_file
-from d2dprompt.segmenter import D2DSegmenter
+from d2dprompt.methods.d2dprompt import D2DSegmenter
 
 QUERIES_FILE, KEYS_FILE = "queries.safetensors", "keys.txt"
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -42,7 +43,7 @@ from d2dprompt.prompt_files import (
     save_prompts,
 )
 from d2dprompt.query_cache import QueryCache, compute_queries, open_queries
-from d2dprompt.segmenter import D2DSegmenter, build_segmenter, fixed_noise
+from d2dprompt.methods.d2dprompt import D2DSegmenter, build_segmenter, fixed_noise
 
 HISTORY_FILE = "history.csv"
 
@@ -58,6 +59,33 @@ class Batches:
     keys: list[str]
 
 
+def epoch_batches(rows: int, batch_size: int, seed: int, epoch: int) -> tuple[torch.Tensor, ...]:
+    """Row indices in a seeded order, split into batches: the same for a resumed run as for an uninterrupted one."""
+    return torch.randperm(rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).split(batch_size)
+
+
+def optimise(
+    batches: tuple[torch.Tensor, ...],
+    loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+    optimizer: torch.optim.Optimizer,
+    desc: str,
+) -> dict[str, float]:
+    """One epoch of Adam steps, every method alike: `loss_of(batch)` -> (loss, its terms); returns per-row means."""
+    sums: dict[str, float] = {}
+    rows = sum(len(batch) for batch in batches)
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False)
+    for batch in bar:
+        loss, values = loss_of(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        values["total"] = float(loss.detach())
+        for name, value in values.items():
+            sums[name] = sums.get(name, 0.0) + value * len(batch)
+        bar.set_postfix(loss=f"{values['total']:.4f}")
+    return {name: total / rows for name, total in sums.items()}
+
+
 def train_epoch(
     segmenter: D2DSegmenter,
     optimizer: torch.optim.Optimizer,
@@ -68,27 +96,20 @@ def train_epoch(
     queries: QueryCache | None = None,
 ) -> dict[str, float]:
     """One pass over the rows in a seeded order; full mode runs the UNet, cached mode reads `queries`."""
-    order = torch.randperm(len(data.keys), generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch))
     weights = {name: getattr(cfg.loss, name) for name in LOSS_NAMES}
     latent_hw = tuple(data.latents.shape[-2:])
-    sums: dict[str, float] = {}
-    bar = tqdm(order.split(cfg.train.batch_size), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch", leave=False)
-    for batch in bar:
+
+    def loss_of(batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         with autocast(device, cfg.model.precision):
             if queries is None:
                 maps = segmenter(data.latents[batch].to(device), data.noise[batch].to(device))
             else:
                 maps = segmenter.forward_cached(queries.batch(batch, device), latent_hw)
         maps = {k: v.float() for k, v in maps.items()}
-        loss, values = total_loss(maps, data.masks[batch].to(device), data.labels[batch].to(device), weights, cfg.loss.focal_gamma, cfg.loss.image_top_percent)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        values["total"] = float(loss.detach())
-        for name, value in values.items():
-            sums[name] = sums.get(name, 0.0) + value * len(batch)
-        bar.set_postfix(loss=f"{values['total']:.4f}")
-    return {name: total / len(data.keys) for name, total in sums.items()}
+        return total_loss(maps, data.masks[batch].to(device), data.labels[batch].to(device), weights, cfg.loss.focal_gamma, cfg.loss.image_top_percent)
+
+    batches = epoch_batches(len(data.keys), cfg.train.batch_size, cfg.train.seed, epoch)
+    return optimise(batches, loss_of, optimizer, f"epoch {epoch + 1}/{cfg.train.epochs}")
 
 
 @torch.no_grad()

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import typer
-from tqdm import tqdm
 
 from d2dprompt.checkpoints import TrainState, code_digest, fingerprint, load_state, save_state
 from d2dprompt.config import Params
@@ -23,6 +22,7 @@ from d2dprompt.latent_store import LatentRow, read_index
 from d2dprompt.models import autocast, pick_device
 from d2dprompt.prompt_files import build_anomalyclip, config_record, save_prompts
 from d2dprompt.row_images import RowImages
+from d2dprompt.train import HISTORY_FILE, epoch_batches, optimise, write_history
 
 
 def training_rows(latents_root: Path, downloads_root: Path, datasets: list[str], supervision: str) -> tuple[list[Path], list[LatentRow]]:
@@ -67,30 +67,20 @@ def run(cfg: Params, latents_root: Path, downloads_root: Path, out: Path, checkp
     if cfg.train.untrained:
         typer.echo("train.untrained: true: writing the initial prompts without optimising them")
     for epoch in range(len(history), 0 if cfg.train.untrained else cfg.train.epochs):
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch))
-        sums: dict[str, float] = {}
-        bar = tqdm(order.split(cfg.train.batch_size), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch", leave=False)
-        for batch in bar:
+        def loss_of(batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
             images, masks, labels = (t.to(device) for t in data.batch(batch.tolist()))
             with autocast(device, cfg.model.precision):
                 output = model(images)
-            loss, values = anomalyclip_loss(output, masks, labels, focal_gamma=cfg.loss.focal_gamma, **weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            values["total"] = float(loss.detach())
-            for name, value in values.items():
-                sums[name] = sums.get(name, 0.0) + value * len(batch)
-            bar.set_postfix(loss=f"{values['total']:.4f}")
-        losses = {name: total / len(data) for name, total in sums.items()}
+            return anomalyclip_loss(output, masks, labels, focal_gamma=cfg.loss.focal_gamma, **weights)
+
+        batches = epoch_batches(len(data), cfg.train.batch_size, cfg.train.seed, epoch)
+        losses = optimise(batches, loss_of, optimizer, f"epoch {epoch + 1}/{cfg.train.epochs}")
         history.append({"epoch": epoch + 1, **losses})
         save_state(TrainState(run_id, model.prompts.state_dict(), optimizer.state_dict(), history), checkpoint)
         typer.echo(f"epoch {epoch + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
         if log is not None:
             log.log_metrics({f"loss_{k}": v for k, v in losses.items()}, step=epoch + 1)
     save_prompts(model, record, out)
-    from d2dprompt.train import HISTORY_FILE, write_history
-
     write_history(history, out / HISTORY_FILE)
     shutil.rmtree(checkpoint, ignore_errors=True)
     return history

@@ -8,7 +8,7 @@ import torch
 from d2dprompt.config import ParamsError, params_from_dict
 from d2dprompt.methods.d2d import FixedPrompts, word_positions
 from d2dprompt.prompt_files import build_d2d_segmenter
-from d2dprompt.segmenter import fixed_noise
+from d2dprompt.methods.d2dprompt import fixed_noise
 
 NORMAL, ABNORMAL = "a photo of a flawless object", "a photo of a damaged object"
 

@@ -3,7 +3,7 @@ import torch
 
 from d2dprompt.config import AttentionParams, ModelParams, PromptParams
 from d2dprompt.models import build_tiny
-from d2dprompt.segmenter import build_segmenter, fixed_noise
+from d2dprompt.methods.d2dprompt import build_segmenter, fixed_noise
 
 
 @pytest.fixture(scope="module")

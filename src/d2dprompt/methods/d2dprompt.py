@@ -1,4 +1,4 @@
-"""The torch model: frozen SD + learnable prompts -> cross-attention anomaly maps. No I/O.
+"""D2D-Prompt's torch model: frozen SD + learnable prompts -> cross-attention anomaly maps. No I/O.
 
 One forward: encode the prompts with the frozen text encoder, noise the VAE latents to `timestep`
 with per-image fixed noise, run the frozen UNet (gradients enabled, weights frozen) and aggregate the
