@@ -249,7 +249,7 @@ def test_predict_lists_skipped_files_and_refuses_images_smaller_than_the_model(p
     result = run([inputs, "--out", out], prompts_dir, params_file)
     assert result.exit_code == 0, result.output
     assert [r["key"] for r in read_jsonl(out)] == ["good.png"]
-    smaller = "smaller than the model's input side 64 (model.image_size of the trained prompts)"
+    smaller = "smaller than the model's input side 64 (the input size of the trained run)"
     assert (out / "errors.txt").read_text().splitlines() == [
         f"{inputs / 'dot.png'}: image is 1x1, {smaller}",
         f"{inputs / 'notes.txt'}: not an image file (suffix '.txt'; predict reads {SUFFIXES})",

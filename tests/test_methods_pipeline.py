@@ -37,12 +37,12 @@ def test_dvc_metrics_show_lists_every_method_side_by_side(three_methods):
 
 def test_each_method_is_trained_only_where_it_learns(three_methods):
     stages = three_methods / "stages/train"
-    records = {m: json.loads((stages / m / "prompts.json").read_text()) for m in METHODS}
+    records = {m: json.loads((stages / m / "model.json").read_text()) for m in METHODS}
     assert {m: r["method"] for m, r in records.items()} == {m: m for m in METHODS}
-    assert load_file(stages / "d2d/prompts.safetensors") == {}  # d2d learns nothing
+    assert load_file(stages / "d2d/model.safetensors") == {}  # d2d learns nothing
     assert (stages / "d2d/history.csv").read_text().strip() == "epoch"
     for method in ("d2dprompt", "anomalyclip"):
-        assert load_file(stages / method / "prompts.safetensors")
+        assert load_file(stages / method / "model.safetensors")
         assert len((stages / method / "history.csv").read_text().splitlines()) == 1 + 2
     assert "anomalyclip" in records["anomalyclip"] and "attention" not in records["anomalyclip"]
 
@@ -66,7 +66,7 @@ def test_predict_scores_a_test_image_as_evaluate_did_for_every_method(three_meth
         row = next(r for r in csv.DictReader(fh) if r["label"] == "1")
     renamed = tmp_path / "renamed.png"
     shutil.copy(three_methods / "stages/download/sample" / row["image_path"], renamed)
-    run_cmd(["python", "-m", "d2dprompt.predict", str(renamed), "--prompts", f"stages/train/{method}", "--out", str(tmp_path / "out"),
+    run_cmd(["python", "-m", "d2dprompt.predict", str(renamed), "--trained", f"stages/train/{method}", "--out", str(tmp_path / "out"),
              "--thresholds", f"stages/evaluate/{method}/sample/thresholds.json"], three_methods)
     (record,) = [json.loads(line) for line in (tmp_path / "out/predictions.jsonl").read_text().splitlines()]
     assert abs(record["score"] - float(row["score"])) < 1e-5, (row, record)

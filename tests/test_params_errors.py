@@ -217,5 +217,5 @@ def test_prompts_json_of_an_older_run_still_loads(tmp_path, tiny, monkeypatch):
     assert read_back == record and loaded.timestep == cfg.model.timestep
     record["prompt"]["n_ctx"] = 0
     (tmp_path / prompt_files.CONFIG_FILE).write_text(json.dumps(record))
-    with pytest.raises(ParamsError, match=rf"^{tmp_path / 'prompts.json'}: prompt.n_ctx: must be >= 1, got 0$"):
+    with pytest.raises(ParamsError, match=rf"^{tmp_path / 'model.json'}: prompt.n_ctx: must be >= 1, got 0$"):
         prompt_files.load_segmenter(tmp_path)

@@ -56,7 +56,7 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def pixel_auroc(ws: Path, out: str, metrics: str) -> dict:
-    stage("evaluate", "sample", "--prompts", out, "--out", f"stages/evaluate-{out}", "--metrics", metrics, cwd=ws)
+    stage("evaluate", "sample", "--trained", out, "--out", f"stages/evaluate-{out}", "--metrics", metrics, cwd=ws)
     return json.loads((ws / metrics / "sample.json").read_text())
 
 
@@ -80,7 +80,7 @@ def test_training_beats_untrained_prompts_and_writes_every_metric(workspace, tra
     write_params(workspace, train={"untrained": True})
     untrained = stage("train", "--out", "untrained", cwd=workspace)
     assert "without optimising" in untrained.stdout and "epoch 1:" not in untrained.stdout
-    assert json.loads((workspace / "untrained/prompts.json").read_text())["train"]["untrained"] is True
+    assert json.loads((workspace / "untrained/model.json").read_text())["train"]["untrained"] is True
     before = pixel_auroc(workspace, "untrained", "metrics-untrained")
     after = json.loads((workspace / "metrics-trained/sample.json").read_text())
     assert list(after)[:2] == ["mean", "per_category"]  # what people compare first, in the file and in `dvc metrics show`
@@ -112,7 +112,7 @@ def test_predict_scores_a_test_image_as_evaluate_did(workspace, trained):
         renamed = workspace / "elsewhere" / "renamed.png"  # another path and name: the score may not change
         renamed.parent.mkdir(exist_ok=True)
         shutil.copy(image, renamed)
-        stage("predict", str(renamed), "--prompts", "trained", "--out", "predict-one", cwd=workspace)
+        stage("predict", str(renamed), "--trained", "trained", "--out", "predict-one", cwd=workspace)
         (record,) = [json.loads(line) for line in (workspace / "predict-one/predictions.jsonl").read_text().splitlines()]
         assert abs(record["score"] - float(row["score"])) < 1e-5, (row, record["score"])
 
@@ -128,7 +128,7 @@ def test_mlflow_holds_train_and_evaluate_runs(workspace, trained):
     assert train.data.tags["dvc_exp_name"] == "workspace"
     assert "loss_total" in train.data.metrics
     assert len(client.get_metric_history(train.info.run_id, "loss_total")) == 4
-    assert {a.path for a in client.list_artifacts(train.info.run_id)} >= {"prompts.safetensors", "prompts.json"}
+    assert {a.path for a in client.list_artifacts(train.info.run_id)} >= {"model.safetensors", "model.json"}
     evaluate = next(r for r in runs if r.data.tags.get("stage") == "evaluate")
     assert "d2dprompt.sample.mean.pixel_AUROC" in evaluate.data.metrics  # <method>.<dataset>.<category>.<metric>
     assert client.list_artifacts(evaluate.info.run_id, "evaluate")

@@ -68,7 +68,7 @@ class KillAfter:
 def trained(mode, latents_root, queries_root, out: Path, checkpoint: Path, kill_after: int | None = None, code: str = "v1"):
     log = KillAfter(kill_after) if kill_after is not None else None
     train.run(config(mode), latents_root, queries_root, out, checkpoint, log=log, code=code)
-    return load_file(out / "prompts.safetensors")
+    return load_file(out / "model.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -151,5 +151,5 @@ def test_a_pickle_at_the_checkpoint_path_is_refused_without_running(tmp_path, la
     with pytest.raises(checkpoints.CheckpointError, match="remove it to train from scratch"):
         trained("cached", latents_root, queries_root, tmp_path / "out", checkpoint)
     assert not MARKER.exists()
-    assert not (tmp_path / "out" / "prompts.safetensors").exists()
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 

@@ -50,7 +50,7 @@ def test_anomalyclip_trains_on_the_rows_d2dprompt_trains_on(latents_root, superv
     *_, labels, keys = training_set(latents_root, ["sample"], supervision)
     assert [f"sample/{r.key}" for r in rows] == keys and [r.label for r in rows] == labels.int().tolist()
     assert set(roots) == {ROOT / "sample"}
-    images, masks, batch_labels = train_anomalyclip.RowImages(roots, rows, config(supervision)).batch([0, len(rows) - 1])
+    images, masks, batch_labels = train_anomalyclip.RowImages(roots, rows, config(supervision), 56).batch([0, len(rows) - 1])
     assert images.shape == (2, 3, 56, 56) and masks.shape == (2, 56, 56)
     assert batch_labels.tolist() == [rows[0].label, rows[-1].label]
 
@@ -63,7 +63,7 @@ def run(latents_root: Path, tmp: Path, kill_after: int | None = None):
 def test_prompts_learn_and_a_killed_run_resumes_bit_for_bit(latents_root, tmp_path):
     history = run(latents_root, tmp_path / "a")
     assert [row["epoch"] for row in history] == [1, 2] and history[1]["total"] < history[0]["total"] + 1.0
-    learned = load_file(tmp_path / "a/out/prompts.safetensors")
+    learned = load_file(tmp_path / "a/out/model.safetensors")
     torch.manual_seed(config().train.seed)
     initial = train_anomalyclip.build_anomalyclip(config()).prompts.state_dict()
     assert any(not torch.equal(learned[k], initial[k]) for k in initial)  # the optimiser moved them
@@ -74,5 +74,5 @@ def test_prompts_learn_and_a_killed_run_resumes_bit_for_bit(latents_root, tmp_pa
     assert (tmp_path / "b/ckpt").is_dir()
     resumed = run(latents_root, tmp_path / "b")
     assert [row["epoch"] for row in resumed] == [1, 2]
-    again = load_file(tmp_path / "b/out/prompts.safetensors")
+    again = load_file(tmp_path / "b/out/model.safetensors")
     assert all(torch.equal(learned[k], again[k]) for k in learned)

@@ -19,7 +19,7 @@ from d2dprompt.params_yaml import read_yaml
 from d2dprompt.vae_factor import TINY, vae_factor
 
 __all__ = [
-    "AnomalyCLIPParams", "AttentionParams", "D2DParams", "DownloadParams", "METHODS", "TRAINED_METHODS", "EvaluateParams", "LatentsParams", "LossParams", "ModelParams",
+    "AnomalyCLIPParams", "AttentionParams", "D2DParams", "DecoDiffParams", "DownloadParams", "DraemParams", "FROM_SCRATCH", "METHODS", "EvaluateParams", "LatentsParams", "LossParams", "ModelParams",
     "Params", "ParamsError", "PromptParams", "TrainParams", "flatten", "load_params", "params_from_dict",
 ]
 
@@ -34,10 +34,12 @@ def _once(values: list) -> list:
 
 Source = Literal["sample", "mvtec", "visa", "folder"]
 # d2dprompt = learned prompts on SD cross-attention (this project); d2d = fixed hand-written prompts, nothing
-# learned; anomalyclip = learned prompts on CLIP patch-text similarity (zqhang/AnomalyCLIP)
-Method = Literal["d2dprompt", "d2d", "anomalyclip"]
+# learned; anomalyclip = learned prompts on CLIP patch-text similarity (zqhang/AnomalyCLIP); draem = reconstructive +
+# discriminative networks trained from scratch per category (VitjanZ/DRAEM); decodiff = a latent diffusion model that
+# reconstructs a normal version of the image (farzad-bz/DeCo-Diff)
+Method = Literal["d2dprompt", "d2d", "anomalyclip", "draem", "decodiff"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
-TRAINED_METHODS = ("d2dprompt", "anomalyclip")  # d2d's train entry only records its fixed prompts
+FROM_SCRATCH = ("draem", "decodiff")  # trained on the normal training images of evaluate.datasets, whatever train.* says
 Once = AfterValidator(_once)  # a repeated entry is a slip: a dataset prepared, trained on or scored twice, a level read twice
 AdamBeta = Annotated[float, Field(ge=0, lt=1)]
 

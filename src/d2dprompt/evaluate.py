@@ -1,6 +1,6 @@
-"""python -m d2dprompt.evaluate DATASET [--params params.yaml] [--prompts stages/train/d2dprompt] [--out stages/evaluate/d2dprompt] [--metrics metrics/d2dprompt]
+"""python -m d2dprompt.evaluate DATASET [--params params.yaml] [--trained stages/train/d2dprompt] [--out stages/evaluate/d2dprompt] [--metrics metrics/d2dprompt]
 
-One method's trained folder (prompts.json names the method) on a dataset's test split; dvc.yaml runs
+One method's trained folder (model.json names the method) on a dataset's test split; dvc.yaml runs
 one evaluate@<method>-<dataset> per pair. Every method goes through the same splits, threshold fitting,
 map post-processing and metric code. Maps: the method's anomaly map -> bilinear to `evaluate.map_size`
 -> Gaussian sigma `evaluate.sigma`; image score by `evaluate.score` for d2dprompt and d2d, as
@@ -26,7 +26,7 @@ import typer
 from d2dprompt.config import EvaluateParams, Params, ParamsError, flatten, load_params
 from d2dprompt.images import ImageError, load_mask, load_rgb, resize_mask
 from d2dprompt.latent_store import LatentRow, read_latents
-from d2dprompt.inference import anomaly_maps, image_score_name, row_maps
+from d2dprompt.inference import anomaly_maps, image_score_name, input_size, row_maps
 from d2dprompt.metrics import image_metrics, pixel_metrics, summarize
 from d2dprompt.models import pick_device
 from d2dprompt.outputs import atomic_dir, write_json
@@ -82,7 +82,7 @@ def method_scorer(model, record: dict, latents_dir: Path, download_dir: Path, cf
     ev, precision = cfg.evaluate, cfg.model.precision
     tensors, rows = read_latents(latents_dir)  # the validation masks come from here for every method
     if method_of(record) == "anomalyclip":
-        data = RowImages([download_dir] * len(rows), rows, cfg)
+        data = RowImages([download_dir] * len(rows), rows, cfg, input_size(record))  # the size it was trained at
         return (lambda idx, desc: row_maps(model, data, idx, ev, device, precision, desc)), rows, tensors
     noise_seed = record["model"]["noise_seed"]
 
@@ -130,7 +130,7 @@ def evaluate_dataset(score: Scorer, rows: list[LatentRow], tensors: dict, latent
 def main(
     dataset: str = typer.Argument(..., help="a dataset prepared by the download stage"),
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    prompts: Path = typer.Option(Path("stages/train/d2dprompt"), help="a train@<method> output (prompts.json names the method)"),
+    trained: Path = typer.Option(Path("stages/train/d2dprompt"), "--trained", "--prompts", help="a train@<method> output (model.json names the method)"),
     latents: Path = typer.Option(Path("stages/latents"), help="latents stage output"),
     downloads: Path = typer.Option(Path("stages/download"), help="download stage output"),
     out: Path = typer.Option(Path("stages/evaluate/d2dprompt"), help="pictures and plot data go to <out>/<dataset>/"),
@@ -142,7 +142,7 @@ def main(
         cfg = load_params(params)
         ev = cfg.evaluate
         device = pick_device(cfg.model.device)
-        model, record = load_trained(prompts)
+        model, record = load_trained(trained)
         method = method_of(record)
         model.to(device)
         (model.clip if method == "anomalyclip" else model.sd).to(device)  # frozen parts live outside the module

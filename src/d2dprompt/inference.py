@@ -19,6 +19,7 @@ from d2dprompt.config import EvaluateParams
 from d2dprompt.latent_store import LATENT_DTYPE
 from d2dprompt.maps import finish_maps, to_image_size
 from d2dprompt.models import autocast, encode
+from d2dprompt.row_images import to_unit
 from d2dprompt.methods.d2dprompt import D2DSegmenter, fixed_noise
 
 
@@ -56,11 +57,11 @@ def anomaly_maps(
 def anomalyclip_maps(
     model, images: torch.Tensor, ev: EvaluateParams, device: torch.device, precision: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch of CLIP-normalised images -> (maps at evaluate.map_size, image scores as AnomalyCLIP's test.py)."""
-    from d2dprompt.methods.anomalyclip import image_score
+    """One batch of images in [0, 1] -> (maps at evaluate.map_size, image scores as AnomalyCLIP's test.py)."""
+    from d2dprompt.methods.anomalyclip import image_score, normalize
 
     with autocast(device, precision):
-        out = model(images.to(device))
+        out = model(normalize(images).to(device))
     return to_image_size(out["anomaly_map"].float(), ev.map_size, ev.sigma).cpu(), image_score(out).float().cpu()
 
 
@@ -73,13 +74,6 @@ def row_maps(model, data, idx: list[int], ev: EvaluateParams, device: torch.devi
         maps.append(batch_maps)
         scores.append(batch_scores)
     return torch.cat(maps).numpy(), torch.cat(scores).numpy()
-
-
-def pixel_batch(images: list[np.ndarray]) -> torch.Tensor:
-    """uint8 HxWx3 images at the model's size -> (B, 3, H, W) CLIP-normalised floats, as AnomalyCLIP reads them."""
-    from d2dprompt.methods.anomalyclip import normalize
-
-    return normalize(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255)
 
 
 def image_score_name(method: str, score: str) -> str:
@@ -96,7 +90,7 @@ def image_scorer(model, record: dict, ev: EvaluateParams, device: torch.device, 
     """images (uint8, already at `input_size(record)`) -> (maps, scores), exactly as evaluate scores its rows."""
     if record.get("method") == "anomalyclip":
         def score(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-            maps, scores = anomalyclip_maps(model, pixel_batch(images), ev, device, precision)
+            maps, scores = anomalyclip_maps(model, to_unit(images), ev, device, precision)
             return maps.numpy(), scores.numpy()
         return score
 

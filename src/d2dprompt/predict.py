@@ -1,7 +1,7 @@
-"""python -m d2dprompt.predict IMAGE_OR_FOLDER [--prompts stages/train/d2dprompt] [--out predictions] [--params params.yaml]
+"""python -m d2dprompt.predict IMAGE_OR_FOLDER [--trained stages/train/d2dprompt] [--out predictions] [--params params.yaml]
        [--thresholds stages/evaluate/<method>/<dataset>/thresholds.json] [--image-threshold X] [--pixel-threshold Y] [--batch-size N]
 
-Runs the frozen model + trained prompts on one image or on every image under a folder (recursive,
+Runs a trained method (`--trained stages/train/<method>`) on one image or on every image under a folder (recursive,
 sorted). Per image it writes `<out>/<relative stem>_overlay.png` (image | anomaly map | overlay with
 the predicted mask outlined), `<out>/<relative stem>_mask.png` (0/255 at the image's original size)
 and one JSON line in `<out>/predictions.jsonl`. Thresholds come from `--thresholds` (fitted on a
@@ -9,7 +9,7 @@ validation split by the evaluate stage), are overridden by `--image-threshold` /
 and otherwise fall back to `evaluate.sensitivity`; every line says which. Files that cannot be
 predicted are skipped, named on stderr and listed in `<out>/errors.txt` with the reason: unreadable
 images, files under the folder without an image suffix, and images with a side shorter than the
-model's input side (`model.image_size` of the trained prompts; upscaling would invent the detail
+model's input side (`model.image_size` of the trained run; upscaling would invent the detail
 the model judges). The exit status is 1 only when no image could be predicted.
 """
 
@@ -137,7 +137,7 @@ def check_size(path: Path, image: np.ndarray, image_size: int) -> np.ndarray:
     if min(height, width) < image_size:
         raise ImageError(
             f"{path}: image is {width}x{height}, smaller than the model's input side {image_size} "
-            "(model.image_size of the trained prompts)"
+            "(the input size of the trained run)"
         )
     return image
 
@@ -252,7 +252,7 @@ def predict_images(
 
 def main(
     target: Path = typer.Argument(..., help="an image, or a folder searched recursively for images"),
-    prompts: Path = typer.Option(Path("stages/train/d2dprompt"), help="a train@<method> output (prompts.json + prompts.safetensors)"),
+    trained: Path = typer.Option(Path("stages/train/d2dprompt"), "--trained", "--prompts", help="a train@<method> output (model.json + model.safetensors)"),
     out: Path = typer.Option(Path("predictions"), help="where masks, overlays and predictions.jsonl go"),
     params: Path = typer.Option(Path("params.yaml"), help="params file (evaluate block, model.device)"),
     thresholds: Path | None = typer.Option(None, help="thresholds.json written by the evaluate stage"),
@@ -263,9 +263,9 @@ def main(
     try:
         inputs, skipped = find_inputs(target, exclude=out)
         cfg = load_params(params)
-        chosen = resolve_thresholds(thresholds, image_threshold, pixel_threshold, cfg.evaluate, method_of(read_record(prompts)[0]))
+        chosen = resolve_thresholds(thresholds, image_threshold, pixel_threshold, cfg.evaluate, method_of(read_record(trained)[0]))
         device = pick_device(cfg.model.device)
-        model, record = load_trained(prompts)
+        model, record = load_trained(trained)
         model.to(device)
         (model.clip if method_of(record) == "anomalyclip" else model.sd).to(device)  # frozen parts live outside the module
         score_images = image_scorer(model, record, cfg.evaluate, device, cfg.model.precision, cfg.loss.image_top_percent)

@@ -1,6 +1,7 @@
-"""A trained run's folder: `prompts.safetensors` (learned parameters only; empty for d2d) + `prompts.json`.
+"""A trained run's folder: `model.safetensors` (the learned parameters only: prompt vectors, network weights;
+empty for d2d) + `model.json`.
 
-prompts.json names the method and holds the params blocks that rebuild its model, so evaluate and
+model.json names the method and holds the params blocks that rebuild its model, so evaluate and
 predict need nothing else: d2dprompt and d2d rebuild a D2DSegmenter on the frozen SD model, anomalyclip
 an AnomalyCLIP on the frozen CLIP.
 """
@@ -18,7 +19,7 @@ from d2dprompt.models import FrozenSD, load_frozen
 from d2dprompt.outputs import atomic_file, write_json
 from d2dprompt.methods.d2dprompt import D2DSegmenter, build_segmenter
 
-PROMPTS_FILE, CONFIG_FILE = "prompts.safetensors", "prompts.json"
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "model.json"
 # the params blocks each method's model is a function of (and a checkpoint is keyed on)
 RECORD_BLOCKS = {
     "d2dprompt": ("model", "prompt", "attention", "loss", "train"),
@@ -38,15 +39,15 @@ def method_of(record: dict) -> str:
 
 
 def save_prompts(model: nn.Module, record: dict, folder: Path) -> None:
-    with atomic_file(folder / PROMPTS_FILE) as tmp:
+    with atomic_file(folder / WEIGHTS_FILE) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.prompts.state_dict().items()}, tmp)
     write_json(folder / CONFIG_FILE, record)
 
 
 def read_record(folder: str | Path) -> tuple[dict, Params]:
-    """prompts.json and the params it holds (checked as params.yaml is), naming the file on error."""
+    """model.json and the params it holds (checked as params.yaml is), naming the file on error."""
     folder = Path(folder)
-    for name in (CONFIG_FILE, PROMPTS_FILE):
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name}: missing; run the train stage first")
     record = json.loads((folder / CONFIG_FILE).read_text())
@@ -90,7 +91,7 @@ def load_segmenter(folder: str | Path, sd: FrozenSD | None = None, early_exit: b
     if method == "d2d":
         return build_d2d_segmenter(sd, cfg, early_exit), record
     segmenter = build_segmenter(sd, cfg.prompt, cfg.attention, cfg.model, early_exit)
-    segmenter.prompts.load_state_dict(load_file(Path(folder) / PROMPTS_FILE))
+    segmenter.prompts.load_state_dict(load_file(Path(folder) / WEIGHTS_FILE))
     return segmenter, record
 
 
@@ -100,5 +101,5 @@ def load_trained(folder: str | Path, early_exit: bool = True) -> tuple[nn.Module
     if method_of(record) != "anomalyclip":
         return load_segmenter(folder, early_exit=early_exit)
     model = build_anomalyclip(cfg)
-    model.prompts.load_state_dict(load_file(Path(folder) / PROMPTS_FILE))
+    model.prompts.load_state_dict(load_file(Path(folder) / WEIGHTS_FILE))
     return model, record

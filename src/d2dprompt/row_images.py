@@ -76,24 +76,24 @@ def row_image(
     return (syn, mask) if size == synth_size else (resize_rgb(syn, size), resize_mask(mask, size))
 
 
-class RowImages:
-    """Rows of the latents index as CLIP input, loaded per batch (MVTec AD at 518 px would not fit in memory)."""
+def to_unit(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HxWx3 images -> (B, 3, H, W) floats in [0, 1]: what the pixel methods' models read."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
 
-    def __init__(self, roots: list[Path], rows: list[LatentRow], cfg: Params):
-        self.roots, self.rows, self.cfg = roots, rows, cfg
+
+class RowImages:
+    """Rows of the latents index as pixels at `size`, loaded per batch (MVTec AD at 518 px would not fit in memory)."""
+
+    def __init__(self, roots: list[Path], rows: list[LatentRow], cfg: Params, size: int):
+        self.roots, self.rows, self.cfg, self.size = roots, rows, cfg, size
         self.textures = load_textures(cfg.latents.texture_dir)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, 3, S, S) CLIP-normalised images, (B, S, S) masks, (B,) labels."""
-        from d2dprompt.inference import pixel_batch
-
-        pairs = [
-            row_image(self.roots[i], self.rows[i], self.cfg.anomalyclip.image_size, self.cfg.model.image_size, self.cfg.latents, self.textures)
-            for i in idx
-        ]
+        """(B, 3, S, S) images in [0, 1], (B, S, S) masks, (B,) labels."""
+        pairs = [row_image(self.roots[i], self.rows[i], self.size, self.cfg.model.image_size, self.cfg.latents, self.textures) for i in idx]
         masks = torch.from_numpy(np.stack([p[1] for p in pairs])).float()
         labels = torch.tensor([self.rows[i].label for i in idx], dtype=torch.float32)
-        return pixel_batch([p[0] for p in pairs]), masks, labels
+        return to_unit([p[0] for p in pairs]), masks, labels

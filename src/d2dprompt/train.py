@@ -8,8 +8,8 @@ D2D-Prompt trains only the prompt vectors (AnomalyCLIP-style context + deep comp
 cross-attention maps segment defects. Supervision (`train.supervision`): `synthetic` = the latents
 stage's Perlin anomalies plus the normal training images of `train.datasets`; `annotated` = the real
 defects and masks of the test split of auxiliary datasets (the zero-shot protocol: train on VisA,
-evaluate on MVTec AD, and vice versa). Writes `prompts.safetensors` (prompt parameters only),
-`prompts.json` (the config that produced them) and `history.csv` (per-epoch losses). A checkpoint per
+evaluate on MVTec AD, and vice versa). Writes `model.safetensors` (prompt parameters only),
+`model.json` (the config that produced them) and `history.csv` (per-epoch losses). A checkpoint per
 epoch (safetensors + JSON, see checkpoints.py) lets an interrupted run resume with the same params,
 data and code, bit for bit as if it had not stopped: in cached mode the prompts of the last query
 refresh are kept, so the resumed epochs read the same queries. A finished run deletes its checkpoint.
@@ -38,7 +38,7 @@ from d2dprompt.images import ImageError
 from d2dprompt.outputs import atomic_file, write_json
 from d2dprompt.prompt_files import (
     CONFIG_FILE,
-    PROMPTS_FILE,
+    WEIGHTS_FILE,
     config_record,
     save_prompts,
 )
@@ -146,7 +146,7 @@ def refreshed_queries(segmenter: D2DSegmenter, prompts: dict[str, torch.Tensor],
 def write_fixed(cfg: Params, out: Path) -> list[dict[str, float]]:
     """d2d: nothing to learn; the record of its fixed sentences and an empty parameter file."""
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out / PROMPTS_FILE) as tmp:
+    with atomic_file(out / WEIGHTS_FILE) as tmp:
         save_file({}, tmp)
     write_json(out / CONFIG_FILE, config_record(cfg, "d2d"))
     write_history([], out / HISTORY_FILE)  # no epochs: a header only, so every train entry has the same outputs
@@ -183,7 +183,7 @@ def run(cfg: Params, latents_root: Path, queries_root: Path, out: Path, checkpoi
     elif state is not None:
         typer.echo(f"{checkpoint}: left by a run with other params, data or code; training from scratch")
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.train.untrained:  # the baseline: prompts as initialised; prompts.json records train.untrained: true
+    if cfg.train.untrained:  # the baseline: prompts as initialised; model.json records train.untrained: true
         typer.echo("train.untrained: true: writing the initial prompts without optimising them")
     for epoch in range(len(history), 0 if cfg.train.untrained else cfg.train.epochs):
         every = cfg.attention.recache_every
@@ -234,7 +234,7 @@ def main(
                 history = run(cfg, latents, queries, out, checkpoint, log)
             if history:
                 log.log_metrics({f"final_loss_{k}": v for k, v in history[-1].items() if k != "epoch"})
-            log.log_artifact(out / PROMPTS_FILE)
+            log.log_artifact(out / WEIGHTS_FILE)
             log.log_artifact(out / CONFIG_FILE)
     except (ParamsError, CheckpointError, ImageError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)

@@ -42,14 +42,14 @@ def training_rows(latents_root: Path, downloads_root: Path, datasets: list[str],
 
 
 def run(cfg: Params, latents_root: Path, downloads_root: Path, out: Path, checkpoint: Path, log=None, code: str | None = None) -> list[dict[str, float]]:
-    from d2dprompt.methods.anomalyclip import anomalyclip_loss
+    from d2dprompt.methods.anomalyclip import anomalyclip_loss, normalize
 
     device = pick_device(cfg.model.device)
     record = config_record(cfg, "anomalyclip")
     data_files = [latents_root / name / "index.csv" for name in cfg.train.datasets]
     run_id = fingerprint(record, data_files, code if code is not None else code_digest())
     roots, rows = training_rows(latents_root, downloads_root, cfg.train.datasets, cfg.train.supervision)
-    data = RowImages(roots, rows, cfg)
+    data = RowImages(roots, rows, cfg, cfg.anomalyclip.image_size)
     torch.manual_seed(cfg.train.seed)
     model = build_anomalyclip(cfg).to(device)
     optimizer = torch.optim.Adam(model.prompts.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
@@ -70,7 +70,7 @@ def run(cfg: Params, latents_root: Path, downloads_root: Path, out: Path, checkp
         def loss_of(batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
             images, masks, labels = (t.to(device) for t in data.batch(batch.tolist()))
             with autocast(device, cfg.model.precision):
-                output = model(images)
+                output = model(normalize(images))
             return anomalyclip_loss(output, masks, labels, focal_gamma=cfg.loss.focal_gamma, **weights)
 
         batches = epoch_batches(len(data), cfg.train.batch_size, cfg.train.seed, epoch)
