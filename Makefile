@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # dvc.yaml runs `python -m d2dprompt.<stage>`: the venv must come first on PATH.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: repro test bench env clean
+.PHONY: repro test bench ablate env clean
 
 env: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ repro: env
 
 test: env
 	$(RUN) python -m pytest -q
+
+# the ablation study as DVC experiments (README "Ablations and seeds"); e.g. make ablate ARGS="--only baseline,no_dice --seeds 3"
+ablate: env
+	$(RUN) python -m d2dprompt.ablate $(ARGS)
 
 bench: env
 	$(RUN) python -m d2dprompt.bench

@@ -1,0 +1,106 @@
+"""The ablation command: its plan, its reading of real `dvc exp show --json` output, its statistics, and one real run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from d2dprompt import ablate
+from tests.conftest import ROOT, run_cmd
+
+DATA = ROOT / "tests" / "data"
+
+
+def test_plan_gives_one_run_per_experiment_and_seed_with_the_experiments_overrides_winning():
+    runs = ablate.plan_runs("no_dice,baseline", 2, ["train.epochs=3", "loss.dice=1"])
+    assert [r.name for r in runs] == ["baseline-s0", "baseline-s1", "no_dice-s0", "no_dice-s1"]  # EXPERIMENTS order
+    no_dice = runs[3]
+    assert ablate.queue_argv(no_dice) == [
+        "dvc", "exp", "run", "--queue", "-S", "train.epochs=3", "-S", "loss.dice=0",
+        "-S", "train.seed=1", "-S", "latents.seed=1", "--name", "no_dice-s1",
+    ]
+    assert "loss.dice=1" in runs[0].overrides  # --set applies where the experiment says nothing
+
+
+@pytest.mark.parametrize("args, message", [
+    (("nope", 1, []), "unknown nope"),
+    ((None, 0, []), "--seeds 0"),
+    ((None, 1, ["train.seed=4"]), "set per run by --seeds"),
+    ((None, 1, ["epochs"]), "expected key=value"),
+])
+def test_a_bad_request_is_refused_in_one_line(args, message):
+    with pytest.raises(ablate.AblationError, match=message):
+        ablate.plan_runs(*args)
+
+
+def test_dry_run_prints_the_dvc_commands_and_runs_nothing():
+    result = CliRunner().invoke(ablate.app, ["--dry-run", "--only", "paired", "--seeds", "2", "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "dvc exp run --queue -S attention.prompts=paired -S train.seed=0 -S latents.seed=0 --name paired-s0"
+    assert lines[2] == "dvc queue start -j 2"
+
+
+def test_real_exp_show_output_is_read_per_metrics_file():
+    entries = ablate.parse_exp_show(json.loads((DATA / "exp_show_methods.json").read_text()))
+    assert set(entries) == {"wrong-aura", "gooey-deep"}
+    entry = entries["wrong-aura"]
+    assert entry.state == "success" and entry.rev.startswith("6aea33b")
+    assert set(entry.metrics) == {"d2dprompt/sample", "d2d/sample", "anomalyclip/sample"}
+    assert entry.metrics["d2d/sample"]["image_AUROC"] == pytest.approx(0.4)
+    assert ablate.metrics_label("metrics/sample.json") == "sample"
+
+
+def test_queued_and_running_experiments_carry_no_metrics():
+    entries = ablate.parse_exp_show(json.loads((DATA / "exp_show_queue.json").read_text()))
+    assert {n: e.state for n, e in entries.items()} == {"baseline-s0": "running", "level1-s2": "queued", "wrong-aura": "success"}
+    assert entries["baseline-s0"].metrics == {} and entries["level1-s2"].metrics == {}
+
+
+def test_mean_and_sample_std_over_seeds_match_numpy():
+    values = [0.61, 0.72, 0.58]
+    stats = ablate.summarize(values + [None])
+    assert stats["n"] == 3 and stats["mean"] == pytest.approx(np.mean(values))
+    assert stats["std"] == pytest.approx(np.std(values, ddof=1))
+    assert ablate.summarize([0.5])["std"] is None  # one seed has no spread
+
+
+def test_report_aggregates_seeds_per_experiment_and_file(tmp_path):
+    runs = ablate.plan_runs("baseline,no_image", 2, [])
+    entries = {}
+    for i, run in enumerate(runs):
+        means = {"image_AUROC": 0.5 + 0.1 * i, "pixel_AUROC": 0.8, "pixel_AUPRO": 0.6 - 0.05 * i}
+        entries[run.name] = ablate.Entry(run.name, f"rev{i}", "success", metrics={"d2dprompt/sample": means})
+    entries["no_image-s1"] = ablate.Entry("no_image-s1", "rev3", "failed")
+    rows = ablate.aggregate(runs, entries)
+    assert [(r["experiment"], r["n"]) for r in rows] == [("baseline", 2), ("no_image", 1)]
+    assert rows[0]["image_AUROC"]["mean"] == pytest.approx(0.55) and rows[0]["image_AUROC"]["std"] == pytest.approx(np.std([0.5, 0.6], ddof=1))
+    ablate.write_report(tmp_path, rows, runs, "abcdef0", {"no_image-s1": "failed"}, queued=True)
+    table = (tmp_path / "ablation.md").read_text()
+    assert "| baseline | – | d2dprompt/sample | 0.550 ± 0.071 | 0.800 ± 0.000 | 0.575 ± 0.035 | 2 |" in table
+    assert "`no_image-s1`: failed" in table
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "ablation.json").read_text())["results"][1]["runs"][0]["name"] == "no_image-s0"
+
+
+@pytest.mark.e2e
+def test_a_real_ablation_queues_runs_and_reports_through_dvc(repo_copy, tmp_path):
+    """2 experiments x 2 seeds through `dvc exp run --queue` in a fresh clone of the copy (1 epoch, 64 px: the
+    plumbing, not the numbers, is under test)."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo_copy), str(clone)], check=True)
+    args = [sys.executable, "-m", "d2dprompt.ablate", "--only", "baseline,no_image", "--seeds", "2", "--poll", "2",
+            "--set", "train.epochs=1", "--set", "model.image_size=64", "--out", "report"]
+    run_cmd(args, clone, timeout=1500)
+    record = json.loads((clone / "report/ablation.json").read_text())
+    assert [(r["experiment"], r["metrics_file"], r["n"]) for r in record["results"]] == [("baseline", "d2dprompt/sample", 2), ("no_image", "d2dprompt/sample", 2)]
+    seeds = record["results"][0]["runs"]
+    assert seeds[0]["image_AUROC"] != seeds[1]["image_AUROC"] or seeds[0]["pixel_AUPRO"] != seeds[1]["pixel_AUPRO"]  # seeds differ
+    assert (clone / "report/ablation.png").is_file() and record["without_result"] == {}
+    again = run_cmd([*args, "--report-only"], clone)  # the same table from DVC alone
+    assert "| baseline |" in again.stdout
