@@ -20,6 +20,7 @@ import json
 import math
 import shlex
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -329,15 +330,18 @@ def queue_all(runs: list[Run], jobs: int, rev: str, force: bool) -> None:
         print("$ " + shlex.join(queue_argv(run)), flush=True)
         _call(queue_argv(run))
     print("$ " + shlex.join(start_argv(jobs)), flush=True)
-    # not _call: the workers `dvc queue start` spawns inherit its pipes, so waiting on them would wait for the whole
-    # queue; the runs are followed through `dvc exp show` instead, and a start that fails at once is reported
-    started = subprocess.Popen(start_argv(jobs), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = started.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        return  # still starting workers in the background: fine
-    if started.returncode:
-        raise AblationError(f"`{shlex.join(start_argv(jobs))}` failed ({started.returncode}): {err.strip()}")
+    # not _call: the workers `dvc queue start` spawns inherit its output, so reading it to the end would wait for the
+    # whole queue (and an unread pipe could fill and stall them); a file takes it, the runs are followed through
+    # `dvc exp show`, and a start that fails at once is reported
+    with tempfile.TemporaryFile(mode="w+") as err:
+        started = subprocess.Popen(start_argv(jobs), stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            started.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            return  # still attached to its workers: they run
+        if started.returncode:
+            err.seek(0)
+            raise AblationError(f"`{shlex.join(start_argv(jobs))}` failed ({started.returncode}): {err.read().strip()}")
 
 
 def resolve_rev(rev: str) -> str:
