@@ -104,3 +104,20 @@ def test_a_real_ablation_queues_runs_and_reports_through_dvc(repo_copy, tmp_path
     assert (clone / "report/ablation.png").is_file() and record["without_result"] == {}
     again = run_cmd([*args, "--report-only"], clone)  # the same table from DVC alone
     assert "| baseline |" in again.stdout
+
+
+def test_waiting_outlasts_a_transient_exp_show_failure(monkeypatch):
+    calls = []
+
+    def flaky(rev):
+        calls.append(rev)
+        if len(calls) == 1:
+            raise ablate.AblationError("directory '.dvc/tmp/exps/tmpx/.dvc' does not exist")
+        return {"a-s0": ablate.Entry("a-s0", "r", "success")}
+
+    monkeypatch.setattr(ablate, "exp_show", flaky)
+    monkeypatch.setattr(ablate.time, "sleep", lambda _: None)
+    assert ablate.wait_for(["a-s0"], "rev", 0.1)["a-s0"].state == "success" and len(calls) == 2
+    monkeypatch.setattr(ablate, "exp_show", lambda rev: (_ for _ in ()).throw(ablate.AblationError("broken")))
+    with pytest.raises(ablate.AblationError, match="broken"):
+        ablate.wait_for(["a-s0"], "rev", 0.1)

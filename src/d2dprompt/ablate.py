@@ -293,10 +293,21 @@ def log_tail(path: str | None, lines: int = 5) -> str:
     return "\n".join("    " + line for line in text.rstrip().splitlines()[-lines:])
 
 
+SHOW_RETRIES = 10  # `dvc exp show` fails now and then while a worker is setting up its temp repo: a race, not an error
+
+
 def wait_for(names: list[str], rev: str, poll: float) -> dict[str, Entry]:
-    last = None
+    last, failures = None, 0
     while True:
-        entries = exp_show(rev)
+        try:
+            entries = exp_show(rev)
+            failures = 0
+        except AblationError:
+            failures += 1
+            if failures > SHOW_RETRIES:
+                raise
+            time.sleep(poll)
+            continue
         states = {n: entries[n].state if n in entries else "missing" for n in names}
         counts = {s: sum(v == s for v in states.values()) for s in ("success", "failed", "running", "queued", "missing")}
         if counts != last:
