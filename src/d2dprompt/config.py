@@ -19,7 +19,7 @@ from d2dprompt.params_yaml import read_yaml
 from d2dprompt.vae_factor import TINY, vae_factor
 
 __all__ = [
-    "AnomalyCLIPParams", "AttentionParams", "D2DParams", "DecoDiffParams", "DownloadParams", "DraemParams", "FROM_SCRATCH", "METHODS", "EvaluateParams", "LatentsParams", "LossParams", "ModelParams",
+    "AnomalyCLIPParams", "AttentionParams", "D2DParams", "DownloadParams", "DraemParams", "FROM_SCRATCH", "METHODS", "EvaluateParams", "LatentsParams", "LossParams", "ModelParams",
     "Params", "ParamsError", "PromptParams", "TrainParams", "flatten", "load_params", "params_from_dict",
 ]
 
@@ -153,6 +153,18 @@ class AnomalyCLIPParams(Block):
     feature_layers: Annotated[list[Annotated[int, Field(ge=1)]], Once] = Field([24], min_length=1)  # maps from these blocks (1-based; AnomalyCLIP since 2025-04: [24])
 
 
+class DraemParams(Block):
+    """DRAEM, trained from scratch per category; the paper's settings are in the README (256 px, widths 128 / 64, 700 epochs)."""
+
+    image_size: int = Field(64, ge=16)  # the paper: 256; 64 keeps the embedded default to minutes on 2 CPU cores
+    recon_width: int = Field(16, ge=1)  # reconstructive network's base width (the paper: 128)
+    disc_width: int = Field(8, ge=1)  # discriminative U-Net's base width (the paper: 64)
+    epochs: int = Field(60, ge=1)  # per category (the paper: 700); lr x0.2 at 80 % and 90 % of them
+    batch_size: int = Field(8, ge=1)  # the paper's batch
+    lr: float = Field(1e-4, gt=0)  # the paper's Adam learning rate
+    anomaly_share: float = Field(0.5, ge=0, le=1)  # images given a synthetic anomaly per epoch (the paper: half)
+
+
 class LossParams(Block):
     focal: float = Field(1.0, ge=0)  # 2-channel focal loss of (normal, abnormal) maps vs mask
     dice: float = Field(1.0, ge=0)  # dice(abnormal, mask) + dice(normal, 1 - mask)
@@ -224,6 +236,7 @@ class Params(Block):
     evaluate: EvaluateParams = EvaluateParams()
     d2d: D2DParams = D2DParams()
     anomalyclip: AnomalyCLIPParams = AnomalyCLIPParams()
+    draem: DraemParams = DraemParams()
 
     @model_validator(mode="before")
     @classmethod

@@ -26,11 +26,11 @@ import typer
 from d2dprompt.config import EvaluateParams, Params, ParamsError, flatten, load_params
 from d2dprompt.images import ImageError, load_mask, load_rgb, resize_mask
 from d2dprompt.latent_store import LatentRow, read_latents
-from d2dprompt.inference import anomaly_maps, image_score_name, input_size, row_maps
+from d2dprompt.inference import anomaly_maps, anomalyclip_maps, draem_maps, image_score_name, input_size, row_maps
 from d2dprompt.metrics import image_metrics, pixel_metrics, summarize
 from d2dprompt.models import pick_device
 from d2dprompt.outputs import atomic_dir, write_json
-from d2dprompt.prompt_files import load_trained, method_of
+from d2dprompt.prompt_files import load_trained, method_of, move_to
 from d2dprompt.row_images import RowImages
 from d2dprompt.report import write_grids, write_metrics, write_plot_data
 from d2dprompt.thresholds import Thresholds, binary_masks, f1_at, fit_thresholds
@@ -83,7 +83,20 @@ def method_scorer(model, record: dict, latents_dir: Path, download_dir: Path, cf
     tensors, rows = read_latents(latents_dir)  # the validation masks come from here for every method
     if method_of(record) == "anomalyclip":
         data = RowImages([download_dir] * len(rows), rows, cfg, input_size(record))  # the size it was trained at
-        return (lambda idx, desc: row_maps(model, data, idx, ev, device, precision, desc)), rows, tensors
+        score_batch = lambda _, images: anomalyclip_maps(model, images, ev, device, precision)  # noqa: E731
+        return (lambda idx, desc: row_maps(score_batch, data, idx, lambda _: 0, ev, desc)), rows, tensors
+    if method_of(record) == "draem":  # one model per category, named '<dataset>/<category>' in the record
+        data = RowImages([download_dir] * len(rows), rows, cfg, input_size(record))
+        index = {name: str(i) for i, name in enumerate(record["categories"])}
+
+        def group_of(row: int) -> str:
+            key = f"{latents_dir.name}/{rows[row].category}"
+            if key not in index:
+                raise ValueError(f"{key}: no DRAEM was trained for this category; rerun train@draem")
+            return index[key]
+
+        score_batch = lambda group, images: draem_maps(model[group], images, ev, device, precision)  # noqa: E731
+        return (lambda idx, desc: row_maps(score_batch, data, idx, group_of, ev, desc)), rows, tensors
     noise_seed = record["model"]["noise_seed"]
 
     def score(idx: list[int], desc: str) -> tuple[np.ndarray, np.ndarray]:
@@ -144,8 +157,7 @@ def main(
         device = pick_device(cfg.model.device)
         model, record = load_trained(trained)
         method = method_of(record)
-        model.to(device)
-        (model.clip if method == "anomalyclip" else model.sd).to(device)  # frozen parts live outside the module
+        move_to(model, record, device)
         with start_run("evaluate", {**flatten(cfg), "evaluate.dataset": dataset, "method": method}) as log:
             score, rows, tensors = method_scorer(model, record, latents / dataset, downloads / dataset, cfg, device)
             summary, thresholds, details = evaluate_dataset(score, rows, tensors, latents / dataset, downloads / dataset, ev)
