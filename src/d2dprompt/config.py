@@ -157,8 +157,8 @@ class DraemParams(Block):
     """DRAEM, trained from scratch per category; the paper's settings are in the README (256 px, widths 128 / 64, 700 epochs)."""
 
     image_size: int = Field(64, ge=16)  # the paper: 256; 64 keeps the embedded default to minutes on 2 CPU cores
-    recon_width: int = Field(16, ge=1)  # reconstructive network's base width (the paper: 128)
-    disc_width: int = Field(8, ge=1)  # discriminative U-Net's base width (the paper: 64)
+    recon_width: int = Field(8, ge=1)  # reconstructive network's base width (the paper: 128)
+    disc_width: int = Field(4, ge=1)  # discriminative U-Net's base width (the paper: 64)
     epochs: int = Field(60, ge=1)  # per category (the paper: 700); lr x0.2 at 80 % and 90 % of them
     batch_size: int = Field(8, ge=1)  # the paper's batch
     lr: float = Field(1e-4, gt=0)  # the paper's Adam learning rate
