@@ -9,64 +9,71 @@ from safetensors.torch import load_file
 
 from tests.conftest import run_cmd
 
-METHODS = ("d2dprompt", "d2d", "anomalyclip")
+METHODS = ("d2dprompt", "d2d", "anomalyclip", "draem", "decodiff")
 HEADLINE = ["image_AUROC", "pixel_AUROC", "pixel_AUPRO"]
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="session")
-def three_methods(repo_copy):
-    """One `dvc exp run` with all three methods (2 epochs each: the pipeline, not the numbers, is under test)."""
-    run_cmd(["dvc", "exp", "run", "-S", f"methods=[{','.join(METHODS)}]", "-S", "train.epochs=2"], repo_copy)
+def every_method(repo_copy):
+    """One `dvc exp run` with every method (2 epochs each: the pipeline, not the numbers, is under test)."""
+    epochs = ["-S", "train.epochs=2", "-S", "draem.epochs=2", "-S", "decodiff.epochs=2"]
+    run_cmd(["dvc", "exp", "run", "-S", f"methods=[{','.join(METHODS)}]", *epochs], repo_copy)
     return repo_copy
 
 
-def test_dvc_metrics_show_lists_every_method_side_by_side(three_methods):
-    shown = json.loads(run_cmd(["dvc", "metrics", "show", "--json"], three_methods).stdout)
+def test_dvc_metrics_show_lists_every_method_side_by_side(every_method):
+    shown = json.loads(run_cmd(["dvc", "metrics", "show", "--json"], every_method).stdout)
     (workspace,) = [v for v in shown.values()]
     files = workspace["data"]
     for method in METHODS:
         mean = files[f"metrics/{method}/sample.json"]["data"]["mean"]
         assert list(mean)[:3] == HEADLINE  # the numbers people compare come first
         assert all(0.0 <= mean[m] <= 1.0 for m in HEADLINE)
-    table = run_cmd(["dvc", "metrics", "show"], three_methods).stdout
+    table = run_cmd(["dvc", "metrics", "show"], every_method).stdout
     assert all(f"metrics/{m}/sample.json" in table for m in METHODS)
     header = table.splitlines()[0].split()
     assert header[0] == "Path" and header[1].startswith("mean."), header[:3]  # the means, not a category, come first
 
 
-def test_each_method_is_trained_only_where_it_learns(three_methods):
-    stages = three_methods / "stages/train"
+def test_each_method_is_trained_only_where_it_learns(every_method):
+    stages = every_method / "stages/train"
     records = {m: json.loads((stages / m / "model.json").read_text()) for m in METHODS}
     assert {m: r["method"] for m, r in records.items()} == {m: m for m in METHODS}
     assert load_file(stages / "d2d/model.safetensors") == {}  # d2d learns nothing
     assert (stages / "d2d/history.csv").read_text().strip() == "epoch"
-    for method in ("d2dprompt", "anomalyclip"):
+    for method in ("d2dprompt", "anomalyclip", "draem", "decodiff"):
         assert load_file(stages / method / "model.safetensors")
         assert len((stages / method / "history.csv").read_text().splitlines()) == 1 + 2
     assert "anomalyclip" in records["anomalyclip"] and "attention" not in records["anomalyclip"]
+    categories = ["sample/disc", "sample/tile", "sample/weave"]
+    assert records["draem"]["categories"] == records["decodiff"]["categories"] == categories  # from scratch, per category
+    draem = load_file(stages / "draem/model.safetensors")
+    assert {"/".join(k.split("/")[:2]) for k in draem} == set(categories)  # one DRAEM per category in one file
 
 
-def test_every_method_fits_thresholds_on_the_same_validation_rows(three_methods):
-    thresholds = {m: json.loads((three_methods / f"stages/evaluate/{m}/sample/thresholds.json").read_text()) for m in METHODS}
+def test_every_method_fits_thresholds_on_the_same_validation_rows(every_method):
+    thresholds = {m: json.loads((every_method / f"stages/evaluate/{m}/sample/thresholds.json").read_text()) for m in METHODS}
     sources = {t["source"] for t in thresholds.values()}
     assert len(sources) == 1 and "validation split" in sources.pop()  # the same held-out images and anomalies
     assert thresholds["anomalyclip"]["score"] == "anomalyclip" and thresholds["d2d"]["score"] == "fused"
-    scores = {m: (three_methods / f"stages/evaluate/{m}/sample/scores.csv").read_text().splitlines() for m in METHODS}
+    assert thresholds["draem"]["score"] == "draem" and thresholds["decodiff"]["score"] == "decodiff"
+    scores = {m: (every_method / f"stages/evaluate/{m}/sample/scores.csv").read_text().splitlines() for m in METHODS}
     keys = {m: [line.split(",")[:4] for line in rows] for m, rows in scores.items()}
-    assert keys["d2dprompt"] == keys["d2d"] == keys["anomalyclip"]  # the same test images, in the same order
+    assert all(keys[m] == keys["d2dprompt"] for m in METHODS)  # the same test images, in the same order
 
 
-@pytest.mark.parametrize("method", ["d2d", "anomalyclip"])
-def test_predict_scores_a_test_image_as_evaluate_did_for_every_method(three_methods, method, tmp_path):
+@pytest.mark.parametrize("method", ["d2d", "anomalyclip", "draem", "decodiff"])
+def test_predict_scores_a_test_image_as_evaluate_did_for_every_method(every_method, method, tmp_path):
     import csv
     import shutil
 
-    with (three_methods / f"stages/evaluate/{method}/sample/scores.csv").open() as fh:
+    with (every_method / f"stages/evaluate/{method}/sample/scores.csv").open() as fh:
         row = next(r for r in csv.DictReader(fh) if r["label"] == "1")
     renamed = tmp_path / "renamed.png"
-    shutil.copy(three_methods / "stages/download/sample" / row["image_path"], renamed)
+    shutil.copy(every_method / "stages/download/sample" / row["image_path"], renamed)
+    category = ["--category", f"sample/{row['category']}"] if method in ("draem", "decodiff") else []  # models per category / class labels
     run_cmd(["python", "-m", "d2dprompt.predict", str(renamed), "--trained", f"stages/train/{method}", "--out", str(tmp_path / "out"),
-             "--thresholds", f"stages/evaluate/{method}/sample/thresholds.json"], three_methods)
+             "--thresholds", f"stages/evaluate/{method}/sample/thresholds.json", *category], every_method)
     (record,) = [json.loads(line) for line in (tmp_path / "out/predictions.jsonl").read_text().splitlines()]
     assert abs(record["score"] - float(row["score"])) < 1e-5, (row, record)

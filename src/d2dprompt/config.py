@@ -19,7 +19,7 @@ from d2dprompt.params_yaml import read_yaml
 from d2dprompt.vae_factor import TINY, vae_factor
 
 __all__ = [
-    "AnomalyCLIPParams", "AttentionParams", "D2DParams", "DecoDiffParams", "DownloadParams", "DraemParams", "FROM_SCRATCH", "METHODS", "EvaluateParams", "LatentsParams", "LossParams", "ModelParams",
+    "AnomalyCLIPParams", "AttentionParams", "D2DParams", "DownloadParams", "DecoDiffParams", "DraemParams", "FROM_SCRATCH", "METHODS", "EvaluateParams", "LatentsParams", "LossParams", "ModelParams",
     "Params", "ParamsError", "PromptParams", "TrainParams", "flatten", "load_params", "params_from_dict",
 ]
 
@@ -153,6 +153,43 @@ class AnomalyCLIPParams(Block):
     feature_layers: Annotated[list[Annotated[int, Field(ge=1)]], Once] = Field([24], min_length=1)  # maps from these blocks (1-based; AnomalyCLIP since 2025-04: [24])
 
 
+class DraemParams(Block):
+    """DRAEM, trained from scratch per category; the paper's settings are in the README (256 px, widths 128 / 64, 700 epochs)."""
+
+    image_size: int = Field(64, ge=16)  # the paper: 256; 64 keeps the embedded default to minutes on 2 CPU cores
+    recon_width: int = Field(8, ge=1)  # reconstructive network's base width (the paper: 128)
+    disc_width: int = Field(4, ge=1)  # discriminative U-Net's base width (the paper: 64)
+    epochs: int = Field(200, ge=1)  # per category (the paper: 700); lr x0.2 at 80 % and 90 % of them
+    batch_size: int = Field(8, ge=1)  # the paper's batch
+    lr: float = Field(1e-4, gt=0)  # the paper's Adam learning rate
+    anomaly_share: float = Field(0.5, ge=0, le=1)  # images given a synthetic anomaly per epoch (the paper: half)
+
+
+class DecoDiffParams(Block):
+    """DeCo-Diff, trained from scratch on the latents stage's normal training latents; the paper's settings are in the README."""
+
+    channels: list[Annotated[int, Field(ge=1)]] = Field([32, 64, 64], min_length=1)  # UNet widths per level, attention in the last
+    layers_per_block: int = Field(1, ge=1)  # resnet blocks per UNet level
+    timesteps: int = Field(10, ge=1)  # steps of the deviation schedule (the authors: 10)
+    reverse_steps: int = Field(5, ge=1)  # DDIM steps from the image's own latent (the authors: 5 of 10)
+    beta_start: float = Field(1e-4, gt=0, lt=1)  # linear betas over `timesteps`: abar falls to 0.60 (0.02: to 0.90, too little noise to learn from)
+    beta_end: float = Field(0.1, gt=0, lt=1)
+    mask_ratio: float = Field(0.7, ge=0, lt=1)  # per image, up to this share of latent patches is hidden from the UNet (the authors: 0.7)
+    shuffle_ratio: float = Field(0.3, ge=0, le=1)  # per image, up to this share of the deviation is shuffled patches (the authors: 0.3)
+    epochs: int = Field(300, ge=1)  # the authors: 800
+    batch_size: int = Field(16, ge=1)  # the authors: 128
+    lr: float = Field(1e-4, gt=0)  # AdamW, weight decay 1e-4, as the authors
+    warmup_epochs: int = Field(10, ge=0)  # cosine schedule with linear warm-up, stepped per epoch, as the authors
+
+    @model_validator(mode="after")
+    def _steps_fit(self) -> DecoDiffParams:
+        if self.reverse_steps > self.timesteps:
+            raise Invalid("reverse_steps", f"must be <= decodiff.timesteps={self.timesteps}, got {self.reverse_steps}")
+        if self.beta_start > self.beta_end:
+            raise Invalid("beta_start", f"must be <= decodiff.beta_end={self.beta_end}, got {self.beta_start}")
+        return self
+
+
 class LossParams(Block):
     focal: float = Field(1.0, ge=0)  # 2-channel focal loss of (normal, abnormal) maps vs mask
     dice: float = Field(1.0, ge=0)  # dice(abnormal, mask) + dice(normal, 1 - mask)
@@ -224,6 +261,8 @@ class Params(Block):
     evaluate: EvaluateParams = EvaluateParams()
     d2d: D2DParams = D2DParams()
     anomalyclip: AnomalyCLIPParams = AnomalyCLIPParams()
+    draem: DraemParams = DraemParams()
+    decodiff: DecoDiffParams = DecoDiffParams()
 
     @model_validator(mode="before")
     @classmethod
@@ -244,6 +283,8 @@ class Params(Block):
                     raise Invalid("train.supervision", f"annotated trains on the test split of {name}, which evaluate scores; "
                                   "the zero-shot protocol trains on one dataset and evaluates on another")
         _latents_fit_levels(self.model, self.attention.levels)
+        if "decodiff" in self.methods:
+            _latents_fit_unet(self.model, len(self.decodiff.channels))
         if self.evaluate.threshold == "f1" and self.latents.val_fraction == 0:
             raise Invalid("evaluate.threshold", "f1 fits thresholds on the validation split, which latents.val_fraction=0 leaves empty; "
                           "raise latents.val_fraction or set evaluate.threshold: fixed")
@@ -262,6 +303,14 @@ def _latents_fit_levels(model: ModelParams, levels: list[int]) -> None:
     if side % step:
         raise Invalid("model.image_size", f"{side} gives {side // factor}x{side // factor} latents (VAE factor {factor}), "
                       f"not divisible by 2**{max(levels)} for attention.levels={levels}; use a multiple of {step}")
+
+
+def _latents_fit_unet(model: ModelParams, levels: int) -> None:
+    """DeCo-Diff's UNet halves the latents levels - 1 times."""
+    side = model.image_size // vae_factor(model.pretrained)
+    if side % 2 ** (levels - 1) or side // 2 ** (levels - 1) < 2:
+        raise Invalid("decodiff.channels", f"{levels} levels halve the {side}x{side} latents of model.image_size={model.image_size} "
+                      f"{levels - 1} times; use fewer levels or a larger image")
 
 
 def params_from_dict(raw: dict | None) -> Params:

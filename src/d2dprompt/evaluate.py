@@ -3,8 +3,8 @@
 One method's trained folder (model.json names the method) on a dataset's test split; dvc.yaml runs
 one evaluate@<method>-<dataset> per pair. Every method goes through the same splits, threshold fitting,
 map post-processing and metric code. Maps: the method's anomaly map -> bilinear to `evaluate.map_size`
--> Gaussian sigma `evaluate.sigma`; image score by `evaluate.score` for d2dprompt and d2d, as
-AnomalyCLIP's own test code computes it for anomalyclip. Writes
+-> Gaussian sigma `evaluate.sigma`; image score by `evaluate.score` for d2dprompt and d2d, as the
+authors' own test code computes it for anomalyclip, draem and decodiff. Writes
 `metrics/<dataset>.json` (image_AUROC, image_AP, image_F1Max, pixel_AUROC, pixel_AP, pixel_AUPRO, and
 image_F1 / pixel_F1 at thresholds fitted on the validation split, per category and their mean, plus
 the validation split's own image metrics and pixel_AUROC),
@@ -22,15 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import typer
+from tqdm import tqdm
 
 from d2dprompt.config import EvaluateParams, Params, ParamsError, flatten, load_params
 from d2dprompt.images import ImageError, load_mask, load_rgb, resize_mask
 from d2dprompt.latent_store import LatentRow, read_latents
-from d2dprompt.inference import anomaly_maps, image_score_name, input_size, row_maps
+from d2dprompt.inference import anomaly_maps, anomalyclip_maps, decodiff_maps, draem_maps, image_score_name, input_size, row_maps
 from d2dprompt.metrics import image_metrics, pixel_metrics, summarize
 from d2dprompt.models import pick_device
 from d2dprompt.outputs import atomic_dir, write_json
-from d2dprompt.prompt_files import load_trained, method_of
+from d2dprompt.prompt_files import load_trained, method_of, move_to
 from d2dprompt.row_images import RowImages
 from d2dprompt.report import write_grids, write_metrics, write_plot_data
 from d2dprompt.thresholds import Thresholds, binary_masks, f1_at, fit_thresholds
@@ -83,7 +84,40 @@ def method_scorer(model, record: dict, latents_dir: Path, download_dir: Path, cf
     tensors, rows = read_latents(latents_dir)  # the validation masks come from here for every method
     if method_of(record) == "anomalyclip":
         data = RowImages([download_dir] * len(rows), rows, cfg, input_size(record))  # the size it was trained at
-        return (lambda idx, desc: row_maps(model, data, idx, ev, device, precision, desc)), rows, tensors
+        score_batch = lambda _, images: anomalyclip_maps(model, images, ev, device, precision)  # noqa: E731
+        return (lambda idx, desc: row_maps(score_batch, data, idx, lambda _: 0, ev, desc)), rows, tensors
+    if method_of(record) == "draem":  # one model per category, named '<dataset>/<category>' in the record
+        data = RowImages([download_dir] * len(rows), rows, cfg, input_size(record))
+        index = {name: str(i) for i, name in enumerate(record["categories"])}
+
+        def group_of(row: int) -> str:
+            key = f"{latents_dir.name}/{rows[row].category}"
+            if key not in index:
+                raise ValueError(f"{key}: no DRAEM was trained for this category; rerun train@draem")
+            return index[key]
+
+        score_batch = lambda group, images: draem_maps(model[group], images, ev, device, precision)  # noqa: E731
+        return (lambda idx, desc: row_maps(score_batch, data, idx, group_of, ev, desc)), rows, tensors
+    if method_of(record) == "decodiff":  # one class-conditioned model; the row's category is its class label
+        names = record["categories"]
+        classes = []
+        for row in rows:
+            key = f"{latents_dir.name}/{row.category}"
+            classes.append(names.index(key) if key in names else -1)
+        steps = record["decodiff"]["reverse_steps"]
+
+        def score_decodiff(idx: list[int], desc: str) -> tuple[np.ndarray, np.ndarray]:
+            missing = sorted({rows[i].category for i in idx if classes[i] < 0})
+            if missing:
+                raise ValueError(f"{latents_dir.name}/{missing[0]}: no DeCo-Diff was trained on this category; rerun train@decodiff")
+            maps, scores = torch.zeros(len(idx), ev.map_size, ev.map_size), torch.zeros(len(idx))
+            for start in tqdm(range(0, len(idx), ev.batch_size), desc=desc, unit="batch"):
+                chunk = idx[start : start + ev.batch_size]
+                batch = (tensors["latents"][chunk], torch.tensor([classes[i] for i in chunk]))
+                maps[start : start + len(chunk)], scores[start : start + len(chunk)] = decodiff_maps(model, *batch, steps, ev, device, precision)
+            return maps.numpy(), scores.numpy()
+
+        return score_decodiff, rows, tensors
     noise_seed = record["model"]["noise_seed"]
 
     def score(idx: list[int], desc: str) -> tuple[np.ndarray, np.ndarray]:
@@ -144,8 +178,7 @@ def main(
         device = pick_device(cfg.model.device)
         model, record = load_trained(trained)
         method = method_of(record)
-        model.to(device)
-        (model.clip if method == "anomalyclip" else model.sd).to(device)  # frozen parts live outside the module
+        move_to(model, record, device)
         with start_run("evaluate", {**flatten(cfg), "evaluate.dataset": dataset, "method": method}) as log:
             score, rows, tensors = method_scorer(model, record, latents / dataset, downloads / dataset, cfg, device)
             summary, thresholds, details = evaluate_dataset(score, rows, tensors, latents / dataset, downloads / dataset, ev)

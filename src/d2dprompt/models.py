@@ -233,9 +233,30 @@ def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
 @torch.no_grad()
 def encode(sd: FrozenSD, images: list[np.ndarray], device: torch.device) -> torch.Tensor:
     """uint8 HxWx3 images -> (B, C, h, w) float32 latents on the CPU: the VAE's mean x its scaling factor."""
-    x = to_tensor(images).to(device, sd.vae.dtype)
-    dist = sd.vae.encode(x).latent_dist
-    return (dist.mean * sd.vae.config.scaling_factor).float().cpu()
+    return encode_with(sd.vae, images, device)
+
+
+@torch.no_grad()
+def encode_with(vae: AutoencoderKL, images: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    x = to_tensor(images).to(device, vae.dtype)
+    return (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).float().cpu()
+
+
+@torch.no_grad()
+def decode_with(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> (B, 3, H, W) pixels in [-1, 1] (unclipped, as DeCo-Diff compares them)."""
+    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+
+
+def load_vae(pretrained: str, tiny_seed: int = 0) -> AutoencoderKL:
+    """Only the VAE of `pretrained` (methods that need no text encoder or UNet), frozen, in WEIGHTS_DTYPE."""
+    if pretrained == TINY:
+        return build_tiny(tiny_seed).vae
+    local = Path(pretrained)
+    if local.exists() and not (local / "vae").is_dir():
+        raise FileNotFoundError(f"{pretrained}: not a diffusers folder (no vae/ subfolder)")
+    vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", torch_dtype=WEIGHTS_DTYPE).to(WEIGHTS_DTYPE)
+    return vae.requires_grad_(False).eval()
 
 
 def autocast(device: torch.device, precision: str):

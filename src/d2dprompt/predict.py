@@ -33,7 +33,7 @@ from d2dprompt.images import ImageError, load_rgb, resize_rgb
 from d2dprompt.inference import image_score_name, image_scorer, input_size
 from d2dprompt.models import pick_device
 from d2dprompt.outputs import atomic_file
-from d2dprompt.prompt_files import load_trained, method_of, read_record
+from d2dprompt.prompt_files import load_trained, method_of, move_to, read_record
 from d2dprompt.report import jet
 from d2dprompt.thresholds import Thresholds, binary_masks
 
@@ -259,6 +259,7 @@ def main(
     image_threshold: float | None = typer.Option(None, help="overrides the image threshold"),
     pixel_threshold: float | None = typer.Option(None, help="overrides the pixel threshold"),
     batch_size: int | None = typer.Option(None, min=1, help="images per forward (default: evaluate.batch_size)"),
+    category: str | None = typer.Option(None, help="draem (a model per category) and decodiff (a class label per category): which, as <dataset>/<category>"),
 ) -> None:
     try:
         inputs, skipped = find_inputs(target, exclude=out)
@@ -266,9 +267,8 @@ def main(
         chosen = resolve_thresholds(thresholds, image_threshold, pixel_threshold, cfg.evaluate, method_of(read_record(trained)[0]))
         device = pick_device(cfg.model.device)
         model, record = load_trained(trained)
-        model.to(device)
-        (model.clip if method_of(record) == "anomalyclip" else model.sd).to(device)  # frozen parts live outside the module
-        score_images = image_scorer(model, record, cfg.evaluate, device, cfg.model.precision, cfg.loss.image_top_percent)
+        move_to(model, record, device)
+        score_images = image_scorer(model, record, cfg.evaluate, device, cfg.model.precision, cfg.loss.image_top_percent, category)
         records, errors = predict_images(
             score_images, input_size(record), inputs, out, chosen, cfg.evaluate, batch_size or cfg.evaluate.batch_size, skipped,
             progress=len(inputs) > 1,

@@ -3,7 +3,7 @@ empty for d2d) + `model.json`.
 
 model.json names the method and holds the params blocks that rebuild its model, so evaluate and
 predict need nothing else: d2dprompt and d2d rebuild a D2DSegmenter on the frozen SD model, anomalyclip
-an AnomalyCLIP on the frozen CLIP.
+an AnomalyCLIP on the frozen CLIP, draem one DRAEM per category, decodiff a DeCo-Diff UNet beside the frozen VAE.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ RECORD_BLOCKS = {
     "d2dprompt": ("model", "prompt", "attention", "loss", "train"),
     "d2d": ("model", "attention", "d2d"),
     "anomalyclip": ("anomalyclip", "prompt", "loss", "train"),
+    "draem": ("draem", "latents", "train"),
+    "decodiff": ("model", "decodiff", "latents", "train"),
 }
 TODAYS = ("device", "precision")  # model keys that today's params.yaml chooses, not the record
 
@@ -54,7 +56,7 @@ def read_record(folder: str | Path) -> tuple[dict, Params]:
     method = method_of(record)
     if method not in RECORD_BLOCKS:
         raise ParamsError(f"{folder / CONFIG_FILE}: unknown method {method!r}")
-    blocks = {b: record[b] for b in RECORD_BLOCKS[method] if b not in ("loss", "train")}
+    blocks = {b: record[b] for b in RECORD_BLOCKS[method] if b not in ("loss", "train", "latents")}
     if "model" in blocks:  # an older record may hold fp16, refused now
         blocks["model"] = {k: v for k, v in blocks["model"].items() if k not in TODAYS}
     try:
@@ -95,11 +97,58 @@ def load_segmenter(folder: str | Path, sd: FrozenSD | None = None, early_exit: b
     return segmenter, record
 
 
+def load_draem(folder: Path, record: dict, cfg: Params) -> nn.ModuleDict:
+    """One DRAEM per '<dataset>/<category>' of the record, in eval mode (its BatchNorm uses running statistics)."""
+    from d2dprompt.methods.draem import Draem
+
+    weights = load_file(folder / WEIGHTS_FILE)
+    models = nn.ModuleDict()
+    for index, name in enumerate(record["categories"]):
+        model = Draem(cfg.draem.recon_width, cfg.draem.disc_width)
+        model.load_state_dict({k.removeprefix(f"{name}/"): v for k, v in weights.items() if k.startswith(f"{name}/")})
+        models[str(index)] = model.eval()  # ModuleDict keys may not hold '/' or '.'
+    return models
+
+
+def build_decodiff(record: dict, cfg: Params):
+    """An untrained DeCo-Diff for the latents and categories a trained folder's record names."""
+    from d2dprompt.methods.decodiff import DecoDiff, build_unet
+
+    d = cfg.decodiff
+    channels, side = record["latent_shape"][0], record["latent_shape"][1]
+    unet = build_unet(channels, side, d.channels, d.layers_per_block, len(record["categories"]))
+    return DecoDiff(unet, d.timesteps, d.beta_start, d.beta_end, d.mask_ratio, d.shuffle_ratio)
+
+
+def load_decodiff(folder: Path, record: dict, cfg: Params):
+    """The trained DeCo-Diff with the frozen VAE its latents came from as `.vae` (moved along with it), in eval mode."""
+    from d2dprompt.models import load_vae
+
+    model = build_decodiff(record, cfg)
+    model.unet.load_state_dict(load_file(folder / WEIGHTS_FILE))
+    model.vae = load_vae(cfg.model.pretrained, cfg.model.tiny_seed)
+    return model.eval()
+
+
 def load_trained(folder: str | Path, early_exit: bool = True) -> tuple[nn.Module, dict]:
-    """Any method's trained model: a D2DSegmenter (d2dprompt, d2d) or an AnomalyCLIP."""
+    """Any method's trained model: a D2DSegmenter (d2dprompt, d2d), an AnomalyCLIP, DRAEMs per category, a DeCo-Diff."""
     record, cfg = read_record(folder)
-    if method_of(record) != "anomalyclip":
+    method = method_of(record)
+    if method == "draem":
+        return load_draem(Path(folder), record, cfg), record
+    if method == "decodiff":
+        return load_decodiff(Path(folder), record, cfg), record
+    if method != "anomalyclip":
         return load_segmenter(folder, early_exit=early_exit)
     model = build_anomalyclip(cfg)
     model.prompts.load_state_dict(load_file(Path(folder) / WEIGHTS_FILE))
     return model, record
+
+
+def move_to(model: nn.Module, record: dict, device) -> nn.Module:
+    """`model.to(device)` plus the frozen backbone it keeps outside its state (SD for d2dprompt / d2d, CLIP for anomalyclip)."""
+    model.to(device)
+    frozen = {"anomalyclip": "clip", "d2dprompt": "sd", "d2d": "sd"}.get(method_of(record))
+    if frozen:
+        getattr(model, frozen).to(device)
+    return model

@@ -1,8 +1,9 @@
 """python -m d2dprompt.train [--method d2dprompt] [--params params.yaml] [--latents stages/latents] [--out stages/train/<method>]
 
 One entry per method of params.yaml's `methods` (dvc.yaml: train@<method>). `d2dprompt` (below) and
-`anomalyclip` (train_anomalyclip.py) learn prompts; `d2d` learns nothing: its entry writes the fixed
-prompt record (d2d block) and an empty parameter file, so evaluate reads every method the same way.
+`anomalyclip` (train_anomalyclip.py) learn prompts; `draem` (train_draem.py) trains its networks from
+scratch per category, `decodiff` (train_decodiff.py) a latent diffusion UNet from scratch; `d2d` learns nothing: its entry writes the fixed prompt record (d2d block) and an
+empty parameter file, so evaluate reads every method the same way.
 
 D2D-Prompt trains only the prompt vectors (AnomalyCLIP-style context + deep compound prompts) so the frozen UNet's
 cross-attention maps segment defects. Supervision (`train.supervision`): `synthetic` = the latents
@@ -205,7 +206,7 @@ def run(cfg: Params, latents_root: Path, queries_root: Path, out: Path, checkpoi
 
 
 def main(
-    method: str = typer.Option("d2dprompt", help="one of params.yaml's methods: d2dprompt | d2d | anomalyclip"),
+    method: str = typer.Option("d2dprompt", help="one of params.yaml's methods: d2dprompt | d2d | anomalyclip | draem | decodiff"),
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
     latents: Path = typer.Option(Path("stages/latents"), help="latents stage output"),
     downloads: Path = typer.Option(Path("stages/download"), help="download stage output (methods that read pixels)"),
@@ -226,6 +227,14 @@ def main(
         with start_run("train", {**flatten(cfg), "method": method}) as log:
             if method == "d2d":
                 history = write_fixed(cfg, out)
+            elif method == "draem":
+                from d2dprompt.train_draem import run as run_draem
+
+                history = run_draem(cfg, latents, downloads, out, log)
+            elif method == "decodiff":
+                from d2dprompt.train_decodiff import run as run_decodiff
+
+                history = run_decodiff(cfg, latents, out, checkpoint, log)
             elif method == "anomalyclip":
                 from d2dprompt.train_anomalyclip import run as run_anomalyclip
 

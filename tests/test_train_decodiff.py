@@ -1,0 +1,91 @@
+"""DeCo-Diff's training: normal training latents only, one class per category, a UNet that learns, resume bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from d2dprompt import train_decodiff
+from d2dprompt.config import ParamsError, params_from_dict
+from d2dprompt.latent_store import read_index, write_index
+from d2dprompt.latents import encode_dataset
+from d2dprompt.manifest import scan_mvtec_layout
+from d2dprompt.prompt_files import load_trained
+from tests.conftest import ROOT
+from tests.test_train import Kill, KillAfter
+
+CATEGORIES = ["tile", "weave"]
+
+
+def config(**decodiff):
+    return params_from_dict(
+        {
+            "methods": ["decodiff"],
+            "download": {"categories": CATEGORIES},
+            "model": {"image_size": 64},
+            "latents": {"synthetic_per_image": 1},
+            "decodiff": {"channels": [16, 32], "epochs": 2, "batch_size": 8, "warmup_epochs": 1, **decodiff},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def latents_root(tmp_path_factory, tiny) -> Path:
+    root = tmp_path_factory.mktemp("latents")
+    rows = scan_mvtec_layout(ROOT / "sample", "sample", CATEGORIES)
+    tensors, index = encode_dataset(tiny, ROOT / "sample", rows, 64, config().latents, torch.device("cpu"), "latents")
+    (root / "sample").mkdir()
+    save_file(tensors, root / "sample" / "latents.safetensors")
+    write_index(index, root / "sample" / "index.csv")
+    return root
+
+
+def test_it_trains_on_the_normal_training_latents_with_a_class_per_category(latents_root):
+    latents, classes, names = train_decodiff.normal_latents(latents_root, ["sample"])
+    rows = read_index(latents_root / "sample")
+    normal = [r for r in rows if r.split == "train" and r.source == "real" and r.label == 0]
+    assert names == ["sample/tile", "sample/weave"]
+    assert len(latents) == len(normal) and latents.dtype == torch.float32
+    assert classes.tolist() == [names.index(f"sample/{r.category}") for r in normal]
+    assert not any(r.split == "val" for r in normal)  # the validation split fits thresholds; it is never trained on
+
+
+def run(latents_root: Path, tmp: Path, kill_after: int | None = None):
+    log = KillAfter(kill_after) if kill_after is not None else None
+    return train_decodiff.run(config(), latents_root, tmp / "out", tmp / "ckpt", log=log, code="v1")
+
+
+def test_the_unet_learns_and_a_killed_run_resumes_bit_for_bit(latents_root, tmp_path):
+    history = run(latents_root, tmp_path / "a")
+    assert [row["epoch"] for row in history] == [1, 2]
+    learned = load_file(tmp_path / "a/out/model.safetensors")
+    record = json.loads((tmp_path / "a/out/model.json").read_text())
+    assert record["method"] == "decodiff" and record["categories"] == ["sample/tile", "sample/weave"]
+    assert record["latent_shape"] == [4, 16, 16]  # 64 px through the tiny VAE's factor 4
+    assert not (tmp_path / "a/ckpt").exists()  # finished: no checkpoint left to resume into stale outputs
+    model, _ = load_trained(tmp_path / "a/out")
+    assert model.vae is not None and all(torch.equal(model.unet.state_dict()[k], learned[k]) for k in learned)
+
+    with pytest.raises(Kill):
+        run(latents_root, tmp_path / "b", kill_after=1)
+    assert (tmp_path / "b/ckpt").is_dir()
+    resumed = run(latents_root, tmp_path / "b")
+    assert [row["epoch"] for row in resumed] == [1, 2] and resumed == history
+    again = load_file(tmp_path / "b/out/model.safetensors")
+    assert all(torch.equal(learned[k], again[k]) for k in learned)
+
+
+@pytest.mark.parametrize(
+    "block, message",
+    [
+        ({"reverse_steps": 11}, "decodiff.reverse_steps: must be <= decodiff.timesteps=10"),
+        ({"channels": [8, 8, 8, 8, 8, 8]}, "decodiff.channels: 6 levels halve the 16x16 latents"),
+    ],
+)
+def test_steps_and_levels_that_cannot_work_are_refused(block, message):
+    with pytest.raises(ParamsError, match=message.replace(".", r"\.")):
+        config(**block)
