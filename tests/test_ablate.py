@@ -27,6 +27,11 @@ def test_plan_gives_one_run_per_experiment_and_seed_with_the_experiments_overrid
     assert "loss.dice=1" in runs[0].overrides  # --set applies where the experiment says nothing
 
 
+def test_dvcs_add_and_remove_key_forms_pass_through_to_every_run():
+    (run,) = ablate.plan_runs("baseline", 1, ["~download.folders.sample", "+download.folders.bottles=/data/bottles"])
+    assert ablate.queue_argv(run)[4:8] == ["-S", "~download.folders.sample", "-S", "+download.folders.bottles=/data/bottles"]
+
+
 @pytest.mark.parametrize("args, message", [
     (("nope", 1, []), "unknown nope"),
     ((None, 0, []), "--seeds 0"),

@@ -169,7 +169,7 @@ def run_download(tmp_path: Path, folder: Path):
     params = tmp_path / "params.yaml"
     params.write_text(
         yaml.safe_dump(
-            {"download": {"datasets": ["folder"], "folder_dir": str(folder)}, "train": {"datasets": ["folder"]}, "evaluate": {"datasets": ["folder"]}}
+            {"download": {"folders": {"folder": str(folder)}}, "train": {"datasets": ["folder"]}, "evaluate": {"datasets": ["folder"]}}
         )
     )
     return CliRunner().invoke(download.app, ["--params", str(params), "--out", str(tmp_path / "out")])

@@ -68,12 +68,13 @@ def server():
     thread.join(timeout=5)
 
 
-def run_cli(tmp_path: Path, download: dict, out: Path | None = None):
+def run_cli(tmp_path: Path, download: dict, out: Path | None = None, name: str | None = None):
     params = tmp_path / "params.yaml"
-    names = download.get("datasets", ["sample"])  # train and evaluate read what download prepares
-    params.write_text(yaml.safe_dump({"download": download, "train": {"datasets": names}, "evaluate": {"datasets": names}}))
+    download = {"folders": {}, **download} if "archives" in download else download
+    names = [*download.get("archives", []), *download.get("folders", {"sample": None})]  # train and evaluate read what download prepares
+    params.write_text(yaml.safe_dump({"download": download, "train": {"datasets": names[:1]}, "evaluate": {"datasets": names[:1]}}))
     out = out or tmp_path / "out"
-    return CliRunner().invoke(app, ["--params", str(params), "--out", str(out)])
+    return CliRunner().invoke(app, [*([name] if name else []), "--params", str(params), "--out", str(out)])
 
 
 def error_line(result) -> str:
@@ -113,7 +114,7 @@ def mvtec_subset_archive(mode: str = "w:xz") -> bytes:
 def mvtec_params(server, archive: bytes, tmp_path: Path, **overrides) -> dict:
     server.files["/" + MVTEC_NAME] = archive
     return {
-        "datasets": ["mvtec"],
+        "archives": ["mvtec"],
         "mvtec_url": f"{server.url}/{MVTEC_NAME}",
         "mvtec_sha256": sha256(archive),
         "archive_dir": str(tmp_path / "archives"),
@@ -131,7 +132,7 @@ def sample_copy(tmp_path) -> Path:
 
 
 def test_sample_source_end_to_end(tmp_path, sample_copy):
-    result = run_cli(tmp_path, {"datasets": ["sample"], "sample_dir": str(sample_copy)})
+    result = run_cli(tmp_path, {"folders": {"sample": str(sample_copy)}})
     assert result.exit_code == 0, result.output
     out = tmp_path / "out" / "sample"
     rows = read_manifest(out / "manifest.csv")
@@ -148,7 +149,7 @@ def test_sample_source_end_to_end(tmp_path, sample_copy):
     assert leftovers(tmp_path / "out") == []
 
     (tmp_path / "out" / ".tmp-sample-killed").mkdir()  # scratch of a killed run is cleared by the next one
-    again = run_cli(tmp_path, {"datasets": ["sample"], "sample_dir": str(sample_copy), "categories": ["disc"]})
+    again = run_cli(tmp_path, {"folders": {"sample": str(sample_copy)}, "categories": ["disc"]})
     assert again.exit_code == 0, again.output
     assert {r.category for r in read_manifest(out / "manifest.csv")} == {"disc"}
     assert not (out / "tile").exists()  # the older output was replaced, not merged
@@ -156,11 +157,11 @@ def test_sample_source_end_to_end(tmp_path, sample_copy):
 
 
 def test_corrupt_image_stops_and_keeps_previous_output(tmp_path, sample_copy):
-    assert run_cli(tmp_path, {"sample_dir": str(sample_copy)}).exit_code == 0
+    assert run_cli(tmp_path, {"folders": {"sample": str(sample_copy)}}).exit_code == 0
     manifest_before = (tmp_path / "out" / "sample" / "manifest.csv").read_bytes()
     victim = sample_copy / "weave" / "test" / "hole" / "002.png"
     victim.write_bytes(victim.read_bytes()[:300])
-    result = run_cli(tmp_path, {"sample_dir": str(sample_copy)})
+    result = run_cli(tmp_path, {"folders": {"sample": str(sample_copy)}})
     assert error_line(result).startswith(f"{victim}: cannot decode image")
     assert (tmp_path / "out" / "sample" / "manifest.csv").read_bytes() == manifest_before
     assert leftovers(tmp_path / "out") == []
@@ -169,29 +170,38 @@ def test_corrupt_image_stops_and_keeps_previous_output(tmp_path, sample_copy):
 def test_mask_of_wrong_size_is_rejected(tmp_path, sample_copy):
     mask = sample_copy / "tile" / "ground_truth" / "crack" / "001_mask.png"
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(mask)
-    result = run_cli(tmp_path, {"sample_dir": str(sample_copy)})
+    result = run_cli(tmp_path, {"folders": {"sample": str(sample_copy)}})
     assert error_line(result) == f"{mask}: mask is 64x64, image is 128x128"
     assert not (tmp_path / "out" / "sample").exists() and leftovers(tmp_path / "out") == []
 
 
-def test_folder_source_and_its_errors(tmp_path, sample_copy):
-    ok = run_cli(tmp_path, {"datasets": ["folder"], "folder_dir": str(sample_copy), "categories": ["tile"]})
-    assert ok.exit_code == 0, ok.output
-    assert {r.dataset for r in read_manifest(tmp_path / "out" / "folder" / "manifest.csv")} == {"folder"}
+def test_named_folders_coexist_and_each_is_prepared_alone_or_together(tmp_path, sample_copy):
+    folders = {"bottles": str(sample_copy), "cans": str(sample_copy)}
+    alone = run_cli(tmp_path, {"folders": folders, "categories": ["tile"]}, name="cans")  # what stage folder@cans runs
+    assert alone.exit_code == 0, alone.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cans"]
+    assert {r.dataset for r in read_manifest(tmp_path / "out" / "cans" / "manifest.csv")} == {"cans"}
+    both = run_cli(tmp_path, {"folders": folders, "categories": ["tile"]})
+    assert both.exit_code == 0, both.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bottles", "cans"]
+    unknown = run_cli(tmp_path, {"folders": folders}, name="sample")
+    assert error_line(unknown) == "sample: not a dataset of download.archives or download.folders; choose from bottles | cans"
 
+
+def test_folder_errors(tmp_path, sample_copy):
     flat = tmp_path / "flat"
     flat.mkdir()
     shutil.copy(sample_copy / "tile" / "train" / "good" / "000.png", flat / "a.png")
-    bad = run_cli(tmp_path, {"datasets": ["folder"], "folder_dir": str(flat)})
+    bad = run_cli(tmp_path, {"folders": {"mine": str(flat)}})
     assert error_line(bad).startswith(f"{flat}: not MVTec layout")
 
-    unset = run_cli(tmp_path, {"datasets": ["folder"]})
     params = tmp_path / "params.yaml"
-    assert error_line(unset) == f"{params}: download.folder_dir: must be set to use the 'folder' source"
-    unknown = run_cli(tmp_path, {"datasets": ["kaggle"]})
-    assert error_line(unknown) == f"{params}: download.datasets[0]: must be one of sample | mvtec | visa | folder, got 'kaggle'"
-    missing = run_cli(tmp_path, {"sample_dir": str(tmp_path / "gone")})
-    assert error_line(missing).startswith(f"{tmp_path / 'gone'}: folder not found")
+    unknown = run_cli(tmp_path, {"archives": ["kaggle"]})
+    assert error_line(unknown) == f"{params}: download.archives[0]: must be one of mvtec | visa, got 'kaggle'"
+    old = run_cli(tmp_path, {"folder_dir": str(sample_copy)})
+    assert error_line(old).startswith(f"{params}: download.folder_dir: unknown key (now download.folders (name: path))")
+    missing = run_cli(tmp_path, {"folders": {"sample": str(tmp_path / "gone")}})
+    assert error_line(missing) == f"{tmp_path / 'gone'}: folder not found (download.folders.sample)"
 
 
 # ---------------------------------------------------------------- archives over HTTP
@@ -370,7 +380,7 @@ def test_visa_archive_is_converted_to_mvtec_layout(tmp_path, server):
     archive, masks = fake_visa_archive(tmp_path / "build")
     server.files["/VisA_20220922.tar"] = archive
     download = {
-        "datasets": ["visa"],
+        "archives": ["visa"],
         "visa_url": f"{server.url}/VisA_20220922.tar",
         "visa_sha256": sha256(archive),
         "archive_dir": str(tmp_path / "archives"),

@@ -156,7 +156,7 @@ def test_download_scratch_of_a_killed_run_is_removed(tmp_path):
     proc.communicate()
     assert [p.name[:12] for p in out.iterdir()] == [".tmp-sample-"]
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"download": {"sample_dir": str(SAMPLE), "categories": ["disc"]}}))
+    params.write_text(yaml.safe_dump({"download": {"folders": {"sample": str(SAMPLE)}, "categories": ["disc"]}}))
     result = CliRunner().invoke(download.app, ["--params", str(params), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["sample"]

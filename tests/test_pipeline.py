@@ -33,7 +33,7 @@ def stage(name: str, *args: str, cwd: Path, check: bool = True) -> subprocess.Co
 
 def write_params(folder: Path, **blocks) -> Path:
     params = {
-        "download": {"sample_dir": str(ROOT / "sample")},
+        "download": {"folders": {"sample": str(ROOT / "sample")}},
         "attention": {"mode": "cached", "prompts": "joint"},
         "evaluate": {"map_size": 128, "grid_cases": 1},
     }

@@ -73,10 +73,14 @@ class Entry:
 # ---- planning ---------------------------------------------------------------------------------------------------
 
 
-def parse_sets(items: list[str]) -> dict[str, str]:
-    """`--set key=value` items -> {key: value}; the seed keys belong to --seeds."""
-    sets: dict[str, str] = {}
+def parse_sets(items: list[str]) -> dict[str, str | None]:
+    """`--set key=value` items -> {key: value}; the seed keys belong to --seeds. DVC's `+key=value` (add a key) and
+    `~key` (remove one, e.g. ~download.folders.sample) pass through as they are."""
+    sets: dict[str, str | None] = {}
     for item in items:
+        if item.startswith("~") and "=" not in item and item[1:].strip():
+            sets[item.strip()] = None
+            continue
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise AblationError(f"--set {item!r}: expected key=value, e.g. train.epochs=3")
@@ -103,7 +107,7 @@ def plan_runs(only: str | None, seeds: int, sets: list[str]) -> list[Run]:
     for name in names:
         for seed in range(seeds):
             values = {**common, **EXPERIMENTS[name], **{key: str(seed) for key in SEED_KEYS}}
-            runs.append(Run(f"{name}-s{seed}", name, seed, tuple(f"{k}={v}" for k, v in values.items())))
+            runs.append(Run(f"{name}-s{seed}", name, seed, tuple(k if v is None else f"{k}={v}" for k, v in values.items())))
     return runs
 
 

@@ -32,7 +32,8 @@ def _once(values: list) -> list:
     return values
 
 
-Source = Literal["sample", "mvtec", "visa", "folder"]
+Archive = Literal["mvtec", "visa"]  # datasets the download stage fetches from pinned URLs
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # becomes a folder and a DVC stage name (folder@<name>)
 # d2dprompt = learned prompts on SD cross-attention (this project); d2d = fixed hand-written prompts, nothing
 # learned; anomalyclip = learned prompts on CLIP patch-text similarity (zqhang/AnomalyCLIP); draem = reconstructive +
 # discriminative networks trained from scratch per category (VitjanZ/DRAEM); decodiff = a latent diffusion model that
@@ -50,10 +51,19 @@ class Block(BaseModel):
 
 
 class DownloadParams(Block):
-    datasets: Annotated[list[Source], Once] = Field(["sample"], min_length=1)  # sources to prepare; each needs its *_dir or *_url below
+    """Datasets are named: an archive source by its own name, a folder by its key in `folders`."""
+
+    RENAMED: typing.ClassVar[dict[str, str]] = {  # keys of earlier versions, and what took their place
+        "datasets": "download.archives (mvtec | visa) and download.folders (name: path)",
+        "sample_dir": "download.folders.sample",
+        "folder_dir": "download.folders (name: path)",
+    }
+
+    archives: Annotated[list[Archive], Once] = []  # mvtec | visa: fetched from the pinned URL below, checked, converted
+    # name -> an MVTec-layout folder (the repository's or an absolute path); each is a dependency of DVC stage
+    # folder@<name>, so editing, adding or removing an image or mask reruns the pipeline from there
+    folders: dict[str, str] = {"sample": "data/sample"}
     categories: list[str] = []  # empty = every category of each dataset
-    sample_dir: str = "data/sample"  # the bundled sample, materialised by data.dvc
-    folder_dir: str | None = None  # any MVTec-layout folder of your own (source `folder`)
     mvtec_url: str = (
         "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/"
         "download/420938113-1629952094/mvtec_anomaly_detection.tar.xz"
@@ -63,13 +73,23 @@ class DownloadParams(Block):
     visa_sha256: str = "2eb8690c803ab37de0324772964100169ec8ba1fa3f7e94291c9ca673f40f362"
     archive_dir: str = "stages/archives"  # downloaded archives, kept so an interrupted download resumes
 
+    @property
+    def datasets(self) -> list[str]:
+        """Every dataset the download stages prepare, archives first: what train and evaluate may name."""
+        return [*self.archives, *self.folders]
+
     @model_validator(mode="after")
     def _sources_are_usable(self) -> DownloadParams:
-        for name in self.datasets:
-            if name in ("sample", "folder"):
-                if not getattr(self, f"{name}_dir"):
-                    raise Invalid(f"{name}_dir", f"must be set to use the '{name}' source")
-                continue
+        if not self.datasets:
+            raise Invalid("archives", "no dataset: list an archive (mvtec | visa) or a folder in download.folders")
+        for name, path in self.folders.items():
+            if not FOLDER_NAME.fullmatch(name):
+                raise Invalid("folders", f"{name!r}: a dataset name is letters, digits, '_' and '-' (it names a folder and a stage)")
+            if name in typing.get_args(Archive):
+                raise Invalid("folders", f"{name!r} is an archive source's name; call the folder something else")
+            if not path.strip():
+                raise Invalid("folders", f"{name!r}: the folder's path is empty")
+        for name in self.archives:
             if not getattr(self, f"{name}_url"):
                 raise Invalid(f"{name}_url", f"must be set to use the '{name}' source")
             sha256 = getattr(self, f"{name}_sha256")
@@ -224,7 +244,7 @@ class LatentsParams(Block):
 
 
 class TrainParams(Block):
-    datasets: Annotated[list[str], Once] = Field(["sample"], min_length=1)  # where supervision comes from; each in download.datasets
+    datasets: Annotated[list[str], Once] = Field(["sample"], min_length=1)  # where supervision comes from; each an archive of download.archives or a key of download.folders
     supervision: Literal["synthetic", "annotated"] = "synthetic"  # synthetic = Perlin anomalies on normal images; annotated = real defects + masks
     epochs: int = Field(15, ge=1, json_schema_extra={"hint": "an untrained baseline is train.untrained: true"})  # AnomalyCLIP
     untrained: bool = False  # true = write the initial prompts without optimising: the untrained baseline
@@ -235,7 +255,7 @@ class TrainParams(Block):
 
 
 class EvaluateParams(Block):
-    datasets: Annotated[list[str], Once] = ["sample"]  # each in download.datasets; dvc.yaml runs one evaluate stage per entry
+    datasets: Annotated[list[str], Once] = ["sample"]  # each an archive or a folder name of download; dvc.yaml runs one evaluate stage per entry
     map_size: int = Field(256, ge=1)  # side at which maps are scored, as anomalib; ground-truth masks are resized to it
     sigma: float = Field(4.0, ge=0)  # Gaussian smoothing in map pixels (AnomalyCLIP / anomalib); 0 = none
     batch_size: int = Field(8, ge=1)  # maps per forward: memory depends on it, results do not
@@ -276,7 +296,7 @@ class Params(Block):
         for key in ("train", "evaluate"):
             for name in getattr(self, key).datasets:
                 if name not in self.download.datasets:
-                    raise Invalid(f"{key}.datasets", f"{name!r} is not in download.datasets; choose from {' | '.join(self.download.datasets)}")
+                    raise Invalid(f"{key}.datasets", f"{name!r} is not a dataset of download.archives or download.folders; choose from {' | '.join(self.download.datasets)}")
         if self.train.supervision == "annotated":
             for name in self.train.datasets:
                 if name in self.evaluate.datasets:

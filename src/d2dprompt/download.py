@@ -1,25 +1,25 @@
-"""python -m d2dprompt.download [--params params.yaml] [--out stages/download]
+"""python -m d2dprompt.download [NAME] [--params params.yaml] [--out stages/download]
 
-DVC stage `download`: prepare every dataset named in `download.datasets` as
-`<out>/<name>/` in MVTec AD layout with a `manifest.csv`.
-
-Sources: `sample` (the bundled sample at `download.sample_dir`), `folder` (any
-MVTec-layout folder at `download.folder_dir`), `mvtec` (MVTec AD archive) and
-`visa` (VisA archive, converted with its `split_csv/1cls.csv`). Archives are
-downloaded once into `download.archive_dir` (resumable, sha256-verified); put an
-archive there by hand to skip the download.
+Prepare dataset NAME (every dataset of params.yaml when left out) as `<out>/<NAME>/` in MVTec AD
+layout with a `manifest.csv`. DVC runs it once per dataset: stage `download@<archive>` for each of
+`download.archives` (`mvtec`: the MVTec AD archive; `visa`: the VisA archive, converted with its
+`split_csv/1cls.csv`), stage `folder@<name>` for each entry of `download.folders` (name: an
+MVTec-layout folder, such as the bundled sample or your own images). Archives are downloaded once
+into `download.archive_dir` (resumable, sha256-verified); put an archive there by hand to skip the
+download. A folder is the `folder@<name>` stage's dependency, so a changed, added or removed image or
+mask in it makes `dvc repro` rerun the pipeline from there.
 
 What a failure leaves: each dataset is built in a scratch folder `<out>/.tmp-<name>-*` and renamed
 into place only when complete; the next run removes scratch folders a killed run left behind.
 - Run directly (`python -m d2dprompt.download`), a failed or killed run leaves the previous
   `<out>/<name>/` as it was.
-- Under DVC (`dvc repro`, `dvc exp run`), DVC removes the stage's output `stages/download` before
+- Under DVC (`dvc repro`, `dvc exp run`), DVC removes the stage's output `stages/download/<name>` before
   the stage runs, so after a failure there is no previous output in the workspace (`dvc checkout`
   restores the version recorded in dvc.lock from the DVC cache). What survives is the archive cache
   in `download.archive_dir`: verified archives, and a partial `<archive>.part` that the next run
   resumes, so a rerun does not download again.
 
-Symbolic links in a `sample` or `folder` dataset may point to files or folders inside that dataset
+Symbolic links in a folder dataset may point to files or folders inside that dataset
 folder (they are followed; the copy holds regular files). A link whose target lies outside it stops
 the stage with one line naming the link and its target: a dataset folder must hold its own data,
 and following such a link would copy any file the user can read into the outputs. (Archive entries
@@ -40,6 +40,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path, PurePosixPath
+from typing import Optional
 
 import numpy as np
 import typer
@@ -360,11 +361,11 @@ def build_dataset(
 
 
 def prepare_source(name: str, params: DownloadParams, out: Path) -> list[ManifestRow]:
-    """Build `<out>/<name>/` from source `name`; returns its manifest rows."""
-    if name in ("sample", "folder"):  # config.py checked that the source's keys are set
-        key, folder = ("sample_dir", params.sample_dir) if name == "sample" else ("folder_dir", params.folder_dir)
+    """Build `<out>/<name>/` from dataset `name` (a folder of download.folders or an archive); returns its manifest rows."""
+    if name in params.folders:
+        folder = params.folders[name]
         if not Path(folder).is_dir():
-            raise LayoutError(f"{folder}: folder not found (download.{key})")
+            raise LayoutError(f"{folder}: folder not found (download.folders.{name})")
         return build_dataset(name, Path(folder), out, params.categories, move=False, shown_as=str(folder))
     url, sha256 = (params.mvtec_url, params.mvtec_sha256) if name == "mvtec" else (params.visa_url, params.visa_sha256)
     archive = fetch(url, archive_path(params.archive_dir, url, name), sha256)
@@ -381,12 +382,15 @@ def prepare_source(name: str, params: DownloadParams, out: Path) -> list[Manifes
         return build_dataset(name, converted, out, [], move=True, shown_as=str(archive))
 
 
-def prepare_all(params: DownloadParams, out: Path) -> dict[str, list[ManifestRow]]:
-    """`params` checked by config.py: known sources, each listed once, with its keys set."""
-    for stale in sorted(out.glob(f"{TMP_PREFIX}*")) if out.is_dir() else []:
+def prepare_all(params: DownloadParams, out: Path, names: list[str] | None = None) -> dict[str, list[ManifestRow]]:
+    """`params` checked by config.py: known sources, each listed once, with its keys set; `names` = all when None."""
+    for name in names or []:
+        if name not in params.datasets:
+            raise ParamsError(f"{name}: not a dataset of download.archives or download.folders; choose from {' | '.join(params.datasets)}")
+    for stale in sorted(out.glob(f"{TMP_PREFIX}{'' if names is None else names[0] + '-'}*")) if out.is_dir() else []:
         shutil.rmtree(stale, ignore_errors=True)  # scratch of a run that was killed before it could clean up
     prepared = {}
-    for name in params.datasets:
+    for name in params.datasets if names is None else names:
         rows = prepare_source(name, params, out)
         typer.echo(f"{name}: {manifest_summary(rows)} -> {out / name}")
         prepared[name] = rows
@@ -398,11 +402,12 @@ app = typer.Typer(add_completion=False, help="Prepare the datasets of params.yam
 
 @app.command()
 def main(
+    name: Optional[str] = typer.Argument(None, help="the dataset to prepare (an archive or a key of download.folders); all when left out"),
     params: Path = typer.Option(Path("params.yaml"), "--params", help="params file; its `download` block is read"),
     out: Path = typer.Option(Path("stages/download"), "--out", help="one MVTec-layout folder per dataset goes here"),
 ) -> None:
     try:
-        prepare_all(load_params(params).download, out)
+        prepare_all(load_params(params).download, out, None if name is None else [name])
     except (ParamsError, LayoutError, ManifestError, ImageError, DownloadError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None

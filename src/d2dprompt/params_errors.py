@@ -99,6 +99,9 @@ def _unknown_key(model: type[BaseModel], loc: tuple) -> str:
     allowed = list(model.model_fields)
     close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
+    renamed = getattr(model, "RENAMED", {}).get(str(loc[-1]))
+    if renamed:
+        hint = f" (now {renamed})"
     if len(loc) == 1:
         return f"unknown block{hint}; blocks: {', '.join(allowed)}"
     return f"unknown key{hint}; {key_path(loc[:-1])} takes {', '.join(allowed)}"

@@ -13,7 +13,7 @@ from scipy.ndimage import gaussian_filter
 
 from d2dprompt.methods.decodiff import DecoDiff, anomaly_map, build_unet, gaussian_blur, image_score, patch_mask, shuffle_patches
 
-SAMPLE = Path(__file__).resolve().parents[2] / "data/sample"
+SAMPLE = Path(__file__).resolve().parents[2] / "sample"  # the git-tracked sample: data/sample appears only after dvc checkout
 
 
 def reference_map(pixels, repainted_pixels, latents, repainted) -> np.ndarray:
