@@ -53,3 +53,18 @@ def test_defaults_pass_their_own_checks():
     """Every default obeys its range and the cross-block checks (pydantic does not re-check defaults)."""
     defaults = Params().model_dump()
     assert params_from_dict(defaults) == Params()
+
+
+def test_one_dvc_set_param_changes_one_line_of_params_yaml(tmp_path):
+    """params.yaml is written in the style DVC writes back, so `dvc exp run -S key=value` leaves a one-line diff."""
+    from dvc.utils.hydra import apply_overrides
+
+    original = (ROOT / "params.yaml").read_text()
+    changed = tmp_path / "params.yaml"
+    changed.write_text(original)
+    apply_overrides(str(changed), ["loss.sharpness=0.3"])
+    before, after = original.splitlines(), changed.read_text().splitlines()
+    assert len(before) == len(after)
+    assert [(a, b) for a, b in zip(before, after) if a != b] == [("  sharpness: 0.0", "  sharpness: 0.3")]
+    apply_overrides(str(changed), ["+download.folders.bottles=/data/bottles", "~download.folders.sample", "train.datasets=[bottles]", "evaluate.datasets=[bottles]"])
+    assert load_params(changed).download.folders == {"bottles": "/data/bottles"}  # DVC's add / remove forms keep it valid
