@@ -163,10 +163,11 @@ def _cli(main) -> typer.Typer:
 
 @pytest.mark.parametrize("name", ["download", "latents", "queries", "train", "evaluate", "predict"])
 def test_every_stage_checks_params_before_loading_a_model(tmp_path, monkeypatch, name):
-    for module in (latents, queries, train):
-        monkeypatch.setattr(module, "load_frozen", _no_model)
-    for module in (evaluate, predict):
-        monkeypatch.setattr(module, "load_trained", _no_model)
+    import d2dprompt.models
+    import d2dprompt.prompt_files
+
+    monkeypatch.setattr(d2dprompt.models, "load_frozen", _no_model)  # the stages import them where they run
+    monkeypatch.setattr(d2dprompt.prompt_files, "load_trained", _no_model)
     params, out = tmp_path / "bad.yaml", tmp_path / "out"
     params.write_text(BAD)
     args = {

@@ -27,6 +27,8 @@ from pathlib import Path, PurePosixPath
 
 import typer
 
+from d2dprompt.cli import summary
+
 from d2dprompt.outputs import atomic_file, write_json
 
 # name -> -S overrides on top of params.yaml; `baseline` is params.yaml itself (cached + joint, levels [0, 1])
@@ -368,7 +370,7 @@ def resolve_rev(rev: str) -> str:
 app = typer.Typer(add_completion=False, help="Queue, run and report an ablation study as DVC experiments.")
 
 
-@app.command()
+@app.command(help=summary(__doc__))
 def main(
     only: str | None = typer.Option(None, help=f"comma list of experiments; default all: {', '.join(EXPERIMENTS)}"),
     seeds: int = typer.Option(3, min=1, help="seeds 0..N-1 per experiment (train.seed, latents.seed); 3, the field's usual count, is the fewest that gives a std"),

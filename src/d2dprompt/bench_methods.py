@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import typer
 
+from d2dprompt.cli import app_for
+
 from d2dprompt.bench import _sync, describe_device, timed
 from d2dprompt.models import autocast, pick_device
 
@@ -173,4 +175,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    app_for(main, __doc__)()

@@ -354,12 +354,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def flatten(params: Params) -> dict[str, object]:
-    """'block.key' -> value, as MLflow and `dvc exp show` list params (top-level lists such as `methods` as they are)."""
+    """'block.key' -> value, as MLflow and `dvc exp show` list params: nested mappings such as download.folders
+    flattened ('download.folders.sample'), lists (such as `methods`) and empty mappings as they are."""
     flat: dict[str, object] = {}
-    for block, values in params.model_dump().items():
-        if isinstance(values, dict):
-            flat.update({f"{block}.{key}": value for key, value in values.items()})
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
         else:
-            flat[block] = values
+            flat[prefix] = value
+
+    walk("", params.model_dump())
     return flat
 

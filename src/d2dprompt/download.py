@@ -48,6 +48,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from d2dprompt.config import DownloadParams, ParamsError, load_params
+from d2dprompt.cli import summary
 from d2dprompt.images import ImageError, load_mask, load_rgb
 from d2dprompt.manifest import (
     GOOD,
@@ -400,7 +401,7 @@ def prepare_all(params: DownloadParams, out: Path, names: list[str] | None = Non
 app = typer.Typer(add_completion=False, help="Prepare the datasets of params.yaml in MVTec layout with a manifest.")
 
 
-@app.command()
+@app.command(help=summary(__doc__))
 def main(
     name: Optional[str] = typer.Argument(None, help="the dataset to prepare (an archive or a key of download.folders); all when left out"),
     params: Path = typer.Option(Path("params.yaml"), "--params", help="params file; its `download` block is read"),

@@ -18,23 +18,23 @@ import csv
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 import typer
-from tqdm import tqdm
 
 from d2dprompt.config import EvaluateParams, Params, ParamsError, flatten, load_params
+from d2dprompt.cli import app_for
 from d2dprompt.images import ImageError, load_mask, load_rgb, resize_mask
-from d2dprompt.latent_store import LatentRow, read_latents
-from d2dprompt.inference import anomaly_maps, anomalyclip_maps, decodiff_maps, draem_maps, image_score_name, input_size, row_maps
 from d2dprompt.metrics import image_metrics, pixel_metrics, summarize
-from d2dprompt.models import pick_device
 from d2dprompt.outputs import atomic_dir, write_json
-from d2dprompt.prompt_files import load_trained, method_of, move_to
-from d2dprompt.row_images import RowImages
 from d2dprompt.report import write_grids, write_metrics, write_plot_data
 from d2dprompt.thresholds import Thresholds, binary_masks, f1_at, fit_thresholds
+
+if TYPE_CHECKING:  # torch and the models load when a command runs, not for --help
+    import torch
+
+    from d2dprompt.latent_store import LatentRow
 
 
 SCORES_FILE = "scores.csv"  # one row per test image: what predict must reproduce for the same image
@@ -80,6 +80,14 @@ Scorer = Callable[[list[int], str], tuple[np.ndarray, np.ndarray]]  # row indice
 
 def method_scorer(model, record: dict, latents_dir: Path, download_dir: Path, cfg: Params, device: torch.device) -> tuple[Scorer, list[LatentRow], dict]:
     """The rows of the dataset and a function scoring any of them with the trained method."""
+    import torch
+    from tqdm import tqdm
+
+    from d2dprompt.inference import anomaly_maps, anomalyclip_maps, decodiff_maps, draem_maps, input_size, row_maps
+    from d2dprompt.latent_store import read_latents
+    from d2dprompt.prompt_files import method_of
+    from d2dprompt.row_images import RowImages
+
     ev, precision = cfg.evaluate, cfg.model.precision
     tensors, rows = read_latents(latents_dir)  # the validation masks come from here for every method
     if method_of(record) == "anomalyclip":
@@ -170,6 +178,9 @@ def main(
     out: Path = typer.Option(Path("stages/evaluate/d2dprompt"), help="pictures and plot data go to <out>/<dataset>/"),
     metrics: Path = typer.Option(Path("metrics/d2dprompt"), help="<metrics>/<dataset>.json and .md"),
 ) -> None:
+    from d2dprompt.inference import image_score_name
+    from d2dprompt.models import pick_device
+    from d2dprompt.prompt_files import load_trained, method_of, move_to
     from d2dprompt.tracking import start_run
 
     try:
@@ -202,4 +213,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    app_for(main, __doc__)()

@@ -14,24 +14,29 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 import typer
-from safetensors.torch import save_file
-from tqdm import tqdm
 
 from d2dprompt.config import LatentsParams, ParamsError, load_params
+from d2dprompt.cli import app_for
 from d2dprompt.images import ImageError
-from d2dprompt.latent_store import LATENT_DTYPE, LatentRow, write_index
 from d2dprompt.manifest import ManifestRow, read_manifest
-from d2dprompt.models import FrozenSD, encode, load_frozen, pick_device
 from d2dprompt.outputs import atomic_dir
-from d2dprompt.row_images import load_textures, real_image, synthetic_variant
+
+if TYPE_CHECKING:  # torch and the models load when a command runs, not for --help
+    import torch
+
+    from d2dprompt.latent_store import LatentRow
+    from d2dprompt.models import FrozenSD
+
 
 def mask_to_latent(masks: list[np.ndarray], latent_hw: tuple[int, int]) -> torch.Tensor:
     """bool HxW masks -> (B, h, w) fraction of defective pixels per latent cell."""
+    import torch
+    import torch.nn.functional as F
+
     m = torch.from_numpy(np.stack(masks)).float()[:, None]
     return F.adaptive_avg_pool2d(m, latent_hw)[:, 0]
 
@@ -64,6 +69,13 @@ def encode_dataset(
     device: torch.device,
     desc: str,
 ) -> tuple[dict[str, torch.Tensor], list[LatentRow]]:
+    import torch
+    from tqdm import tqdm
+
+    from d2dprompt.latent_store import LATENT_DTYPE, LatentRow
+    from d2dprompt.models import encode
+    from d2dprompt.row_images import load_textures, real_image, synthetic_variant
+
     textures = load_textures(params.texture_dir)
     latent_hw = (image_size // sd.vae_scale, image_size // sd.vae_scale)
     held_out = validation_images(rows, params.val_fraction, params.seed)
@@ -108,6 +120,11 @@ def main(
     downloads: Path = typer.Option(Path("stages/download"), help="download stage output"),
     out: Path = typer.Option(Path("stages/latents"), help="where to write one folder per dataset"),
 ) -> None:
+    from safetensors.torch import save_file
+
+    from d2dprompt.latent_store import write_index
+    from d2dprompt.models import load_frozen, pick_device
+
     try:
         cfg = load_params(params)
         device = pick_device(cfg.model.device)
@@ -128,4 +145,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    app_for(main, __doc__)()

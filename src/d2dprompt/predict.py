@@ -10,7 +10,9 @@ and otherwise fall back to `evaluate.sensitivity`; every line says which. Files 
 predicted are skipped, named on stderr and listed in `<out>/errors.txt` with the reason: unreadable
 images, files under the folder without an image suffix, and images with a side shorter than the
 model's input side (`model.image_size` of the trained run; upscaling would invent the detail
-the model judges). The exit status is 1 only when no image could be predicted.
+the model judges). The exit status is 1 only when no image could be predicted. Outside a checkout
+(no params.yaml where it runs) the trained folder and its thresholds.json are enough: the map scale comes
+from the thresholds file, the rest from the defaults.
 """
 
 from __future__ import annotations
@@ -28,12 +30,10 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from tqdm import tqdm
 
-from d2dprompt.config import EvaluateParams, ParamsError, load_params
+from d2dprompt.config import EvaluateParams, Params, ParamsError, load_params, params_from_dict
+from d2dprompt.cli import app_for
 from d2dprompt.images import ImageError, load_rgb, resize_rgb
-from d2dprompt.inference import image_score_name, image_scorer, input_size
-from d2dprompt.models import pick_device
 from d2dprompt.outputs import atomic_file
-from d2dprompt.prompt_files import load_trained, method_of, move_to, read_record
 from d2dprompt.report import jet
 from d2dprompt.thresholds import Thresholds, binary_masks
 
@@ -70,6 +70,8 @@ def read_thresholds_file(path: Path, ev: EvaluateParams, method: str = "d2dpromp
             raise ThresholdsError(f"{path}: key '{key}' must be a finite number, got {value!r}")
     if record.get("method", method) != method:
         raise ThresholdsError(f"{path}: fitted for method {record['method']!r}, not for the {method!r} run predicting")
+    from d2dprompt.inference import image_score_name
+
     for key in SCALE_KEYS:
         expected = image_score_name(method, ev.score) if key == "score" else getattr(ev, key)
         if key in record and record[key] != expected:
@@ -250,20 +252,47 @@ def predict_images(
     return records, errors
 
 
+def settings(params: Path | None, thresholds: Path | None, record: dict) -> Params:
+    """params.yaml when given or present here; elsewhere (a trained folder copied to another machine) the
+    defaults, with the map scale and image score that `thresholds` was fitted on, and the trained run's own
+    loss.image_top_percent, so a score here is the score evaluate gave."""
+    if params is not None or Path("params.yaml").is_file():
+        return load_params(params or Path("params.yaml"))
+    raw: dict = {"evaluate": {}}
+    if thresholds is not None and thresholds.is_file():
+        try:
+            fitted = json.loads(thresholds.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ThresholdsError(f"{thresholds}: not valid JSON ({err})") from None
+        raw["evaluate"] = {k: fitted[k] for k in SCALE_KEYS if k in fitted and not (k == "score" and fitted[k] == record.get("method"))}
+    if "loss" in record:
+        raw["loss"] = {"image_top_percent": record["loss"]["image_top_percent"]}
+    typer.echo(f"no params.yaml here: default settings{f', map scale from {thresholds}' if thresholds else ''}", err=True)
+    try:
+        return params_from_dict(raw)
+    except ParamsError as err:
+        raise ParamsError(f"{thresholds}: {err}") from None
+
+
 def main(
     target: Path = typer.Argument(..., help="an image, or a folder searched recursively for images"),
     trained: Path = typer.Option(Path("stages/train/d2dprompt"), "--trained", "--prompts", help="a train@<method> output (model.json + model.safetensors)"),
     out: Path = typer.Option(Path("predictions"), help="where masks, overlays and predictions.jsonl go"),
-    params: Path = typer.Option(Path("params.yaml"), help="params file (evaluate block, model.device)"),
+    params: Path | None = typer.Option(None, help="params file (evaluate block, model.device) [default: ./params.yaml; "
+                                        "outside a checkout: the defaults with the map scale --thresholds records]"),
     thresholds: Path | None = typer.Option(None, help="thresholds.json written by the evaluate stage"),
     image_threshold: float | None = typer.Option(None, help="overrides the image threshold"),
     pixel_threshold: float | None = typer.Option(None, help="overrides the pixel threshold"),
     batch_size: int | None = typer.Option(None, min=1, help="images per forward (default: evaluate.batch_size)"),
     category: str | None = typer.Option(None, help="draem (a model per category) and decodiff (a class label per category): which, as <dataset>/<category>"),
 ) -> None:
+    from d2dprompt.inference import image_scorer, input_size  # torch and the models load here, not for --help
+    from d2dprompt.models import pick_device
+    from d2dprompt.prompt_files import load_trained, method_of, move_to, read_record
+
     try:
         inputs, skipped = find_inputs(target, exclude=out)
-        cfg = load_params(params)
+        cfg = settings(params, thresholds, read_record(trained)[0])
         chosen = resolve_thresholds(thresholds, image_threshold, pixel_threshold, cfg.evaluate, method_of(read_record(trained)[0]))
         device = pick_device(cfg.model.device)
         model, record = load_trained(trained)
@@ -286,8 +315,7 @@ def main(
         raise typer.Exit(1)
 
 
-app = typer.Typer(add_completion=False)
-app.command()(main)
+app = app_for(main, __doc__)
 
 if __name__ == "__main__":
     app()

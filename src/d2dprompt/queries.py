@@ -10,19 +10,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import typer
 
 from d2dprompt.config import Params, ParamsError, load_params
-from d2dprompt.latent_store import training_set
-from d2dprompt.models import load_frozen, pick_device
+from d2dprompt.cli import app_for
 from d2dprompt.outputs import atomic_dir
-from d2dprompt.query_cache import compute_queries, save_queries
-from d2dprompt.methods.d2dprompt import build_segmenter, fixed_noise
 
 
 def cache_queries(cfg: Params, latents: Path, out: Path) -> str:
     """Write the query cache of `cfg`'s training rows to `out` (empty in full mode); returns a summary line."""
+    import torch  # torch and the models load when the command runs, not for --help
+
+    from d2dprompt.latent_store import training_set
+    from d2dprompt.methods.d2dprompt import build_segmenter, fixed_noise
+    from d2dprompt.models import load_frozen, pick_device
+    from d2dprompt.query_cache import compute_queries, save_queries
+
     data_latents, _, _, keys = training_set(latents, cfg.train.datasets, cfg.train.supervision)
     with atomic_dir(out) as tmp:
         if cfg.attention.mode == "full":
@@ -53,4 +56,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    app_for(main, __doc__)()

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import precision_recall_curve, roc_curve
 
 from d2dprompt.images import load_rgb, resize_rgb
 from d2dprompt.metrics import mean_coverage
@@ -86,6 +85,8 @@ def _write_csv(path: Path, header: list[str], rows) -> None:
 
 def write_plot_data(folder: Path, labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, summary: dict) -> None:
     """ROC and PR curves (image and pixel level) and per-category metric bars, as DVC plot CSVs."""
+    from sklearn.metrics import precision_recall_curve, roc_curve  # a second to import: not for every --help
+
     folder.mkdir(parents=True, exist_ok=True)
     for level, y, s in (("image", labels, scores), ("pixel", masks.ravel(), maps.ravel())):
         if y.min() == y.max():

@@ -23,28 +23,20 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
 import typer
-from safetensors.torch import save_file
-from tqdm import tqdm
 
-from d2dprompt.checkpoints import CheckpointError, TrainState, code_digest, fingerprint, load_state, save_state
 from d2dprompt.config import Params, ParamsError, flatten, load_params
-from d2dprompt.latent_store import training_set
-from d2dprompt.losses import LOSS_NAMES, total_loss
-from d2dprompt.models import autocast, load_frozen, pick_device
+from d2dprompt.cli import app_for
 from d2dprompt.images import ImageError
 from d2dprompt.outputs import atomic_file, write_json
-from d2dprompt.prompt_files import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    config_record,
-    save_prompts,
-)
-from d2dprompt.query_cache import QueryCache, compute_queries, open_queries
-from d2dprompt.methods.d2dprompt import D2DSegmenter, build_segmenter, fixed_noise
+
+if TYPE_CHECKING:  # torch and the models load when a command runs, not for --help
+    import torch
+
+    from d2dprompt.methods.d2dprompt import D2DSegmenter
+    from d2dprompt.query_cache import QueryCache
 
 HISTORY_FILE = "history.csv"
 
@@ -62,6 +54,8 @@ class Batches:
 
 def epoch_batches(rows: int, batch_size: int, seed: int, epoch: int) -> tuple[torch.Tensor, ...]:
     """Row indices in a seeded order, split into batches: the same for a resumed run as for an uninterrupted one."""
+    import torch
+
     return torch.randperm(rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).split(batch_size)
 
 
@@ -72,6 +66,8 @@ def optimise(
     desc: str,
 ) -> dict[str, float]:
     """One epoch of Adam steps, every method alike: `loss_of(batch)` -> (loss, its terms); returns per-row means."""
+    from tqdm import tqdm
+
     sums: dict[str, float] = {}
     rows = sum(len(batch) for batch in batches)
     bar = tqdm(batches, desc=desc, unit="batch", leave=False)
@@ -97,6 +93,9 @@ def train_epoch(
     queries: QueryCache | None = None,
 ) -> dict[str, float]:
     """One pass over the rows in a seeded order; full mode runs the UNet, cached mode reads `queries`."""
+    from d2dprompt.losses import LOSS_NAMES, total_loss
+    from d2dprompt.models import autocast
+
     weights = {name: getattr(cfg.loss, name) for name in LOSS_NAMES}
     latent_hw = tuple(data.latents.shape[-2:])
 
@@ -113,12 +112,14 @@ def train_epoch(
     return optimise(batches, loss_of, optimizer, f"epoch {epoch + 1}/{cfg.train.epochs}")
 
 
-@torch.no_grad()
 def cache_drift(segmenter: D2DSegmenter, data: Batches, queries: QueryCache, device: torch.device, rows: int = 32) -> float:
     """Mean |full - cached| anomaly map over the first `rows` training rows: how stale the cache is."""
+    import torch
+
     idx = torch.arange(min(rows, len(data.keys)))
-    full = segmenter(data.latents[idx].to(device), data.noise[idx].to(device))["anomaly"]
-    cached = segmenter.forward_cached(queries.batch(idx, device), tuple(data.latents.shape[-2:]))["anomaly"]
+    with torch.no_grad():
+        full = segmenter(data.latents[idx].to(device), data.noise[idx].to(device))["anomaly"]
+        cached = segmenter.forward_cached(queries.batch(idx, device), tuple(data.latents.shape[-2:]))["anomaly"]
     return float((full.float() - cached.float()).abs().mean())
 
 
@@ -136,6 +137,8 @@ def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def refreshed_queries(segmenter: D2DSegmenter, prompts: dict[str, torch.Tensor], data: Batches, cfg: Params, device: torch.device) -> QueryCache:
     """The query cache as computed with `prompts`; the segmenter's own prompts are left as they were."""
+    from d2dprompt.query_cache import QueryCache, compute_queries
+
     current = _clone(segmenter.prompts.state_dict())
     segmenter.prompts.load_state_dict(prompts)
     try:
@@ -146,6 +149,10 @@ def refreshed_queries(segmenter: D2DSegmenter, prompts: dict[str, torch.Tensor],
 
 def write_fixed(cfg: Params, out: Path) -> list[dict[str, float]]:
     """d2d: nothing to learn; the record of its fixed sentences and an empty parameter file."""
+    from safetensors.torch import save_file
+
+    from d2dprompt.prompt_files import CONFIG_FILE, WEIGHTS_FILE, config_record
+
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / WEIGHTS_FILE) as tmp:
         save_file({}, tmp)
@@ -157,6 +164,15 @@ def write_fixed(cfg: Params, out: Path) -> list[dict[str, float]]:
 
 def run(cfg: Params, latents_root: Path, queries_root: Path, out: Path, checkpoint: Path, log=None, code: str | None = None) -> list[dict[str, float]]:
     """Train D2D-Prompt (resuming from a matching checkpoint) and write the outputs; returns the per-epoch history."""
+    import torch
+
+    from d2dprompt.checkpoints import TrainState, code_digest, fingerprint, load_state, save_state
+    from d2dprompt.latent_store import training_set
+    from d2dprompt.methods.d2dprompt import build_segmenter, fixed_noise
+    from d2dprompt.models import load_frozen, pick_device
+    from d2dprompt.prompt_files import config_record, save_prompts
+    from d2dprompt.query_cache import open_queries
+
     device = pick_device(cfg.model.device)
     record = config_record(cfg, "d2dprompt")
     data_files = [latents_root / name / "latents.safetensors" for name in cfg.train.datasets]
@@ -216,6 +232,8 @@ def main(
         None, help="per-epoch state folder, not a DVC output, so DVC never deletes it before a rerun [default: stages/checkpoints/train/<method>]"
     ),
 ) -> None:
+    from d2dprompt.checkpoints import CheckpointError
+    from d2dprompt.prompt_files import CONFIG_FILE, WEIGHTS_FILE
     from d2dprompt.tracking import start_run
 
     try:
@@ -251,4 +269,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    app_for(main, __doc__)()

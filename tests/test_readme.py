@@ -1,0 +1,75 @@
+"""The README's shell commands exist as written: programs, modules, make targets and the params keys they set."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+VENV_BIN = Path(sys.executable).parent
+
+
+def shell_commands(markdown: str) -> list[list[str]]:
+    """argv of every command in the ```bash blocks (continuation lines joined, comments dropped)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv:
+                commands.append(argv)
+    return commands
+
+
+COMMANDS = shell_commands(README)
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def has_key(dotted: str) -> bool:
+    node = PARAMS
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def set_params(argv: list[str]) -> list[str]:
+    """The key=value / +key=value / ~key items given to `dvc exp run -S` or `ablate --set`."""
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("-S", "--set", "--set-param")]
+
+
+def test_the_readme_has_commands_and_says_how_to_reach_them():
+    assert len(COMMANDS) > 20
+    assert ["source", ".venv/bin/activate"] in COMMANDS  # after `make repro` / `make test`, dvc and python -m need the venv
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(c)[:60] for c in COMMANDS])
+def test_each_command_exists_as_written(argv):
+    program = argv[0]
+    if program == "make":
+        targets = re.findall(r"^([a-z][\w-]*):", (ROOT / "Makefile").read_text(), flags=re.M)
+        assert all(t in targets for t in argv[1:] if "=" not in t), (argv, targets)
+    elif program == "source":
+        assert (Path(sys.prefix) / "bin/activate").is_file() or (ROOT / argv[1]).is_file()
+    elif program == "python":
+        module = argv[argv.index("-m") + 1]
+        assert importlib.util.find_spec(module) is not None, module
+    elif "/" in program:
+        assert (ROOT / program).is_file() or (VENV_BIN / Path(program).name).is_file(), program
+    else:
+        assert shutil.which(program, path=f"{VENV_BIN}:{shutil.os.environ.get('PATH', '')}"), program
+    for item in set_params(argv):
+        key = item.lstrip("+~").split("=", 1)[0]
+        if item.startswith("+"):
+            assert has_key(key.rsplit(".", 1)[0]) and not has_key(key), item  # adds a key under an existing block
+        else:
+            assert has_key(key), f"{item}: params.yaml has no {key}"
