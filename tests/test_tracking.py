@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,11 @@ def test_flatten_params_of_params_dataclass_matches_config_keys():
     flat = tracking.flatten_params(Params())
     assert set(flat) == set(flatten(Params()))
     assert flat["train.betas"] == "[0.5, 0.999]" and flat["latents.texture_dir"] == "None"
+
+
+def test_without_mlflow_a_stage_runs_untracked_and_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # what a core install without the pipeline extra has
+    with tracking.start_run("train", {"a": 1}) as log:
+        log.log_metrics({"loss": 1.0}, step=1)
+        log.log_artifact("nothing.txt")
+    assert "not tracked (pip install 'd2dprompt[pipeline]')" in capsys.readouterr().err

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import getpass
+import importlib
 import logging
 import os
 import random
@@ -231,6 +232,24 @@ class RunLogger:
         _retry(self.client.log_artifacts, self.run_id, str(directory), artifact_path)
 
 
+class UntrackedRun:
+    """RunLogger's interface doing nothing: the stage's own outputs are the record."""
+
+    run_id = None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+
 def _read(path: str) -> str:
     try:
         return Path(path).read_text().strip()
@@ -298,7 +317,15 @@ def _experiment_id(client: Any, name: str, artifacts: str | None) -> str:
 def start_run(
     stage: str, params: Mapping[str, Any] | Any, experiment: str = DEFAULT_EXPERIMENT
 ) -> Iterator[RunLogger]:
-    """Open an MLflow run `<stage>-<DVC exp name>` with tags and params; closes it FINISHED or FAILED."""
+    """Open an MLflow run `<stage>-<DVC exp name>` with tags and params; closes it FINISHED or FAILED.
+
+    Without MLflow (a core install, no `pipeline` extra) the stage still runs, untracked, and says so once."""
+    try:
+        importlib.import_module("mlflow")
+    except ImportError:
+        print(f"{stage}: MLflow is not installed, so this run is not tracked (pip install 'd2dprompt[pipeline]')", file=sys.stderr)
+        yield UntrackedRun()
+        return
     _quiet_mlflow()
     from mlflow import MlflowClient
     from mlflow.utils.mlflow_tags import (
