@@ -91,3 +91,15 @@ def test_a_trained_folder_and_its_thresholds_are_enough_to_predict_outside_the_r
              "--thresholds", str(every_method / "stages/evaluate/d2dprompt/sample/thresholds.json")], elsewhere)
     (record,) = [json.loads(line) for line in (elsewhere / "out/predictions.jsonl").read_text().splitlines()]
     assert abs(record["score"] - float(row["score"])) < 1e-5, (row, record)
+
+
+def test_dvc_plots_show_writes_a_page_that_needs_no_network(every_method, tmp_path):
+    import re
+
+    run_cmd(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], every_method)
+    page = (tmp_path / "plots/index.html").read_text()
+    assert not re.search(r"<script[^>]*\bsrc=", page) and "cdn.jsdelivr" not in page  # vega is inlined
+    assert page.count("<script data-package=") == 3
+    for method in METHODS:
+        assert f"{method} sample image ROC" in page and f"{method} training loss terms per epoch" in page
+    assert "AUROC" in page and '"term"' in page  # the legend carries each curve's area; every loss term is a series

@@ -85,16 +85,22 @@ def _write_csv(path: Path, header: list[str], rows) -> None:
 
 def write_plot_data(folder: Path, labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, summary: dict) -> None:
     """ROC and PR curves (image and pixel level) and per-category metric bars, as DVC plot CSVs."""
-    from sklearn.metrics import precision_recall_curve, roc_curve  # a second to import: not for every --help
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve  # a second to import: not for --help
 
     folder.mkdir(parents=True, exist_ok=True)
     for level, y, s in (("image", labels, scores), ("pixel", masks.ravel(), maps.ravel())):
         if y.min() == y.max():
             continue  # a curve needs both classes
+        # the curves pool every category's images, so their areas (in each file's `curve` column, the plot's
+        # legend) differ from the per-category means of the metric files
         fpr, tpr, _ = roc_curve(y, s, drop_intermediate=True)
-        _write_csv(folder / f"{level}_roc.csv", ["fpr", "tpr"], zip(*_decimate(fpr, tpr)))
+        fx, fy = _decimate(fpr, tpr)
+        auroc = f"AUROC {roc_auc_score(y, s):.3f} (pooled)"
+        _write_csv(folder / f"{level}_roc.csv", ["fpr", "tpr", "curve"], ((a, b, auroc) for a, b in zip(fx, fy)))
         precision, recall, _ = precision_recall_curve(y, s)
-        _write_csv(folder / f"{level}_pr.csv", ["recall", "precision"], zip(*_decimate(recall[::-1], precision[::-1])))
+        rx, ry = _decimate(recall[::-1], precision[::-1])
+        ap, prevalence = f"AP {average_precision_score(y, s):.3f} (pooled)", float(np.mean(y))
+        _write_csv(folder / f"{level}_pr.csv", ["recall", "precision", "curve", "prevalence"], ((a, b, ap, prevalence) for a, b in zip(rx, ry)))
     for name in BAR_METRICS:
         rows = [(cat, values[name]) for cat, values in summary.items() if cat != "mean"]
         _write_csv(folder / f"bars_{name}.csv", ["category", name], rows)

@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # torch and the models load when a command runs, not for --he
     from d2dprompt.query_cache import QueryCache
 
 HISTORY_FILE = "history.csv"
+LOSSES_FILE = "losses.csv"  # history.csv in long form, for the per-term training plot
 
 
 @dataclass
@@ -124,11 +125,17 @@ def cache_drift(segmenter: D2DSegmenter, data: Batches, queries: QueryCache, dev
 
 
 def write_history(history: list[dict[str, float]], path: Path) -> None:
+    """`path` (history.csv): one row per epoch, one column per loss term; beside it LOSSES_FILE, the same
+    numbers one row per (epoch, term), which the training plot draws as one line per term."""
     names = ["epoch"] + sorted({k for row in history for k in row if k != "epoch"})
     with atomic_file(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=names)
         writer.writeheader()
         writer.writerows(history)
+    with atomic_file(path.with_name(LOSSES_FILE)) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["epoch", "term", "loss"])
+        writer.writerows((row["epoch"], name, row[name]) for row in history for name in names[1:] if name in row)
 
 
 def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
