@@ -28,7 +28,7 @@ from d2dprompt.cli import app_for
 from d2dprompt.images import ImageError, load_mask, load_rgb, resize_mask
 from d2dprompt.metrics import image_metrics, pixel_metrics, summarize
 from d2dprompt.outputs import atomic_dir, write_json
-from d2dprompt.report import write_grids, write_metrics, write_plot_data
+from d2dprompt.report import display_range, write_grids, write_metrics, write_plot_data
 from d2dprompt.thresholds import Thresholds, binary_masks, f1_at, fit_thresholds
 
 if TYPE_CHECKING:  # torch and the models load when a command runs, not for --help
@@ -142,6 +142,7 @@ def evaluate_dataset(score: Scorer, rows: list[LatentRow], tensors: dict, latent
         raise ValueError(f"{latents_dir}: no test images")
     thresholds = Thresholds(ev.sensitivity, ev.sensitivity, "fixed evaluate.sensitivity")
     validation: dict[str, float] = {}
+    display = (0.0, 1.0)  # fixed thresholds live on the [0, 1] map scale; fitted ones take the validation maps' range
     if ev.threshold != "fixed":
         if not val:
             raise ValueError(f"{latents_dir}: no validation rows; set latents.val_fraction > 0 or evaluate.threshold=fixed")
@@ -150,6 +151,7 @@ def evaluate_dataset(score: Scorer, rows: list[LatentRow], tensors: dict, latent
         val_masks = validation_masks(tensors["val_masks"], ev.map_size)
         val_labels = np.array([r.label for r in val_rows])
         thresholds = validation_thresholds(val_labels, val_scores, val_masks, val_maps, ev)
+        display = display_range(val_maps)
         validation = {**image_metrics(val_labels, val_scores), "pixel_AUROC": pixel_metrics(val_masks, val_maps, ev.aupro_fpr_limit)["pixel_AUROC"]}
     test_rows = [rows[i] for i in test]
     maps, scores = score(test, "test maps")
@@ -165,7 +167,7 @@ def evaluate_dataset(score: Scorer, rows: list[LatentRow], tensors: dict, latent
             "image_F1": f1_at(labels[idx] == 1, scores[idx] >= thresholds.image),
             "pixel_F1": f1_at(masks[idx], predicted[idx]),
         }
-    details = {"rows": test_rows, "maps": maps, "masks": masks, "predicted": predicted, "scores": scores, "labels": labels, "validation": validation}
+    details = {"rows": test_rows, "maps": maps, "masks": masks, "predicted": predicted, "scores": scores, "labels": labels, "validation": validation, "display_range": display}
     return summarize(per_category), thresholds, details
 
 
@@ -193,12 +195,13 @@ def main(
         with start_run("evaluate", {**flatten(cfg), "evaluate.dataset": dataset, "method": method}) as log:
             score, rows, tensors = method_scorer(model, record, latents / dataset, downloads / dataset, cfg, device)
             summary, thresholds, details = evaluate_dataset(score, rows, tensors, latents / dataset, downloads / dataset, ev)
-            threshold_record = {**asdict(thresholds), "method": method, "score": image_score_name(method, ev.score), "top_percent": ev.top_percent, "map_size": ev.map_size, "sigma": ev.sigma}
+            threshold_record = {**asdict(thresholds), "method": method, "score": image_score_name(method, ev.score), "top_percent": ev.top_percent, "map_size": ev.map_size, "sigma": ev.sigma, "display_range": list(details["display_range"])}
             with atomic_dir(out / dataset) as tmp:
                 write_json(tmp / "thresholds.json", threshold_record)
                 write_scores(tmp / SCORES_FILE, details["rows"], details["labels"], details["scores"], thresholds.image)
                 write_plot_data(tmp / "plots", details["labels"], details["scores"], details["masks"], details["maps"], summary)
-                write_grids(tmp / "grids", downloads / dataset, details["rows"], details["maps"], details["masks"], details["predicted"], details["scores"], details["labels"], ev.grid_cases)
+                write_grids(tmp / "grids", downloads / dataset, details["rows"], details["maps"], details["masks"], details["predicted"], details["scores"], details["labels"], ev.grid_cases,
+                            details["display_range"], thresholds, f"{method} {dataset}")
             # `validation` (synthetic anomalies on held-out normal images) is where choices such as
             # evaluate.score are made without looking at the test split
             write_metrics(metrics, dataset, summary, asdict(thresholds), details["validation"])

@@ -34,7 +34,7 @@ from d2dprompt.config import EvaluateParams, Params, ParamsError, load_params, p
 from d2dprompt.cli import app_for
 from d2dprompt.images import ImageError, load_rgb, resize_rgb
 from d2dprompt.outputs import atomic_file
-from d2dprompt.report import jet
+from d2dprompt.report import jet, scaled
 from d2dprompt.thresholds import Thresholds, binary_masks
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}  # what Pillow decodes and datasets ship
@@ -153,25 +153,53 @@ def output_stems(keys: list[str]) -> dict[str, str]:
     return {key: stem if counts[stem] == 1 else key for key, stem in stems.items()}
 
 
-def render_overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, title: str) -> Image.Image:
+def _wrapped(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    """`text` broken into lines that fit `width` pixels (at spaces; a long path is cut at any character)."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if draw.textlength(candidate, font=font) <= width or not line:
+                line = candidate
+            else:
+                lines.append(line)
+                line = word
+            while draw.textlength(line, font=font) > width and len(line) > 1:  # one word wider than the page
+                cut = max(1, int(len(line) * width / draw.textlength(line, font=font)))
+                lines.append(line[:cut])
+                line = line[cut:]
+        lines.append(line)
+    return lines
+
+
+def render_overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, title: str, display: tuple[float, float] = (0.0, 1.0)) -> Image.Image:
     """image | anomaly map | overlay (map blended at 50 %, predicted mask outlined in white), all map_size wide.
 
-    The map's colour scale is fixed at [0, 1] (it is the abnormal share of prompt attention), so colours
-    compare across images.
+    The map is coloured on `display`, the range evaluate recorded in thresholds.json for this run (its grids
+    use the same), with a colour bar; [0, 1] without a thresholds file. The title wraps to the page width.
     """
-    heat = jet(amap)
+    heat = jet(scaled(amap, display))
     blend = (0.5 * image.astype(np.float32) + 0.5 * heat.astype(np.float32)).astype(np.uint8)
     edge = mask & ~ndimage.binary_erosion(mask, iterations=2, border_value=0)
     blend[edge] = 255
-    size, gap, header = max(amap.shape[0], MIN_PANEL), 4, 46  # two title lines, then the panel labels
-    canvas = Image.new("RGB", (3 * size + 2 * gap, size + header), "white")
-    draw = ImageDraw.Draw(canvas)
+    size, gap, line_h, bar_h = max(amap.shape[0], MIN_PANEL), 4, 14, 10
+    width = 3 * size + 2 * gap
     font = ImageFont.load_default(size=11)
-    draw.text((2, 2), title, fill="black", font=font)
-    for i, (panel, label) in enumerate(((image, "image"), (heat, "anomaly map (0..1)"), (blend, "overlay + mask"))):
+    lines = _wrapped(ImageDraw.Draw(Image.new("RGB", (1, 1))), title, font, width - 4)
+    header = 4 + line_h * (len(lines) + 1)  # the title's lines, then the panel labels
+    canvas = Image.new("RGB", (width, header + size + bar_h + 2 * line_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, line in enumerate(lines):
+        draw.text((2, 2 + k * line_h), line, fill="black", font=font)
+    for i, (panel, label) in enumerate(((image, "image"), (heat, "anomaly map"), (blend, "overlay + predicted mask"))):
         x = i * (size + gap)
         canvas.paste(Image.fromarray(panel).resize((size, size), Image.Resampling.NEAREST), (x, header))
-        draw.text((x + 2, header - 14), label, fill="black", font=font)
+        draw.text((x + 2, header - line_h), label, fill="black", font=font)
+    ramp = jet(np.linspace(0, 1, size))[None].repeat(bar_h, axis=0)  # the colour bar under the map panel
+    canvas.paste(Image.fromarray(ramp), (size + gap, header + size + 3))
+    for value, anchor_x, align in ((display[0], size + gap, "la"), (display[1], 2 * size + gap, "ra")):
+        draw.text((anchor_x, header + size + bar_h + 5), f"{value:.3g}", fill="black", font=font, anchor=align)
     return canvas
 
 
@@ -196,6 +224,7 @@ def predict_images(
     batch_size: int,
     skipped: list[str],
     progress: bool = True,
+    display: tuple[float, float] = (0.0, 1.0),
 ) -> tuple[list[dict], list[str]]:
     """`score_images` is inference.image_scorer's: images at `image_size` -> (maps, scores).
 
@@ -230,7 +259,7 @@ def predict_images(
                     save_png(mask_at_size(mask, original.shape[:2]), mask_path)
                     verdict = "anomalous" if label else "normal"
                     title = f"{item.key}   score {score:.4f} vs {thresholds.image:.4f} -> {verdict}\nthresholds: {thresholds.source}"
-                    save_png(render_overlay(resize_rgb(original, ev.map_size), amap, mask, title), overlay_path)
+                    save_png(render_overlay(resize_rgb(original, ev.map_size), amap, mask, title, display), overlay_path)
                     record = {
                         "image": str(item.path),
                         "key": item.key,
@@ -250,6 +279,14 @@ def predict_images(
     with atomic_file(out / ERRORS_FILE) as tmp:
         tmp.write_text("".join(f"{line}\n" for line in errors))
     return records, errors
+
+
+def display_of(thresholds: Path | None) -> tuple[float, float]:
+    """The colour range evaluate recorded beside the thresholds (its grids use it); [0, 1] without one."""
+    if thresholds is None:
+        return (0.0, 1.0)
+    low, high = json.loads(thresholds.read_text()).get("display_range", [0.0, 1.0])  # resolve_thresholds read it already
+    return (float(low), float(high)) if high > low else (0.0, 1.0)
 
 
 def settings(params: Path | None, thresholds: Path | None, record: dict) -> Params:
@@ -300,7 +337,7 @@ def main(
         score_images = image_scorer(model, record, cfg.evaluate, device, cfg.model.precision, cfg.loss.image_top_percent, category)
         records, errors = predict_images(
             score_images, input_size(record), inputs, out, chosen, cfg.evaluate, batch_size or cfg.evaluate.batch_size, skipped,
-            progress=len(inputs) > 1,
+            progress=len(inputs) > 1, display=display_of(thresholds),
         )
     except (ParamsError, ThresholdsError, ImageError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)

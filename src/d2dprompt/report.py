@@ -106,6 +106,18 @@ def write_plot_data(folder: Path, labels: np.ndarray, scores: np.ndarray, masks:
         _write_csv(folder / f"bars_{name}.csv", ["category", name], rows)
 
 
+def display_range(maps: np.ndarray) -> tuple[float, float]:
+    """The colour scale of a run's pictures: its maps' 0.1 to 99.9 percentiles (evaluate takes the validation
+    maps and records the range in thresholds.json, so grids and predict overlays colour a value alike)."""
+    low, high = (float(v) for v in np.quantile(maps, [0.001, 0.999]))
+    return (low, high) if high > low else (low, low + 1.0)
+
+
+def scaled(values: np.ndarray, display: tuple[float, float]) -> np.ndarray:
+    low, high = display
+    return (values - low) / (high - low)
+
+
 def jet(values: np.ndarray) -> np.ndarray:
     """[0, 1] -> uint8 RGB on the classic jet ramp (blue = normal, red = anomalous)."""
     x = np.clip(values, 0, 1)[..., None]
@@ -114,21 +126,24 @@ def jet(values: np.ndarray) -> np.ndarray:
 
 
 def write_grids(
-    folder: Path, root: Path, rows: list, maps: np.ndarray, masks: np.ndarray, predicted: np.ndarray, scores: np.ndarray, labels: np.ndarray, per_side: int
+    folder: Path, root: Path, rows: list, maps: np.ndarray, masks: np.ndarray, predicted: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+    per_side: int, display: tuple[float, float], thresholds=None, name: str = "",
 ) -> list[Path]:
     """Per category: image | anomaly map | predicted mask | ground truth | overlay, best and worst cases.
 
     Worst = anomalous images with the lowest scores and normal images with the highest; best = the
-    opposite. Maps share one colour stretch per dataset (0.1 to 99.9 percentile) so rows compare.
+    opposite. Maps are coloured on `display` (the run's range, shown by the colour bar), as predict does.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
 
     folder.mkdir(parents=True, exist_ok=True)
-    low, high = np.quantile(maps, [0.001, 0.999])  # one stretch per dataset: the maps' own range, not 0..1
-    span = float(high - low) or 1.0
+    ramp = ListedColormap(jet(np.linspace(0, 1, 256)) / 255.0)  # the same ramp as the heat panels and predict
+    cut = f"; predicted mask = map >= {thresholds.pixel:.4g}, anomalous when score >= {thresholds.image:.4g}" if thresholds else ""
     paths = []
     for category in sorted({r.category for r in rows}):
         idx = np.array([i for i, r in enumerate(rows) if r.category == category])
@@ -137,21 +152,23 @@ def write_grids(
         by_score_n = normal[np.argsort(scores[normal])]
         picks = [("worst", i) for i in list(by_score_a[:per_side]) + list(by_score_n[::-1][:per_side])]
         picks += [("best", i) for i in list(by_score_a[::-1][:per_side]) + list(by_score_n[:per_side])]
-        fig, axes = plt.subplots(len(picks), 5, figsize=(11, 2.3 * len(picks)), squeeze=False)
+        fig, axes = plt.subplots(len(picks), 5, figsize=(13, 2.6 * len(picks) + 0.9), squeeze=False, layout="constrained")
         for ax_row, (kind, i) in zip(axes, picks):
             size = maps.shape[-1]
             image = resize_rgb(load_rgb(root / rows[i].image_path), size)
-            heat = jet((maps[i] - low) / span)
+            heat = jet(scaled(maps[i], display))
             overlay = (0.55 * image + 0.45 * heat).astype(np.uint8)
             panels = (image, heat, predicted[i], masks[i], overlay)
             titles = (f"{kind}: {rows[i].defect_type}", f"score {scores[i]:.3f}", "predicted mask", "ground truth", "overlay")
             for ax, panel, title in zip(ax_row, panels, titles):
                 ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=1 if panel.ndim == 2 else None)
-                ax.set_title(title, fontsize=8)
+                ax.set_title(title, fontsize=11)
                 ax.axis("off")
-        fig.tight_layout()
+        fig.suptitle(f"{name + ' ' if name else ''}{category}: worst and best cases{cut}", fontsize=12)
+        bar = fig.colorbar(ScalarMappable(Normalize(*display), ramp), ax=axes[:, 1], orientation="horizontal", fraction=0.03, pad=0.02)
+        bar.set_label("anomaly map value", fontsize=10)
         with atomic_file(folder / f"{category}.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=70)
+            fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight")
         plt.close(fig)
         paths.append(folder / f"{category}.png")
     return paths
