@@ -205,3 +205,30 @@ def test_without_mlflow_a_stage_runs_untracked_and_says_so(monkeypatch, capsys):
         log.log_metrics({"loss": 1.0}, step=1)
         log.log_artifact("nothing.txt")
     assert "not tracked (pip install 'd2dprompt[pipeline]')" in capsys.readouterr().err
+
+
+def test_the_stages_of_one_dvc_experiment_nest_under_one_parent_run_with_their_datasets(store, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{store}"
+    monkeypatch.setenv(tracking.URI_ENV, uri)
+    monkeypatch.setenv("DVC_EXP_NAME", "quiet-oak")
+    monkeypatch.chdir(_repo(tmp_path / "repo"))
+    index = tmp_path / "index.csv"
+    index.write_text("key,split\na.png,test\n")
+    with tracking.start_run("train", {"seed": 0}) as train_run:
+        train_run.log_dataset("sample", index, "training")
+    with tracking.start_run("evaluate", {"seed": 0}) as evaluate_run:
+        evaluate_run.log_dataset("sample", index, "evaluation")
+    client = MlflowClient(tracking_uri=uri)
+    runs = [client.get_run(r.run_id) for r in (train_run, evaluate_run)]
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    assert len(parents) == 1  # one parent for the experiment's stages
+    parent = client.get_run(parents.pop())
+    assert parent.info.run_name == "quiet-oak" and parent.data.tags[tracking.PARENT_TAG] == "quiet-oak"
+    for run, context in zip(runs, ("training", "evaluation")):
+        (given,) = run.inputs.dataset_inputs
+        assert given.dataset.name == "sample" and given.dataset.source.endswith("index.csv")
+        assert [(t.key, t.value) for t in given.tags] == [("mlflow.data.context", context)]
+    experiment = client.get_experiment(runs[0].info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not MLflow's GenAI pages

@@ -205,6 +205,7 @@ def main(
             # `validation` (synthetic anomalies on held-out normal images) is where choices such as
             # evaluate.score are made without looking at the test split
             write_metrics(metrics, dataset, summary, asdict(thresholds), details["validation"])
+            log.log_dataset(dataset, latents / dataset / "index.csv", "evaluation")
             log.log_metrics({f"{method}.{dataset}.{cat}.{name}": v for cat, values in summary.items() for name, v in values.items() if v == v})
             log.log_artifact(metrics / f"{dataset}.json")
             log.log_artifact(metrics / f"{dataset}.md")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import getpass
+import hashlib
 import importlib
 import logging
 import os
@@ -49,6 +50,7 @@ from d2dprompt.outputs import process_alive
 
 URI_ENV = "D2D_MLFLOW_URI"  # overrides the repository's SQLite store (tests, tracking servers)
 DB_NAME = "mlflow.db"
+PARENT_TAG = "d2d_group"  # on the parent run of one DVC experiment's (or one commit's workspace) stage runs
 ARTIFACT_DIR = "mlartifacts"
 DEFAULT_EXPERIMENT = "d2dprompt"
 LOCK_RETRIES = 8  # backoff 0.1 s doubling to 3 s: rides out ~20 s of contention from parallel queue workers
@@ -231,6 +233,17 @@ class RunLogger:
             raise NotADirectoryError(f"{directory}: artifact folder not found")
         _retry(self.client.log_artifacts, self.run_id, str(directory), artifact_path)
 
+    def log_dataset(self, name: str, index: str | Path, context: str) -> None:
+        """A dataset this run read, as an MLflow dataset input: its name, the index file listing its rows
+        (the latents stage's index.csv) as source, and that file's digest, so two runs show whether they saw
+        the same rows. `context` is MLflow's input tag: training or evaluation."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        index = Path(index)
+        digest = hashlib.sha256(index.read_bytes()).hexdigest()[:16] if index.is_file() else "missing"
+        dataset = Dataset(name=name, digest=digest, source_type="local", source=str(index.resolve()))
+        _retry(self.client.log_inputs, self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
 
 class UntrackedRun:
     """RunLogger's interface doing nothing: the stage's own outputs are the record."""
@@ -247,6 +260,9 @@ class UntrackedRun:
         pass
 
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dataset(self, name: str, index: str | Path, context: str) -> None:
         pass
 
 
@@ -313,6 +329,24 @@ def _experiment_id(client: Any, name: str, artifacts: str | None) -> str:
     return experiment.experiment_id
 
 
+def group_of(tags: Mapping[str, str]) -> str:
+    """Which parent run a stage's run belongs to: its DVC experiment, or the workspace at a commit."""
+    name = tags["dvc_exp_name"]
+    return name if name != "workspace" else f"workspace@{tags['git_commit'][:7]}"
+
+
+def parent_run(client: Any, experiment_id: str, group: str, tags: Mapping[str, str]) -> str:
+    """The run that holds one `dvc exp run`'s stage runs as nested runs (created by its first stage)."""
+    query = f"tags.{PARENT_TAG} = '{group}'"
+    found = _retry(client.search_runs, [experiment_id], filter_string=query, max_results=1)
+    if found:
+        return found[0].info.run_id
+    keep = {k: v for k, v in tags.items() if k in ("git_commit", "dvc_exp_name", "dvc_exp_baseline_rev", "mlflow.source.git.commit")}
+    run = _retry(client.create_run, experiment_id, tags={**keep, PARENT_TAG: group}, run_name=group)
+    _retry(client.set_terminated, run.info.run_id, "FINISHED")  # a folder for its stages, not a process
+    return run.info.run_id
+
+
 @contextlib.contextmanager
 def start_run(
     stage: str, params: Mapping[str, Any] | Any, experiment: str = DEFAULT_EXPERIMENT
@@ -329,6 +363,7 @@ def start_run(
     _quiet_mlflow()
     from mlflow import MlflowClient
     from mlflow.utils.mlflow_tags import (
+        MLFLOW_PARENT_RUN_ID,
         MLFLOW_SOURCE_NAME,
         MLFLOW_SOURCE_TYPE,
         MLFLOW_USER,
@@ -338,6 +373,8 @@ def start_run(
     with _store_init_lock(uri):
         client = MlflowClient(tracking_uri=uri)  # opens the store, creating or migrating its schema
     experiment_id = _experiment_id(client, experiment, artifact_location(uri))
+    # MLflow 3 opens an experiment of unknown kind on its GenAI pages (traces, evaluations); say what this one is
+    _retry(client.set_experiment_tag, experiment_id, "mlflow.experimentKind", "custom_model_development")
     here = process_tags()
     try:
         close_killed_runs(client, experiment_id, stage, here)
@@ -347,6 +384,7 @@ def start_run(
     tags.update({MLFLOW_SOURCE_NAME: Path(sys.argv[0]).name or "python", MLFLOW_SOURCE_TYPE: "LOCAL"})
     with contextlib.suppress(Exception):
         tags[MLFLOW_USER] = getpass.getuser()
+    tags[MLFLOW_PARENT_RUN_ID] = parent_run(client, experiment_id, group_of(tags), tags)  # the UI nests the stages under it
     run = _retry(client.create_run, experiment_id, tags=tags, run_name=f"{stage}-{tags['dvc_exp_name']}")
     logger = RunLogger(client, run.info.run_id)
     status = "FAILED"

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from d2dprompt.config import Params, ParamsError, flatten, load_params
+from d2dprompt.config import FROM_SCRATCH, Params, ParamsError, flatten, load_params
 from d2dprompt.cli import app_for
 from d2dprompt.images import ImageError
 from d2dprompt.outputs import atomic_file, write_json
@@ -251,23 +251,23 @@ def main(
         checkpoint = checkpoint or Path("stages/checkpoints/train") / method
         with start_run("train", {**flatten(cfg), "method": method}) as log:
             if method == "d2d":
-                history = write_fixed(cfg, out)
+                write_fixed(cfg, out)
             elif method == "draem":
                 from d2dprompt.train_draem import run as run_draem
 
-                history = run_draem(cfg, latents, downloads, out, log)
+                run_draem(cfg, latents, downloads, out, log)
             elif method == "decodiff":
                 from d2dprompt.train_decodiff import run as run_decodiff
 
-                history = run_decodiff(cfg, latents, out, checkpoint, log)
+                run_decodiff(cfg, latents, out, checkpoint, log)
             elif method == "anomalyclip":
                 from d2dprompt.train_anomalyclip import run as run_anomalyclip
 
-                history = run_anomalyclip(cfg, latents, downloads, out, checkpoint, log)
+                run_anomalyclip(cfg, latents, downloads, out, checkpoint, log)
             else:
-                history = run(cfg, latents, queries, out, checkpoint, log)
-            if history:
-                log.log_metrics({f"final_loss_{k}": v for k, v in history[-1].items() if k != "epoch"})
+                run(cfg, latents, queries, out, checkpoint, log)
+            for name in cfg.evaluate.datasets if method in FROM_SCRATCH else cfg.train.datasets:  # what it learned from
+                log.log_dataset(name, latents / name / "index.csv", "training")
             log.log_artifact(out / WEIGHTS_FILE)
             log.log_artifact(out / CONFIG_FILE)
     except (ParamsError, CheckpointError, ImageError, FileNotFoundError, ValueError) as err:

@@ -102,8 +102,9 @@ def run(cfg: Params, latents_root: Path, downloads_root: Path, out: Path, log=No
         weights.update(state)
         for row in per_epoch:
             history.setdefault(row["epoch"], {"epoch": row["epoch"]}).update(row)
-        if log is not None:
-            log.log_metrics({f"loss_{k}": v for k, v in per_epoch[-1].items() if k != "epoch"})
+        if log is not None:  # one series per category and term, as the other methods' per-epoch series
+            for row in per_epoch:
+                log.log_metrics({f"loss_{k}": v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / WEIGHTS_FILE) as tmp:
         save_file(weights, tmp)
