@@ -50,6 +50,7 @@ from tqdm import tqdm
 from d2dprompt.config import DownloadParams, ParamsError, load_params
 from d2dprompt.cli import summary
 from d2dprompt.images import ImageError, load_mask, load_rgb
+from d2dprompt.outputs import replace_dir
 from d2dprompt.manifest import (
     GOOD,
     MANIFEST_NAME,
@@ -313,20 +314,6 @@ def _scratch_dir(out: Path, label: str):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _swap_into_place(build: Path, final: Path) -> None:
-    """Rename `build` to `final`; an older `final` is removed only once the new one is in place."""
-    old = build.with_name(build.name + "-old")
-    if final.exists():
-        os.replace(final, old)
-    try:
-        os.replace(build, final)
-    except OSError:
-        if old.exists():
-            os.replace(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def build_dataset(
     name: str, source: Path, out: Path, categories: list[str], *, move: bool, shown_as: str
 ) -> list[ManifestRow]:
@@ -357,7 +344,7 @@ def build_dataset(
                 place(source / row.mask_path, build / row.mask_path)
         _copy_notices(source, build)
         write_manifest(rows, build / MANIFEST_NAME)
-        _swap_into_place(build, out / name)
+        replace_dir(build, out / name)
     return rows
 
 

@@ -8,10 +8,10 @@ that root. Columns: dataset, category, split (train|test), label (0 normal,
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from d2dprompt.outputs import atomic_file
 
 COLUMNS = ("dataset", "category", "split", "label", "defect_type", "image_path", "mask_path")
 SPLITS = ("train", "test")
@@ -54,19 +54,11 @@ class ManifestRow:
 
 def write_manifest(rows: list[ManifestRow], path: str | Path) -> None:
     """Write `rows` to `path` atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(COLUMNS)
-            for row in rows:
-                writer.writerow([getattr(row, name) for name in COLUMNS])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        for row in rows:
+            writer.writerow([getattr(row, name) for name in COLUMNS])
 
 
 def read_manifest(path: str | Path) -> list[ManifestRow]:
