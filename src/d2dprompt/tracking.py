@@ -119,22 +119,16 @@ def artifact_location(uri: str) -> str | None:
 @contextlib.contextmanager
 def _store_init_lock(uri: str) -> Iterator[None]:
     """Serialise opening a SQLite store across processes: MLflow's schema migrations race on a new file."""
+    from filelock import FileLock
+
     db_path = _sqlite_path(uri)
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): parallel first runs may then race, sequential runs are fine
-        fcntl = None
-    if db_path is None or fcntl is None:
+    if db_path is None:
         yield
         return
     lock_dir = db_path.parent / ARTIFACT_DIR  # git-ignored, unlike a lock file beside mlflow.db
     lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / ".store-init.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(lock_dir / ".store-init.lock"):
+        yield
 
 
 def run_tags(stage: str, cwd: Path | None = None) -> dict[str, str]:
@@ -180,7 +174,8 @@ def _is_lock_error(error: BaseException) -> bool:
 
 
 def _retry(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run a store call, retrying SQLite lock errors with jittered exponential backoff."""
+    """Run a store call, retrying SQLite lock errors with jittered exponential backoff (ten lines, tested;
+    a retry library would be one more dependency for this one use)."""
     for attempt in range(LOCK_RETRIES + 1):
         try:
             return call(*args, **kwargs)
