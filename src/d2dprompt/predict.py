@@ -289,12 +289,15 @@ def display_of(thresholds: Path | None) -> tuple[float, float]:
     return (float(low), float(high)) if high > low else (0.0, 1.0)
 
 
-def settings(params: Path | None, thresholds: Path | None, record: dict) -> Params:
+def settings(params: Path | None, thresholds: Path | None, trained: Path) -> Params:
     """params.yaml when given or present here; elsewhere (a trained folder copied to another machine) the
     defaults, with the map scale and image score that `thresholds` was fitted on, and the trained run's own
     loss.image_top_percent, so a score here is the score evaluate gave."""
     if params is not None or Path("params.yaml").is_file():
-        return load_params(params or Path("params.yaml"))
+        return load_params(params or Path("params.yaml"))  # checked before any model or record is read
+    from d2dprompt.prompt_files import read_record
+
+    record = read_record(trained)[0]
     raw: dict = {"evaluate": {}}
     if thresholds is not None and thresholds.is_file():
         try:
@@ -329,7 +332,7 @@ def main(
 
     try:
         inputs, skipped = find_inputs(target, exclude=out)
-        cfg = settings(params, thresholds, read_record(trained)[0])
+        cfg = settings(params, thresholds, trained)
         chosen = resolve_thresholds(thresholds, image_threshold, pixel_threshold, cfg.evaluate, method_of(read_record(trained)[0]))
         device = pick_device(cfg.model.device)
         model, record = load_trained(trained)
