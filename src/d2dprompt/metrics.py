@@ -254,6 +254,9 @@ def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> dict
     """pixel_AUROC, pixel_AP (scikit-learn's definitions), pixel_F1Max and pixel_AUPRO over all pixels.
 
     One pass over the pixels serves all four. Each is nan when the masks hold only one class.
+    Hand-written rather than scikit-learn / anomalib because it is measured faster on MVTec AD's test
+    set size: 4.4 s for all four against 82 s (scikit-learn's AUROC alone) and 64 s (anomalib's AUPRO),
+    with equal values (BENCHMARKS.md, `python -m d2dprompt.bench_metrics`).
     """
     masks, maps = _check_pixels(masks, maps)
     if not 0.0 < fpr_limit <= 1.0:
