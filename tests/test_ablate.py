@@ -126,3 +126,10 @@ def test_waiting_outlasts_a_transient_exp_show_failure(monkeypatch):
     monkeypatch.setattr(ablate, "exp_show", lambda rev: (_ for _ in ()).throw(ablate.AblationError("broken")))
     with pytest.raises(ablate.AblationError, match="broken"):
         ablate.wait_for(["a-s0"], "rev", 0.1)
+
+
+def test_a_dvc_call_that_hangs_is_stopped_and_reported_as_a_failure_to_retry():
+    import sys
+
+    with pytest.raises(ablate.AblationError, match="did not answer within 0.5 s"):
+        ablate._call([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)

@@ -277,18 +277,23 @@ def write_report(out: Path, rows: list[dict], runs: list[Run], baseline_rev: str
 # ---- talking to DVC ---------------------------------------------------------------------------------------------
 
 
-def _call(argv: list[str]) -> subprocess.CompletedProcess:
+def _call(argv: list[str], timeout: float | None = None) -> subprocess.CompletedProcess:
     try:
-        done = subprocess.run(argv, capture_output=True, text=True)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
         raise AblationError(f"{argv[0]} not found on PATH (activate the venv, or run `make ablate`)") from None
+    except subprocess.TimeoutExpired:  # the child is killed; the caller decides whether to ask again
+        raise AblationError(f"`{shlex.join(argv)}` did not answer within {timeout:g} s") from None
     if done.returncode:
         raise AblationError(f"`{shlex.join(argv)}` failed ({done.returncode}): {(done.stderr or done.stdout).strip()}")
     return done
 
 
+SHOW_TIMEOUT_S = 120  # `dvc exp show` answers in seconds; once in a while it blocks on a lock for good: ask again
+
+
 def exp_show(rev: str) -> dict[str, Entry]:
-    return parse_exp_show(json.loads(_call(show_argv(rev)).stdout or "[]"))
+    return parse_exp_show(json.loads(_call(show_argv(rev), SHOW_TIMEOUT_S).stdout or "[]"))
 
 
 def log_tail(path: str | None, lines: int = 5) -> str:
@@ -299,7 +304,7 @@ def log_tail(path: str | None, lines: int = 5) -> str:
     return "\n".join("    " + line for line in text.rstrip().splitlines()[-lines:])
 
 
-SHOW_RETRIES = 10  # `dvc exp show` fails now and then while a worker is setting up its temp repo: a race, not an error
+SHOW_RETRIES = 10  # `dvc exp show` fails (or hangs, see SHOW_TIMEOUT_S) now and then while workers run: a race, not an error
 
 
 def wait_for(names: list[str], rev: str, poll: float) -> dict[str, Entry]:
