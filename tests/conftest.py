@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from d2dprompt.models import FrozenSD, build_tiny
 
@@ -64,3 +66,55 @@ def repo_copy(tmp_path_factory) -> Path:
     for args in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
         run_cmd(args, dest)
     return dest
+
+
+def stage(name: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", f"d2dprompt.{name}", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return proc
+
+
+def write_params(folder: Path, **blocks) -> Path:
+    params = {
+        "download": {"folders": {"sample": str(ROOT / "sample")}},
+        "attention": {"mode": "cached", "prompts": "joint"},
+        "evaluate": {"map_size": 128, "grid_cases": 1},
+    }
+    for block, values in blocks.items():
+        params.setdefault(block, {}).update(values)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Path:
+    """The real stage CLIs on the bundled sample: download + latents + queries once per session; tests train and
+    evaluate on top (test_pipeline.py, test_detector.py, test_mlflow_model.py, test_app.py)."""
+    ws = tmp_path_factory.mktemp("pipeline")
+    write_params(ws)
+    stage("download", cwd=ws)
+    stage("latents", cwd=ws)
+    stage("queries", cwd=ws)
+    return ws
+
+
+def pixel_auroc(ws: Path, out: str, metrics: str) -> dict:
+    stage("evaluate", "sample", "--trained", out, "--out", f"stages/evaluate-{out}", "--metrics", metrics, cwd=ws)
+    return json.loads((ws / metrics / "sample.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def trained(workspace) -> Path:
+    """Prompts trained 4 epochs, evaluated into metrics-trained/ and stages/evaluate-trained/."""
+    write_params(workspace, train={"epochs": 4})
+    stage("train", "--out", "trained", cwd=workspace)
+    pixel_auroc(workspace, "trained", "metrics-trained")
+    return workspace / "trained"

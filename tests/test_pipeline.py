@@ -5,59 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import pixel_auroc, stage, write_params  # workspace, trained: session fixtures there
 
 METRICS = ("image_AUROC", "image_AP", "image_F1Max", "pixel_AUROC", "pixel_AP", "pixel_AUPRO")
 pytestmark = pytest.mark.e2e
-
-
-def stage(name: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", f"d2dprompt.{name}", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return proc
-
-
-def write_params(folder: Path, **blocks) -> Path:
-    params = {
-        "download": {"folders": {"sample": str(ROOT / "sample")}},
-        "attention": {"mode": "cached", "prompts": "joint"},
-        "evaluate": {"map_size": 128, "grid_cases": 1},
-    }
-    for block, values in blocks.items():
-        params.setdefault(block, {}).update(values)
-    path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    """download + latents + queries once; the tests train and evaluate on top."""
-    ws = tmp_path_factory.mktemp("pipeline")
-    write_params(ws)
-    stage("download", cwd=ws)
-    stage("latents", cwd=ws)
-    stage("queries", cwd=ws)
-    return ws
-
-
-def pixel_auroc(ws: Path, out: str, metrics: str) -> dict:
-    stage("evaluate", "sample", "--trained", out, "--out", f"stages/evaluate-{out}", "--metrics", metrics, cwd=ws)
-    return json.loads((ws / metrics / "sample.json").read_text())
 
 
 def test_download_and_latents_outputs(workspace):
@@ -65,15 +19,6 @@ def test_download_and_latents_outputs(workspace):
     index = (workspace / "stages/latents/sample/index.csv").read_text().splitlines()
     assert len(index) == 1 + 99 + 2 * 48  # header, real images, 2 synthetic anomalies per normal training image
     assert (workspace / "stages/queries/queries.safetensors").is_file()
-
-
-@pytest.fixture(scope="module")
-def trained(workspace) -> Path:
-    """Prompts trained 4 epochs, evaluated into metrics-trained/ and stages/evaluate-trained/."""
-    write_params(workspace, train={"epochs": 4})
-    stage("train", "--out", "trained", cwd=workspace)
-    pixel_auroc(workspace, "trained", "metrics-trained")
-    return workspace / "trained"
 
 
 def test_training_beats_untrained_prompts_and_writes_every_metric(workspace, trained):
@@ -128,7 +73,7 @@ def test_mlflow_holds_train_and_evaluate_runs(workspace, trained):
     assert train.data.tags["dvc_exp_name"] == "workspace"
     assert "loss_total" in train.data.metrics
     assert len(client.get_metric_history(train.info.run_id, "loss_total")) == 4
-    assert {a.path for a in client.list_artifacts(train.info.run_id)} >= {"model.safetensors", "model.json"}
+    assert "model.json" in {a.path for a in client.list_artifacts(train.info.run_id)}  # the weights: in its `detector` model
     evaluate = next(r for r in runs if r.data.tags.get("stage") == "evaluate")
     assert "d2dprompt.sample.mean.pixel_AUROC" in evaluate.data.metrics  # <method>.<dataset>.<category>.<metric>
     assert client.list_artifacts(evaluate.info.run_id, "evaluate")

@@ -14,15 +14,8 @@ from typer.testing import CliRunner
 
 from d2dprompt import prompt_files
 from d2dprompt.config import EvaluateParams, Params
-from d2dprompt.predict import (
-    FALLBACK_SOURCE,
-    IMAGE_SUFFIXES,
-    ThresholdsError,
-    app,
-    find_images,
-    output_stems,
-    resolve_thresholds,
-)
+from d2dprompt.detector import FALLBACK_SOURCE, ThresholdsError, resolve_thresholds
+from d2dprompt.predict import IMAGE_SUFFIXES, app, find_images, output_stems
 from d2dprompt.prompt_files import config_record, save_prompts
 from d2dprompt.methods.d2dprompt import build_segmenter
 from tests.conftest import ROOT
@@ -221,7 +214,7 @@ def test_find_images_skips_the_output_folder(tmp_path):
 
 
 def test_thresholds_of_another_method_are_refused(tmp_path):
-    from d2dprompt.predict import ThresholdsError, read_thresholds_file
+    from d2dprompt.detector import ThresholdsError, read_thresholds_file
 
     ev = EvaluateParams()
     path = tmp_path / "thresholds.json"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from d2dprompt.predict import MIN_PANEL, render_overlay
+from d2dprompt.overlays import MIN_PANEL, render_overlay
 from d2dprompt.report import display_range, jet, scaled
 
 

@@ -195,7 +195,7 @@ def main(
         with start_run("evaluate", {**flatten(cfg), "evaluate.dataset": dataset, "method": method}) as log:
             score, rows, tensors = method_scorer(model, record, latents / dataset, downloads / dataset, cfg, device)
             summary, thresholds, details = evaluate_dataset(score, rows, tensors, latents / dataset, downloads / dataset, ev)
-            threshold_record = {**asdict(thresholds), "method": method, "score": image_score_name(method, ev.score), "top_percent": ev.top_percent, "map_size": ev.map_size, "sigma": ev.sigma, "display_range": list(details["display_range"])}
+            threshold_record = {**asdict(thresholds), "method": method, "score": image_score_name(method, ev.score), "top_percent": ev.top_percent, "map_size": ev.map_size, "sigma": ev.sigma, "opening_kernel": ev.opening_kernel, "min_area": ev.min_area, "display_range": list(details["display_range"])}
             with atomic_dir(out / dataset) as tmp:
                 write_json(tmp / "thresholds.json", threshold_record)
                 write_scores(tmp / SCORES_FILE, details["rows"], details["labels"], details["scores"], thresholds.image)

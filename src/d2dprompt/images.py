@@ -13,6 +13,7 @@ reading "any value > 0 is defect" would silently turn them into much larger defe
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,34 @@ def load_mask(path: str | Path, shape_hw: tuple[int, int], binary: bool = True) 
     if binary:
         _require_binary(path, values)
     return values > 0
+
+
+def rgb_of(image, name: str = "image") -> np.ndarray:
+    """A path, encoded bytes, a PIL image or an HxWx3 uint8 array -> uint8 HxWx3 (converted as load_rgb converts);
+    anything else stops with one line starting with `name`."""
+    if isinstance(image, (str, Path)):
+        return load_rgb(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        try:
+            with Image.open(io.BytesIO(bytes(image))) as img:
+                img.load()
+                return rgb_of(img.copy(), name)
+        except _DECODE_ERRORS as err:
+            raise ImageError(f"{name}: cannot decode image ({err})") from None
+    if isinstance(image, Image.Image):
+        try:
+            rgb = _pil_to_rgb(image)
+        except _DECODE_ERRORS as err:
+            raise ImageError(f"{name}: cannot convert image mode {image.mode} to RGB ({err})") from None
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ImageError(f"{name}: an array must be HxWx3 uint8, got {image.dtype} {image.shape}")
+        rgb = np.ascontiguousarray(image)
+    else:
+        raise ImageError(f"{name}: expected a path, image bytes, a PIL image or an HxWx3 uint8 array, got {type(image).__name__}")
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ImageError(f"{name}: empty image {rgb.shape}")
+    return rgb
 
 
 def resize_rgb(img: np.ndarray, size: int) -> np.ndarray:

@@ -240,6 +240,14 @@ class RunLogger:
         _retry(self.client.log_inputs, self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
 
+    def log_detector(self, trained: str | Path, params: str | Path) -> None:
+        """The trained folder as the MLflow model `detector` (mlflow_model.py: a pyfunc around Detector) with the
+        params file it was trained under, its signature and pip requirements; the folder's weights live there."""
+        from d2dprompt.mlflow_detector import log_detector
+
+        _retry(log_detector, self.client, self.run_id, Path(trained), Path(params))
+
+
 class UntrackedRun:
     """RunLogger's interface doing nothing: the stage's own outputs are the record."""
 
@@ -258,6 +266,9 @@ class UntrackedRun:
         pass
 
     def log_dataset(self, name: str, index: str | Path, context: str) -> None:
+        pass
+
+    def log_detector(self, trained: str | Path, params: str | Path) -> None:
         pass
 
 

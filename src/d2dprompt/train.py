@@ -240,7 +240,7 @@ def main(
     ),
 ) -> None:
     from d2dprompt.checkpoints import CheckpointError
-    from d2dprompt.prompt_files import CONFIG_FILE, WEIGHTS_FILE
+    from d2dprompt.prompt_files import CONFIG_FILE
     from d2dprompt.tracking import start_run
 
     try:
@@ -268,8 +268,8 @@ def main(
                 run(cfg, latents, queries, out, checkpoint, log)
             for name in cfg.evaluate.datasets if method in FROM_SCRATCH else cfg.train.datasets:  # what it learned from
                 log.log_dataset(name, latents / name / "index.csv", "training")
-            log.log_artifact(out / WEIGHTS_FILE)
             log.log_artifact(out / CONFIG_FILE)
+            log.log_detector(out, params)  # the MLflow model `detector`: the weights, the params, the code that scores images
     except (ParamsError, CheckpointError, ImageError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None

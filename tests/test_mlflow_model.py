@@ -1,0 +1,63 @@
+"""The MLflow model every train run logs (mlflow_model.py): loaded back by MLflow, it scores as evaluate did."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def detector_run(trained) -> str:
+    """The train run whose logged model.json is the trained folder's."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=os.environ["D2D_MLFLOW_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'train'")
+    wanted = (trained / "model.json").read_text()
+    for run in runs:
+        folder = client.download_artifacts(run.info.run_id, "model.json")
+        if open(folder).read() == wanted:
+            return run.info.run_id
+    raise AssertionError("no train run logged this trained folder")
+
+
+def test_the_logged_detector_loads_and_scores_sample_images_as_evaluate_did(workspace, trained):
+    import mlflow
+    import pandas as pd
+
+    from d2dprompt import Detector
+
+    mlflow.set_tracking_uri(os.environ["D2D_MLFLOW_URI"])
+    uri = f"runs:/{detector_run(trained)}/detector"
+    model = mlflow.pyfunc.load_model(uri)
+    signature = model.metadata.signature
+    assert signature.inputs.input_names() == ["image"]
+    assert {"score", "label", "anomaly_map", "mask"} <= set(signature.outputs.input_names())
+    pinned = open(mlflow.pyfunc.get_model_dependencies(uri)).read()  # requirements.txt, as `mlflow models serve` installs it
+    assert "torch==" in pinned and "diffusers==" in pinned and "+cpu" not in pinned
+
+    with (workspace / "stages/evaluate-trained/sample/scores.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    rows = [rows[0], next(r for r in rows if r["label"] == "1")]
+    images = [(workspace / "stages/download/sample" / r["image_path"]).read_bytes() for r in rows]
+    out = model.predict(pd.DataFrame({"image": images}))
+    assert len(out) == 2
+    for (_, got), row in zip(out.iterrows(), rows):
+        assert abs(got["score"] - float(row["score"])) < 1e-5, (got["score"], row["score"])
+        assert np.asarray(got["anomaly_map"]).shape == (128, 128)  # evaluate.map_size of the params it was trained with
+        assert got["label"] == int(got["score"] >= got["image_threshold"])
+
+    # thresholds passed at predict time re-decide label and mask
+    score = float(out.loc[1, "score"])
+    above = model.predict(pd.DataFrame({"image": images[1:]}), params={"image_threshold": score + 1e-3, "pixel_threshold": 2.0})
+    assert above.loc[0, "label"] == 0 and not np.asarray(above.loc[0, "mask"]).any()
+    assert above.loc[0, "threshold_source"] == "chosen by hand"
+    below = model.predict(pd.DataFrame({"image": images[1:]}), params={"image_threshold": score - 1e-3, "pixel_threshold": -1.0})
+    assert below.loc[0, "label"] == 1 and np.asarray(below.loc[0, "mask"]).all()
+
+    # the Python API reads the same model from its URI
+    assert abs(Detector.load(uri).predict(images[1]).score - score) < 1e-6
