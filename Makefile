@@ -1,20 +1,21 @@
 # Two entry points, each doing its own set-up on a fresh machine:
 #   make repro  -> virtual env + install + `dvc repro` on the embedded default (tiny model, bundled sample)
 #   make test   -> virtual env + install + the test suite
+#   make app    -> the web app on http://127.0.0.1:7860/ for the runs under stages/train (after make repro)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # dvc.yaml runs `python -m d2dprompt.<stage>`: the venv must come first on PATH.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: repro test bench ablate env clean
+.PHONY: repro test app bench ablate env clean
 
 env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[pipeline,test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[pipeline,app,test]"
 	touch $@
 
 repro: env
@@ -22,6 +23,10 @@ repro: env
 
 test: env
 	$(RUN) python -m pytest -q
+
+# the web app (README "Use a trained detector"); e.g. make app ARGS="--port 8080"
+app: env
+	$(RUN) python -m d2dprompt.app $(ARGS)
 
 # the ablation study as DVC experiments (README "Ablations and seeds"); e.g. make ablate ARGS="--only baseline,no_dice --seeds 3"
 ablate: env

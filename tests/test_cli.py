@@ -11,8 +11,8 @@ import pytest
 from d2dprompt.cli import summary
 from tests.conftest import ROOT
 
-TOOLS = ["download", "latents", "queries", "train", "evaluate", "predict", "ablate"]
-HEAVY = ("torch", "diffusers", "transformers", "mlflow", "dvc")
+TOOLS = ["download", "latents", "queries", "train", "evaluate", "predict", "ablate", "app"]
+HEAVY = ("torch", "diffusers", "transformers", "mlflow", "dvc", "gradio")
 
 
 @pytest.mark.parametrize("tool", TOOLS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,22 @@ def test_thresholds_are_found_where_evaluate_writes_them(tmp_path):
         evaluated_thresholds(run, "visa")
     (run / "thresholds.json").write_text("{}")  # bundled beside the run (an MLflow model): that one
     assert evaluated_thresholds(run, None) == run / "thresholds.json"
+
+
+@pytest.mark.e2e
+def test_the_readme_python_api_example_runs_as_written(workspace, trained, tmp_path, monkeypatch):
+    import re
+
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S) if "Detector.load" in b]
+    shutil.copytree(trained, tmp_path / "stages/train/d2dprompt")  # a checkout after `make repro`
+    (tmp_path / "stages/evaluate/d2dprompt/sample").mkdir(parents=True)
+    shutil.copy(workspace / "stages/evaluate-trained/sample/thresholds.json", tmp_path / "stages/evaluate/d2dprompt/sample")
+    (tmp_path / "sample").symlink_to(ROOT / "sample")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert "F1-max on the validation split" in namespace["res"].thresholds.source
+    assert Image.open(tmp_path / "overlay.png").size == (128, 128) and len(namespace["results"]) == 2
 
 
 @pytest.mark.e2e

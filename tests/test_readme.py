@@ -58,6 +58,8 @@ def test_each_command_exists_as_written(argv):
     if program == "make":
         targets = re.findall(r"^([a-z][\w-]*):", (ROOT / "Makefile").read_text(), flags=re.M)
         assert all(t in targets for t in argv[1:] if "=" not in t), (argv, targets)
+    elif program == "export":
+        assert all(re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S+", item) for item in argv[1:]), argv
     elif program == "source":
         assert (Path(sys.prefix) / "bin/activate").is_file() or (ROOT / argv[1]).is_file()
     elif program == "python":
