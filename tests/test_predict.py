@@ -1,9 +1,15 @@
-"""The predict CLI on an untrained tiny prompt folder: outputs, bad files, thresholds and their precedence."""
+"""The predict CLI on an untrained tiny prompt folder: outputs, bad files, thresholds and their precedence, resuming."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +231,55 @@ def test_thresholds_of_another_method_are_refused(tmp_path):
     path.write_text(json.dumps({"image": 0.5, "pixel": 0.5, "method": "d2d", "score": "max"}))
     with pytest.raises(ThresholdsError, match="fitted with score='max' but evaluate.score='fused'"):
         read_thresholds_file(path, ev, "d2d")
+
+
+def test_a_rerun_resumes_only_what_is_still_valid(prompts_dir, params_file, tmp_path):
+    """Lines of a killed run are reused when run, thresholds and image file are unchanged; the rest is redone."""
+    inputs, out = make_folder(tmp_path), tmp_path / "out"
+    first = run([inputs, "--out", out, "--workers", "0"], prompts_dir, params_file)
+    assert first.exit_code == 0 and "resumed" not in first.output
+    complete = read_jsonl(out)
+    # what a kill leaves: no predictions.jsonl, a partial file with two finished lines and a cut one
+    partial = out / "predictions.partial-0.jsonl"
+    partial.write_text("".join(json.dumps(r) + "\n" for r in complete[:2]) + json.dumps(complete[2])[:25])
+    (out / "predictions.jsonl").unlink()
+    kept = {r["key"]: Path(r["mask"]).stat().st_mtime_ns for r in complete[:2]}
+    again = run([inputs, "--out", out, "--workers", "0"], prompts_dir, params_file)
+    assert again.exit_code == 0 and "resumed: 2 of 5 images" in again.output, again.output
+    assert {r["key"]: Path(r["mask"]).stat().st_mtime_ns for r in read_jsonl(out)[:2]} == kept  # not redone
+    assert [(r["key"], pytest.approx(r["score"], abs=1e-6)) for r in read_jsonl(out)] == [(r["key"], r["score"]) for r in complete]
+    assert not partial.exists()
+    # other thresholds: nothing reused; a changed image file: that one redone
+    other = run([inputs, "--out", out, "--pixel-threshold", "0.9"], prompts_dir, params_file)
+    assert "resumed" not in other.output and {r["pixel_threshold"] for r in read_jsonl(out)} == {0.9}
+    shutil.copy(SAMPLE / "disc/test/good/000.png", inputs / "c.png")
+    changed = run([inputs, "--out", out, "--pixel-threshold", "0.9"], prompts_dir, params_file)
+    assert "resumed: 2 of 5 images" in changed.output, changed.output
+
+
+def test_a_killed_process_resumes_without_redoing_finished_images(prompts_dir, params_file, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(24):
+        shutil.copy(SCRATCH, inputs / f"{i:03d}.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "d2dprompt.predict", str(inputs), "--trained", str(prompts_dir), "--params", str(params_file),
+           "--out", str(out), "--batch-size", "1", "--workers", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = out / "predictions.partial-0.jsonl"
+    deadline = time.monotonic() + 300
+    while not (partial.is_file() and partial.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "predict ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = partial.read_text().count("\n")
+    assert not (out / "predictions.jsonl").exists() and finished < 24
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    resumed = int(re.search(r"resumed: (\d+) of 24 images", rerun.stdout).group(1))
+    assert resumed >= finished  # every finished line is reused (a line may have landed after the count)
+    rows = read_jsonl(out)
+    assert [r["key"] for r in rows] == [f"{i:03d}.png" for i in range(24)]
+    assert len({round(r["score"], 6) for r in rows}) == 1  # the same pixels: one score, resumed or not

@@ -17,6 +17,7 @@ from the thresholds file, the rest from the defaults.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}  # what Pillow decodes and datasets ship
 PREDICTIONS_FILE, ERRORS_FILE = "predictions.jsonl", "errors.txt"
+PARTIAL_GLOB = "predictions.partial-*.jsonl"  # one per process, appended as images finish: what a killed run leaves
 
 
 @dataclass(frozen=True)
@@ -92,45 +94,112 @@ def save_png(image: Image.Image, dest: Path) -> None:
         image.save(tmp, format="PNG")
 
 
+def run_identity(detector: Detector) -> str:
+    """What a prediction depends on besides the image: the trained folder, the thresholds, the evaluate settings,
+    the category. A resumed run reuses only lines written under the same identity."""
+    from d2dprompt.prompt_files import CONFIG_FILE, WEIGHTS_FILE
+
+    weights = (detector.folder / WEIGHTS_FILE).stat()
+    facts = {
+        "record": (detector.folder / CONFIG_FILE).read_text(),
+        "weights": [weights.st_size, weights.st_mtime_ns],  # a hash of a DRAEM folder would read gigabytes
+        "thresholds": [detector.thresholds.image, detector.thresholds.pixel, detector.thresholds.source],
+        "evaluate": detector.cfg.evaluate.model_dump(exclude={"batch_size", "datasets", "grid_cases"}),
+        "category": detector.category,
+        "precision": detector.cfg.model.precision,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def finished_records(out: Path, inputs: list[InputImage], identity: str) -> dict[str, dict]:
+    """key -> record of the images an earlier run into `out` already predicted: same identity, the image file
+    unchanged (size, mtime), its mask and overlay written. A line cut short by a kill is ignored."""
+    wanted = {item.key: item for item in inputs}
+    done: dict[str, dict] = {}
+    for name in (PREDICTIONS_FILE, *sorted(p.name for p in out.glob(PARTIAL_GLOB))):
+        path = out / name
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the last line of a killed run
+            item = wanted.get(record.get("key")) if isinstance(record, dict) else None
+            if (item is not None and record.get("run") == identity and record.get("stamp") == file_stamp(item.path)
+                    and Path(record["mask"]).is_file() and Path(record["overlay"]).is_file()):
+                done[item.key] = record
+    return done
+
+
+class ImageFiles:
+    """Map-style dataset for torch's DataLoader: decoding (and the size check) runs in its worker processes."""
+
+    def __init__(self, inputs: list[InputImage], image_size: int) -> None:
+        self.inputs, self.image_size = inputs, image_size
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int):
+        item = self.inputs[index]
+        try:
+            return item, check_size(str(item.path), load_rgb(item.path), self.image_size), None
+        except ImageError as err:
+            return item, None, str(err)
+
+
 def predict_images(
     detector: Detector,
     inputs: list[InputImage],
     out: Path,
     batch_size: int,
-    skipped: list[str],
     progress: bool = True,
-) -> tuple[list[dict], list[str]]:
-    """Scores `inputs` with `detector` (Detector.predict_arrays, the API's path), `batch_size` per forward.
+    workers: int = 2,
+    shard: tuple[int, int] = (0, 1),
+) -> tuple[list[dict], list[str], int]:
+    """Scores `inputs` with `detector` (Detector.predict_arrays, the API's path), `batch_size` per forward, images
+    decoded by `workers` DataLoader processes, so memory holds a few batches whatever the folder's size.
 
-    Writes the per-image files, `predictions.jsonl` and `errors.txt` (the `skipped` lines of
-    `find_inputs` plus every image that could not be predicted, in path order); returns (the
-    prediction records, the error lines).
+    Resumable: each finished image's line is appended (and flushed) to a partial file; a rerun into the same `out`
+    skips the images already done (finished_records). `shard` = (rank, world size): this process predicts every
+    world-th image from rank and appends to its own partial file. The caller writes the whole files
+    (`write_results`). Returns (records of every image done so far, this process's error lines, images resumed).
     """
+    from torch.utils.data import DataLoader
+
     ev, thresholds = detector.cfg.evaluate, detector.thresholds
+    identity = run_identity(detector)
     stems = output_stems([item.key for item in inputs])
-    for line in skipped:
-        typer.echo(f"skipped: {line}", err=True)
+    rank, world = shard
+    done = finished_records(out, inputs, identity)
+    todo = [item for item in inputs[rank::world] if item.key not in done]
     errors: list[str] = []
-    records: list[dict] = []
-    bar = tqdm(total=len(inputs), desc="predict", unit="img", disable=not progress)
-    with atomic_file(out / PREDICTIONS_FILE) as tmp_jsonl, tmp_jsonl.open("w") as jsonl:
-        for start in range(0, len(inputs), batch_size):
-            batch, originals = [], []
-            for item in inputs[start : start + batch_size]:
-                try:
-                    originals.append(check_size(str(item.path), load_rgb(item.path), detector.image_size))
-                    batch.append(item)
-                except ImageError as err:
-                    errors.append(str(err))
-                    tqdm.write(f"skipped: {err}", file=sys.stderr)
-            for item, result in zip(batch, detector.predict_arrays(originals) if batch else []):
+    partial = out / PARTIAL_GLOB.replace("*", str(rank))
+    loader = DataLoader(ImageFiles(todo, detector.image_size), batch_size=batch_size, num_workers=workers, collate_fn=list,
+                        prefetch_factor=2 if workers else None)
+    bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress)
+    out.mkdir(parents=True, exist_ok=True)
+    with partial.open("a") as lines:
+        for batch in loader:
+            for item, _, error in batch:
+                if error is not None:
+                    errors.append(error)
+                    tqdm.write(f"skipped: {error}", file=sys.stderr)
+            good = [(item, pixels) for item, pixels, error in batch if error is None]
+            for (item, _), result in zip(good, detector.predict_arrays([pixels for _, pixels in good]) if good else []):
                 mask_path = out / f"{stems[item.key]}_mask.png"
                 overlay_path = out / f"{stems[item.key]}_overlay.png"
                 save_png(result.mask_image, mask_path)
                 verdict = "anomalous" if result.label else "normal"
                 title = f"{item.key}   score {result.score:.4f} vs {thresholds.image:.4f} -> {verdict}\nthresholds: {thresholds.source}"
                 save_png(render_overlay(resize_rgb(result.image, ev.map_size), result.map, result.map_mask, title, result.display), overlay_path)
-                record = {
+                done[item.key] = {
                     "image": str(item.path),
                     "key": item.key,
                     "score": result.score,
@@ -140,15 +209,28 @@ def predict_images(
                     "threshold_source": thresholds.source,
                     "mask": str(mask_path),
                     "overlay": str(overlay_path),
+                    "run": identity,
+                    "stamp": file_stamp(item.path),
                 }
-                jsonl.write(json.dumps(record) + "\n")
-                records.append(record)
-            bar.update(len(inputs[start : start + batch_size]))
+                lines.write(json.dumps(done[item.key]) + "\n")
+            lines.flush()
+            bar.update(len(batch))
     bar.close()
+    resumed = len(inputs[rank::world]) - len(todo)
+    return [done[item.key] for item in inputs if item.key in done], errors, resumed
+
+
+def write_results(out: Path, inputs: list[InputImage], records: list[dict], errors: list[str], skipped: list[str]) -> list[str]:
+    """predictions.jsonl (in input order) and errors.txt, written whole; the partial files go. Returns the error lines."""
+    order = {item.key: i for i, item in enumerate(inputs)}
+    with atomic_file(out / PREDICTIONS_FILE) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in sorted(records, key=lambda r: order[r["key"]])))
     errors = sorted(skipped + errors)
     with atomic_file(out / ERRORS_FILE) as tmp:
         tmp.write_text("".join(f"{line}\n" for line in errors))
-    return records, errors
+    for partial in out.glob(PARTIAL_GLOB):
+        partial.unlink()
+    return errors
 
 
 def main(
@@ -161,6 +243,7 @@ def main(
     image_threshold: float | None = typer.Option(None, help="overrides the image threshold"),
     pixel_threshold: float | None = typer.Option(None, help="overrides the pixel threshold"),
     batch_size: int | None = typer.Option(None, min=1, help="images per forward (default: evaluate.batch_size)"),
+    workers: int = typer.Option(2, min=0, help="DataLoader processes decoding images (0: in this process)"),
     category: str | None = typer.Option(None, help="draem (a model per category) and decodiff (a class label per category): which, as <dataset>/<category>"),
 ) -> None:
     from d2dprompt.detector import Detector  # torch and the models load here, not for --help
@@ -174,7 +257,13 @@ def main(
         detector = Detector.load(trained, thresholds=thresholds, params=params, category=category,
                                  image_threshold=image_threshold, pixel_threshold=pixel_threshold)
         chosen = detector.thresholds
-        records, errors = predict_images(detector, inputs, out, batch_size or detector.cfg.evaluate.batch_size, skipped, progress=len(inputs) > 1)
+        for line in skipped:
+            typer.echo(f"skipped: {line}", err=True)
+        records, errors, resumed = predict_images(detector, inputs, out, batch_size or detector.cfg.evaluate.batch_size,
+                                                  progress=len(inputs) > 1, workers=workers)
+        if resumed:
+            typer.echo(f"resumed: {resumed} of {len(inputs)} images were predicted by an earlier run into {out} (same run, thresholds and files)")
+        errors = write_results(out, inputs, records, errors, skipped)
     except (ParamsError, ThresholdsError, ImageError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
