@@ -11,7 +11,7 @@ import pytest
 from d2dprompt.cli import summary
 from tests.conftest import ROOT
 
-TOOLS = ["download", "latents", "queries", "train", "evaluate", "predict", "ablate", "app"]
+TOOLS = ["download", "latents", "queries", "train", "evaluate", "predict", "ablate", "app", "bench_predict"]
 HEAVY = ("torch", "diffusers", "transformers", "mlflow", "dvc", "gradio")
 
 

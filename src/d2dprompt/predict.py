@@ -1,10 +1,11 @@
 """python -m d2dprompt.predict IMAGE_OR_FOLDER [--trained stages/train/d2dprompt] [--out predictions] [--params params.yaml]
        [--thresholds stages/evaluate/<method>/<dataset>/thresholds.json] [--image-threshold X] [--pixel-threshold Y] [--batch-size N]
+       [--workers 2]
 
 Runs a trained method (`--trained stages/train/<method>`) on one image or on every image under a folder (recursive,
-sorted). Per image it writes `<out>/<relative stem>_overlay.png` (image | anomaly map | overlay with
-the predicted mask outlined), `<out>/<relative stem>_mask.png` (0/255 at the image's original size)
-and one JSON line in `<out>/predictions.jsonl`. Thresholds come from `--thresholds` (fitted on a
+sorted), through the Python API's scoring (detector.Detector). Per image it writes `<out>/<relative stem>_overlay.png`
+(image | anomaly map | overlay with the predicted mask outlined), `<out>/<relative stem>_mask.png` (0/255 at the
+image's original size) and one JSON line in `<out>/predictions.jsonl`. Thresholds come from `--thresholds` (fitted on a
 validation split by the evaluate stage), are overridden by `--image-threshold` / `--pixel-threshold`,
 and otherwise fall back to `evaluate.sensitivity`; every line says which. Files that cannot be
 predicted are skipped, named on stderr and listed in `<out>/errors.txt` with the reason: unreadable
@@ -13,6 +14,11 @@ model's input side (`model.image_size` of the trained run; upscaling would inven
 the model judges). The exit status is 1 only when no image could be predicted. Outside a checkout
 (no params.yaml where it runs) the trained folder and its thresholds.json are enough: the map scale comes
 from the thresholds file, the rest from the defaults.
+
+A folder of any size streams: `--workers` DataLoader processes decode the images, so memory holds a few batches.
+Each finished image's line is appended to `<out>/predictions.partial-<rank>.jsonl` as it lands; a run killed midway
+and started again with the same `--out` reuses every finished image whose run, thresholds, settings and file (size,
+mtime) are unchanged, predicts the rest, then writes predictions.jsonl and errors.txt whole.
 """
 
 from __future__ import annotations
