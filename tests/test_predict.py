@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 from PIL import Image
@@ -274,6 +275,10 @@ def test_a_killed_process_resumes_without_redoing_finished_images(prompts_dir, p
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + 20  # its DataLoader worker dies with it, not left behind blocked on a queue
+    while [p for p in psutil.process_iter(["cmdline"]) if str(inputs) in " ".join(p.info["cmdline"] or [])]:
+        assert time.monotonic() < deadline, "a DataLoader worker outlived the killed predict"
+        time.sleep(0.2)
     finished = partial.read_text().count("\n")
     assert not (out / "predictions.jsonl").exists() and finished < 24
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

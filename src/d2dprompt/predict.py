@@ -23,8 +23,10 @@ mtime) are unchanged, predicts the rest, then writes predictions.jsonl and error
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}  # what Pillow decodes and datasets ship
 PREDICTIONS_FILE, ERRORS_FILE = "predictions.jsonl", "errors.txt"
+PR_SET_PDEATHSIG = 1  # prctl option from <linux/prctl.h>
 PARTIAL_GLOB = "predictions.partial-*.jsonl"  # one per process, appended as images finish: what a killed run leaves
 
 
@@ -143,6 +146,13 @@ def finished_records(out: Path, inputs: list[InputImage], identity: str) -> dict
     return done
 
 
+def die_with_parent(_worker: int) -> None:
+    """DataLoader worker_init_fn: the kernel kills this worker when predict dies, even by SIGKILL (a worker blocked
+    on a full queue would otherwise outlive it). Linux only; elsewhere torch's own watchdog is all there is."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class ImageFiles:
     """Map-style dataset for torch's DataLoader: decoding (and the size check) runs in its worker processes."""
 
@@ -188,7 +198,7 @@ def predict_images(
     errors: list[str] = []
     partial = out / PARTIAL_GLOB.replace("*", str(rank))
     loader = DataLoader(ImageFiles(todo, detector.image_size), batch_size=batch_size, num_workers=workers, collate_fn=list,
-                        prefetch_factor=2 if workers else None)
+                        prefetch_factor=2 if workers else None, worker_init_fn=die_with_parent if workers else None)
     bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress)
     out.mkdir(parents=True, exist_ok=True)
     with partial.open("a") as lines:
