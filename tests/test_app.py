@@ -42,6 +42,25 @@ def browser_or_skip() -> str:
     return CHROMIUM
 
 
+def test_uploads_that_cannot_be_scored_are_named_with_the_reason(tmp_path):
+    from PIL import Image
+
+    from d2dprompt.app import check_upload
+    from d2dprompt.images import ImageError
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (300, 200)).save(good)
+    assert check_upload(good, max_mb=1, max_side=300, name="good.png").shape == (200, 300, 3)
+    with pytest.raises(ImageError, match=r"^good.png: 300x200, larger than the 299 px limit \(--max-side\)"):
+        check_upload(good, max_mb=1, max_side=299, name="good.png")
+    (tmp_path / "big.bin").write_bytes(b"\0" * 3 * 2**20)
+    with pytest.raises(ImageError, match=r"^big.bin: 3.0 MB, larger than the 2 MB limit \(--max-mb\)"):
+        check_upload(tmp_path / "big.bin", max_mb=2, max_side=8192, name="big.bin")
+    (tmp_path / "cut.png").write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ImageError, match=r"^cut.png: cannot decode image"):
+        check_upload(tmp_path / "cut.png", max_mb=1, max_side=8192, name="cut.png")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
