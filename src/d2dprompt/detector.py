@@ -279,6 +279,8 @@ class Detector:
         from d2dprompt.models import pick_device
         from d2dprompt.prompt_files import load_trained, method_of, move_to, read_record
 
+        if params is not None:
+            load_params(Path(params))  # a bad params file is named first, whether or not the run exists
         root, bundled_params = local_source(source)
         folder = trained_folder(root, method)
         if thresholds == "auto":
