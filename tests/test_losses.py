@@ -10,6 +10,7 @@ from d2dprompt.losses import (
     focal_loss,
     image_loss,
     image_score,
+    shard_loss,
     sharpness_loss,
     total_loss,
 )
@@ -109,3 +110,19 @@ def test_the_image_term_alone_falls_by_separating_the_classes():
     assert history[-1] < 0.3  # far below the prior-only optimum (log 2 balanced, 0.64 unbalanced)
     s = image_score(torch.sigmoid(logits), 1.0)
     assert s[labels == 1].min() > s[labels == 0].max()
+
+
+@pytest.mark.parametrize("labels", [[1, 0, 1, 1, 0, 1, 0], [1] * 7, [0] * 7])
+@pytest.mark.parametrize("cuts", [(0, 7), (0, 4, 7), (0, 0, 7), (0, 1, 2, 3, 7)])
+def test_shares_of_a_split_batch_add_up_to_the_batch_loss(labels, cuts):
+    """Data-parallel training: each process's shard_loss of its rows (an empty shard too) sums to total_loss."""
+    gen = torch.Generator().manual_seed(0)
+    maps = {"anomaly": torch.rand(7, 8, 8, generator=gen), "abnormal_mass": torch.rand(7, 8, 8, generator=gen),
+            "anomaly_levels": torch.rand(7, 2, 8, 8, generator=gen)}
+    mask, labels = (torch.rand(7, 8, 8, generator=gen) > 0.7).float(), torch.tensor(labels, dtype=torch.float32)
+    weights = {"focal": 1.0, "dice": 0.5, "image": 2.0, "sharpness": 0.3, "coverage": 0.7, "consistency": 1.5}
+    whole, terms = total_loss(maps, mask, labels, weights, 2.0, 1.0)
+    shares = [shard_loss({k: v[a:b] for k, v in maps.items()}, mask[a:b], labels[a:b], weights, 2.0, 1.0, labels) for a, b in zip(cuts, cuts[1:])]
+    assert sum(float(loss) for loss, _ in shares) == pytest.approx(float(whole), rel=1e-6, abs=1e-6)
+    for name, value in terms.items():
+        assert sum(share[name] for _, share in shares) == pytest.approx(value, rel=1e-6, abs=1e-6), name

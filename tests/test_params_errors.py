@@ -90,6 +90,8 @@ CASES = {
         "model.image_size: 100 gives 25x25 latents (VAE factor 4), not divisible by 2**1 for attention.levels=[0, 1]; use a multiple of 8",
     ),
     "not a VAE multiple": ("model:\n  image_size: 130\n", "model.image_size: 130 is not a multiple of the VAE factor 4"),
+    "nccl on the cpu": ("model:\n  device: cpu\ndistributed:\n  backend: nccl\n", "distributed.backend: nccl joins GPUs, and model.device=cpu uses none; use gloo or auto"),
+    "no process": ("distributed:\n  nproc: 0\n", "distributed.nproc: must be >= 1, got 0"),
     "f1 without validation rows": ("latents:\n  val_fraction: 0\n", "evaluate.threshold: f1 fits thresholds on the validation split, which latents.val_fraction=0 leaves empty"),
     # the file itself
     "malformed yaml": ("train:\n  epochs: [3\n  lr: 0.1\n", "line 3: invalid YAML: expected ',' or ']'"),

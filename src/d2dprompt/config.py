@@ -19,7 +19,7 @@ from d2dprompt.params_yaml import read_yaml
 from d2dprompt.vae_factor import TINY, vae_factor
 
 __all__ = [
-    "AnomalyCLIPParams", "AttentionParams", "D2DParams", "DownloadParams", "DecoDiffParams", "DraemParams", "FROM_SCRATCH", "METHODS", "EvaluateParams", "LatentsParams", "LossParams", "ModelParams",
+    "AnomalyCLIPParams", "AttentionParams", "D2DParams", "DistributedParams", "DownloadParams", "DecoDiffParams", "DraemParams", "FROM_SCRATCH", "METHODS", "EvaluateParams", "LatentsParams", "LossParams", "ModelParams",
     "Params", "ParamsError", "PromptParams", "TrainParams", "flatten", "load_params", "params_from_dict",
 ]
 
@@ -269,6 +269,16 @@ class EvaluateParams(Block):
     min_area: int = Field(16, ge=0)  # predicted regions smaller than this many map pixels are dropped
 
 
+class DistributedParams(Block):
+    """Processes of the queries, train and evaluate stages: dvc.yaml starts `nproc` of them with torchrun (distributed.py)."""
+
+    nproc: int = Field(1, ge=1)  # processes on this machine, one per GPU; 1 = one process, as `python -m d2dprompt.<stage>`
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto = nccl on CUDA (GPU to GPU), gloo on CPU (the only one there)
+    # a process waiting this long for the others in a collective stops with an error rather than hang (torch's gloo default);
+    # it also bounds how long the other processes wait at the end while rank 0 writes the outputs and logs to MLflow
+    timeout_s: int = Field(1800, ge=1)
+
+
 class Params(Block):
     methods: Annotated[list[Method], Once] = Field(["d2dprompt"], min_length=1)  # each runs through the same data, splits, thresholds and metrics
     download: DownloadParams = DownloadParams()
@@ -279,6 +289,7 @@ class Params(Block):
     latents: LatentsParams = LatentsParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    distributed: DistributedParams = DistributedParams()
     d2d: D2DParams = D2DParams()
     anomalyclip: AnomalyCLIPParams = AnomalyCLIPParams()
     draem: DraemParams = DraemParams()
@@ -305,6 +316,8 @@ class Params(Block):
         _latents_fit_levels(self.model, self.attention.levels)
         if "decodiff" in self.methods:
             _latents_fit_unet(self.model, len(self.decodiff.channels))
+        if self.distributed.backend == "nccl" and self.model.device == "cpu":
+            raise Invalid("distributed.backend", "nccl joins GPUs, and model.device=cpu uses none; use gloo or auto (gloo on CPU)")
         if self.evaluate.threshold == "f1" and self.latents.val_fraction == 0:
             raise Invalid("evaluate.threshold", "f1 fits thresholds on the validation split, which latents.val_fraction=0 leaves empty; "
                           "raise latents.val_fraction or set evaluate.threshold: fixed")

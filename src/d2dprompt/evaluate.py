@@ -10,6 +10,8 @@ image_F1 / pixel_F1 at thresholds fitted on the validation split, per category a
 the validation split's own image metrics and pixel_AUROC),
 `metrics/<dataset>.md` (the same as a table), and under `<out>/<dataset>/`: thresholds.json, scores.csv
 (each test image's score and decision), DVC plot data (ROC / PR curves, per-category bars) and one PNG grid per category of best and worst cases.
+Under torchrun (dvc.yaml, distributed.nproc > 1) every method's rows are split over the processes, each
+scores its share and rank 0 gathers the maps and scores in row order, computes the metrics and writes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import typer
 
+from d2dprompt import distributed
 from d2dprompt.config import EvaluateParams, Params, ParamsError, flatten, load_params
 from d2dprompt.cli import app_for
 from d2dprompt.images import ImageError, load_mask, load_rgb, resize_mask
@@ -119,7 +122,7 @@ def method_scorer(model, record: dict, latents_dir: Path, download_dir: Path, cf
             if missing:
                 raise ValueError(f"{latents_dir.name}/{missing[0]}: no DeCo-Diff was trained on this category; rerun train@decodiff")
             maps, scores = torch.zeros(len(idx), ev.map_size, ev.map_size), torch.zeros(len(idx))
-            for start in tqdm(range(0, len(idx), ev.batch_size), desc=desc, unit="batch"):
+            for start in tqdm(range(0, len(idx), ev.batch_size), desc=desc, unit="batch", disable=not distributed.is_main()):
                 chunk = idx[start : start + ev.batch_size]
                 batch = (tensors["latents"][chunk], torch.tensor([classes[i] for i in chunk]))
                 maps[start : start + len(chunk)], scores[start : start + len(chunk)] = decodiff_maps(model, *batch, steps, ev, device, precision)
@@ -129,32 +132,54 @@ def method_scorer(model, record: dict, latents_dir: Path, download_dir: Path, cf
     noise_seed = record["model"]["noise_seed"]
 
     def score(idx: list[int], desc: str) -> tuple[np.ndarray, np.ndarray]:
-        return anomaly_maps(model, tensors["latents"][idx], noise_seed, ev, device, precision, cfg.loss.image_top_percent, desc)
+        return anomaly_maps(model, tensors["latents"][idx], noise_seed, ev, device, precision, cfg.loss.image_top_percent, desc,
+                            progress=distributed.is_main())
 
     return score, rows, tensors
 
 
-def evaluate_dataset(score: Scorer, rows: list[LatentRow], tensors: dict, latents_dir: Path, download_dir: Path, ev: EvaluateParams):
-    """Metrics per category + mean, the thresholds, and the arrays behind them (for pictures)."""
+def shared_out(score: Scorer, block: int) -> Scorer:
+    """`score` split over the processes (distributed.py): each scores its share of the rows asked for (whole
+    batches of `block`), and rank 0 gets every row's maps and scores in the order asked (the others None, None)."""
+    if distributed.world_size() == 1:
+        return score
+
+    def score_share(idx: list[int], desc: str) -> tuple[np.ndarray, np.ndarray]:
+        part = distributed.shard(len(idx), block)
+        maps, scores = score(idx[part.start : part.stop], desc) if len(part) else (None, None)
+        return distributed.gather(maps), distributed.gather(scores)
+
+    return score_share
+
+
+def score_splits(score: Scorer, rows: list[LatentRow], latents_dir: Path, ev: EvaluateParams) -> dict[str, tuple[list[int], np.ndarray, np.ndarray]]:
+    """Score what evaluate reads: the validation split (when thresholds are fitted on it), then the test
+    images; progress label -> (row indices, maps, scores)."""
     test = [i for i, r in enumerate(rows) if r.split == "test" and r.source == "real"]
     val = [i for i, r in enumerate(rows) if r.split == "val"]
     if not test:
         raise ValueError(f"{latents_dir}: no test images")
+    if ev.threshold != "fixed" and not val:
+        raise ValueError(f"{latents_dir}: no validation rows; set latents.val_fraction > 0 or evaluate.threshold=fixed")
+    splits = {"test maps": test} if ev.threshold == "fixed" else {"validation maps": val, "test maps": test}
+    return {desc: (idx, *score(idx, desc)) for desc, idx in splits.items()}
+
+
+def evaluate_dataset(scored: dict[str, tuple[list[int], np.ndarray, np.ndarray]], rows: list[LatentRow], tensors: dict, download_dir: Path, ev: EvaluateParams):
+    """Metrics per category + mean, the thresholds, and the arrays behind them (for pictures), from score_splits' maps."""
     thresholds = Thresholds(ev.sensitivity, ev.sensitivity, "fixed evaluate.sensitivity")
     validation: dict[str, float] = {}
     display = (0.0, 1.0)  # fixed thresholds live on the [0, 1] map scale; fitted ones take the validation maps' range
-    if ev.threshold != "fixed":
-        if not val:
-            raise ValueError(f"{latents_dir}: no validation rows; set latents.val_fraction > 0 or evaluate.threshold=fixed")
+    if "validation maps" in scored:
+        val, val_maps, val_scores = scored["validation maps"]
         val_rows = [rows[i] for i in val]
-        val_maps, val_scores = score(val, "validation maps")
         val_masks = validation_masks(tensors["val_masks"], ev.map_size)
         val_labels = np.array([r.label for r in val_rows])
         thresholds = validation_thresholds(val_labels, val_scores, val_masks, val_maps, ev)
         display = display_range(val_maps)
         validation = {**image_metrics(val_labels, val_scores), "pixel_AUROC": pixel_metrics(val_masks, val_maps, ev.aupro_fpr_limit)["pixel_AUROC"]}
+    test, maps, scores = scored["test maps"]
     test_rows = [rows[i] for i in test]
-    maps, scores = score(test, "test maps")
     masks = ground_truth(download_dir, test_rows, ev.map_size)
     labels = np.array([r.label for r in test_rows])
     predicted = binary_masks(maps, thresholds.pixel, ev.opening_kernel, ev.min_area)
@@ -181,35 +206,37 @@ def main(
     metrics: Path = typer.Option(Path("metrics/d2dprompt"), help="<metrics>/<dataset>.json and .md"),
 ) -> None:
     from d2dprompt.inference import image_score_name
-    from d2dprompt.models import pick_device
     from d2dprompt.prompt_files import load_trained, method_of, move_to
-    from d2dprompt.tracking import start_run
 
     try:
         cfg = load_params(params)
         ev = cfg.evaluate
-        device = pick_device(cfg.model.device)
-        model, record = load_trained(trained)
-        method = method_of(record)
-        move_to(model, record, device)
-        with start_run("evaluate", {**flatten(cfg), "evaluate.dataset": dataset, "method": method}) as log:
-            score, rows, tensors = method_scorer(model, record, latents / dataset, downloads / dataset, cfg, device)
-            summary, thresholds, details = evaluate_dataset(score, rows, tensors, latents / dataset, downloads / dataset, ev)
-            threshold_record = {**asdict(thresholds), "method": method, "score": image_score_name(method, ev.score), "top_percent": ev.top_percent, "map_size": ev.map_size, "sigma": ev.sigma, "opening_kernel": ev.opening_kernel, "min_area": ev.min_area, "display_range": list(details["display_range"])}
-            with atomic_dir(out / dataset) as tmp:
-                write_json(tmp / "thresholds.json", threshold_record)
-                write_scores(tmp / SCORES_FILE, details["rows"], details["labels"], details["scores"], thresholds.image)
-                write_plot_data(tmp / "plots", details["labels"], details["scores"], details["masks"], details["maps"], summary)
-                write_grids(tmp / "grids", downloads / dataset, details["rows"], details["maps"], details["masks"], details["predicted"], details["scores"], details["labels"], ev.grid_cases,
-                            details["display_range"], thresholds, f"{method} {dataset}")
-            # `validation` (synthetic anomalies on held-out normal images) is where choices such as
-            # evaluate.score are made without looking at the test split
-            write_metrics(metrics, dataset, summary, asdict(thresholds), details["validation"])
-            log.log_dataset(dataset, latents / dataset / "index.csv", "evaluation")
-            log.log_metrics({f"{method}.{dataset}.{cat}.{name}": v for cat, values in summary.items() for name, v in values.items() if v == v})
-            log.log_artifact(metrics / f"{dataset}.json")
-            log.log_artifact(metrics / f"{dataset}.md")
-            log.log_artifacts(out / dataset, "evaluate")
+        with distributed.process_group(cfg.distributed, cfg.model.device):
+            device = distributed.device(cfg.model.device)
+            model, record = load_trained(trained)
+            method = method_of(record)
+            move_to(model, record, device)
+            with distributed.main_run("evaluate", {**flatten(cfg), "evaluate.dataset": dataset, "method": method}) as log:
+                score, rows, tensors = method_scorer(model, record, latents / dataset, downloads / dataset, cfg, device)
+                scored = score_splits(shared_out(score, ev.batch_size), rows, latents / dataset, ev)
+                if not distributed.is_main():  # its share of the maps went to rank 0, which computes and writes the rest
+                    return
+                summary, thresholds, details = evaluate_dataset(scored, rows, tensors, downloads / dataset, ev)
+                threshold_record = {**asdict(thresholds), "method": method, "score": image_score_name(method, ev.score), "top_percent": ev.top_percent, "map_size": ev.map_size, "sigma": ev.sigma, "opening_kernel": ev.opening_kernel, "min_area": ev.min_area, "display_range": list(details["display_range"])}
+                with atomic_dir(out / dataset) as tmp:
+                    write_json(tmp / "thresholds.json", threshold_record)
+                    write_scores(tmp / SCORES_FILE, details["rows"], details["labels"], details["scores"], thresholds.image)
+                    write_plot_data(tmp / "plots", details["labels"], details["scores"], details["masks"], details["maps"], summary)
+                    write_grids(tmp / "grids", downloads / dataset, details["rows"], details["maps"], details["masks"], details["predicted"], details["scores"], details["labels"], ev.grid_cases,
+                                details["display_range"], thresholds, f"{method} {dataset}")
+                # `validation` (synthetic anomalies on held-out normal images) is where choices such as
+                # evaluate.score are made without looking at the test split
+                write_metrics(metrics, dataset, summary, asdict(thresholds), details["validation"])
+                log.log_dataset(dataset, latents / dataset / "index.csv", "evaluation")
+                log.log_metrics({f"{method}.{dataset}.{cat}.{name}": v for cat, values in summary.items() for name, v in values.items() if v == v})
+                log.log_artifact(metrics / f"{dataset}.json")
+                log.log_artifact(metrics / f"{dataset}.md")
+                log.log_artifacts(out / dataset, "evaluate")
         typer.echo(f"{method} {dataset}: " + " ".join(f"{k}={v:.4f}" for k, v in summary["mean"].items()))
     except (ParamsError, ImageError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)

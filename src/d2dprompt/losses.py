@@ -18,6 +18,9 @@ abnormal prompt's tokens, p_l(x) the anomaly map of attention level l, and mean(
                attention that falls outside the defect.
 - consistency: mean over levels of mean((p_l - mean_l p_l)^2): the levels should agree.
 
+`shard_loss` is one process's share of `total_loss` in data-parallel training (train.py under torchrun):
+each term written as a weighted sum over the batch's images, so the processes' shares add up to it.
+
 Why the image term is balanced: K synthetic anomalies per normal training image make K/(K+1) of the
 rows anomalous (2/3 by default). A plain BCE is then lowest, before any discrimination, at s = 2/3
 for every image, so it pulled the whole map up while focal and dice pull the (mostly normal) pixels
@@ -37,9 +40,13 @@ import torch.nn.functional as F
 CLAMP = 1e-6  # keeps logs finite
 
 
-def focal_loss(p: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+def _focal_map(p: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     q = p.clamp(CLAMP, 1 - CLAMP)
-    return -(mask * (1 - q) ** gamma * q.log() + (1 - mask) * q**gamma * (1 - q).log()).mean()
+    return -(mask * (1 - q) ** gamma * q.log() + (1 - mask) * q**gamma * (1 - q).log())
+
+
+def focal_loss(p: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    return _focal_map(p, mask, gamma).mean()
 
 
 def _dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -68,23 +75,34 @@ def image_loss(p: torch.Tensor, labels: torch.Tensor, top_percent: float) -> tor
     return torch.stack(means).mean()
 
 
-def sharpness_loss(p: torch.Tensor) -> torch.Tensor:
+def _entropy_map(p: torch.Tensor) -> torch.Tensor:
     q = p.clamp(CLAMP, 1 - CLAMP)
-    return (-(q * q.log() + (1 - q) * (1 - q).log()) / math.log(2)).mean()
+    return -(q * q.log() + (1 - q) * (1 - q).log()) / math.log(2)
+
+
+def sharpness_loss(p: torch.Tensor) -> torch.Tensor:
+    return _entropy_map(p).mean()
+
+
+def _outside(mass: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """(B,): the share of each image's raw abnormal attention outside its defect."""
+    return 1 - (mass * m).flatten(1).sum(1) / (mass.flatten(1).sum(1) + CLAMP)
 
 
 def coverage_loss(abnormal_mass: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     anomalous = labels > 0.5
     if not anomalous.any():
         return abnormal_mass.sum() * 0  # keeps the graph, contributes nothing
-    mass, m = abnormal_mass[anomalous], mask[anomalous]
-    inside = (mass * m).flatten(1).sum(1) / (mass.flatten(1).sum(1) + CLAMP)
-    return (1 - inside).mean()
+    return _outside(abnormal_mass[anomalous], mask[anomalous]).mean()
+
+
+def _disagreement(levels: torch.Tensor) -> torch.Tensor:
+    return (levels - levels.mean(1, keepdim=True)) ** 2
 
 
 def consistency_loss(levels: torch.Tensor) -> torch.Tensor:
     """levels (B, L, h, w); zero when a single level is read."""
-    return ((levels - levels.mean(1, keepdim=True)) ** 2).mean()
+    return _disagreement(levels).mean()
 
 
 LOSS_NAMES = ("focal", "dice", "image", "sharpness", "coverage", "consistency")
@@ -110,6 +128,64 @@ def total_loss(
         "sharpness": lambda: sharpness_loss(p),
         "coverage": lambda: coverage_loss(maps["abnormal_mass"], mask, labels),
         "consistency": lambda: consistency_loss(maps["anomaly_levels"]),
+    }
+    total = p.new_zeros(())
+    values: dict[str, float] = {}
+    for name, weight in weights.items():
+        if weight == 0:
+            continue
+        value = terms[name]()
+        values[name] = float(value.detach())
+        total = total + weight * value
+    return total, values
+
+
+def shard_loss(
+    maps: dict[str, torch.Tensor],
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    weights: dict[str, float],
+    focal_gamma: float,
+    image_top_percent: float,
+    batch_labels: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """total_loss's share from some of a batch's images (data-parallel training: one process's rows).
+
+    `maps`, `mask`, `labels` hold the shard, `batch_labels` the labels of the whole batch. Every term is
+    a weighted sum over images: focal, dice, sharpness and consistency are means over the batch of
+    per-image means (each image has as many pixels and levels), so an image weighs 1 / B; image weighs
+    an image 1 / (classes present x images of its class), coverage an anomalous image 1 / anomalous images.
+    The shards' shares (loss and each term) sum to total_loss of the whole batch, up to float rounding.
+    """
+    unknown = set(weights) - set(LOSS_NAMES)
+    if unknown:
+        raise ValueError(f"unknown loss terms: {sorted(unknown)}")
+    p, mask = maps["anomaly"], mask.to(maps["anomaly"].dtype)
+    size, anomalous = batch_labels.numel(), labels > 0.5
+    positives = int((batch_labels > 0.5).sum())
+    classes = (positives > 0) + (positives < size)
+
+    def per_image_mean(values: torch.Tensor) -> torch.Tensor:  # (B, ...) -> this shard's part of the batch mean
+        return values.flatten(1).mean(1).sum() / size
+
+    def image() -> torch.Tensor:
+        s = image_score(p, image_top_percent).clamp(CLAMP, 1 - CLAMP)
+        per_image = F.binary_cross_entropy(s, labels.to(s.dtype), reduction="none")
+        weight = [1 / (classes * count) if count else 0.0 for count in (positives, size - positives)]
+        return (per_image * torch.where(anomalous, weight[0], weight[1])).sum()
+
+    def coverage() -> torch.Tensor:
+        if not positives:
+            return maps["abnormal_mass"].sum() * 0  # keeps the graph, contributes nothing
+        return _outside(maps["abnormal_mass"][anomalous], mask[anomalous]).sum() / positives
+
+    terms = {
+        "focal": lambda: per_image_mean(_focal_map(p, mask, focal_gamma)),
+        "dice": lambda: (_dice(p, mask) + _dice(1 - p, 1 - mask)).sum() / size,
+        "image": image,
+        "sharpness": lambda: per_image_mean(_entropy_map(p)),
+        "coverage": coverage,
+        "consistency": lambda: per_image_mean(_disagreement(maps["anomaly_levels"])),
     }
     total = p.new_zeros(())
     values: dict[str, float] = {}

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from d2dprompt import distributed
 from d2dprompt.outputs import atomic_file
 from d2dprompt.methods.d2dprompt import D2DSegmenter
 
@@ -47,11 +48,24 @@ def compute_queries(
 ) -> dict[str, torch.Tensor]:
     """name -> (N, passes, heads, HW, d) fp16 on the CPU, for the segmenter's current prompts."""
     parts: dict[str, list[torch.Tensor]] = {}
-    for start in tqdm(range(0, latents.shape[0], batch_size), desc=desc, unit="batch", leave=False):
+    for start in tqdm(range(0, latents.shape[0], batch_size), desc=desc, unit="batch", leave=False, disable=not distributed.is_main()):
         q = segmenter.compute_queries(latents[start : start + batch_size].to(device), noise[start : start + batch_size].to(device))
         for name, value in q.items():
             parts.setdefault(name, []).append(value.transpose(0, 1).half().cpu())
     return {name: torch.cat(chunks).contiguous() for name, chunks in parts.items()}
+
+
+def compute_queries_shared(
+    segmenter: D2DSegmenter, latents: torch.Tensor, noise: torch.Tensor, batch_size: int, device: torch.device, desc: str = "queries", to_all: bool = False
+) -> dict[str, torch.Tensor] | None:
+    """compute_queries split over the processes (distributed.py), whole batches each, gathered in row order on
+    rank 0 (None on the others) or, with `to_all`, on every process. One process: compute_queries itself."""
+    if distributed.world_size() == 1:
+        return compute_queries(segmenter, latents, noise, batch_size, device, desc)
+    part = distributed.shard(latents.shape[0], batch_size)
+    mine = compute_queries(segmenter, latents[part.start : part.stop], noise[part.start : part.stop], batch_size, device, desc)
+    gathered = {name: distributed.gather(mine.get(name), to_all) for name in segmenter.captured}
+    return gathered if to_all or distributed.is_main() else None
 
 
 def save_queries(tensors: dict[str, torch.Tensor], keys: list[str], folder: Path) -> None:

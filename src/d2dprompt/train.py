@@ -14,6 +14,13 @@ evaluate on MVTec AD, and vice versa). Writes `model.safetensors` (prompt parame
 epoch (safetensors + JSON, see checkpoints.py) lets an interrupted run resume with the same params,
 data and code, bit for bit as if it had not stopped: in cached mode the prompts of the last query
 refresh are kept, so the resumed epochs read the same queries. A finished run deletes its checkpoint.
+
+Under torchrun (dvc.yaml, distributed.nproc > 1) d2dprompt trains data-parallel: each seeded batch is split
+across the processes, each computes its rows' share of the batch loss (losses.shard_loss), the prompt
+gradients are summed over the processes and every process takes the same Adam step, so the batches and the
+result do not depend on the number of processes (up to float rounding). Rank 0 alone writes the outputs and
+checkpoints and logs to MLflow; d2d's fixed prompts are written by rank 0, and the methods trained from
+scratch or on pixels (anomalyclip, draem, decodiff) run on one process only.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from d2dprompt import distributed
 from d2dprompt.config import FROM_SCRATCH, Params, ParamsError, flatten, load_params
 from d2dprompt.cli import app_for
 from d2dprompt.images import ImageError
@@ -40,6 +48,7 @@ if TYPE_CHECKING:  # torch and the models load when a command runs, not for --he
 
 HISTORY_FILE = "history.csv"
 LOSSES_FILE = "losses.csv"  # history.csv in long form, for the per-term training plot
+MULTI_PROCESS = ("d2dprompt", "d2d")  # the methods whose train entry runs on several processes (distributed.py)
 
 
 @dataclass
@@ -65,19 +74,23 @@ def optimise(
     loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
     optimizer: torch.optim.Optimizer,
     desc: str,
+    sync: Callable[[dict[str, float]], dict[str, float]] | None = None,
 ) -> dict[str, float]:
-    """One epoch of Adam steps, every method alike: `loss_of(batch)` -> (loss, its terms); returns per-row means."""
+    """One epoch of Adam steps, every method alike: `loss_of(batch)` -> (loss, its terms); returns per-row means.
+    Data-parallel, `sync(terms)` sums the gradients and the terms over the processes before each step."""
     from tqdm import tqdm
 
     sums: dict[str, float] = {}
     rows = sum(len(batch) for batch in batches)
-    bar = tqdm(batches, desc=desc, unit="batch", leave=False)
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not distributed.is_main())
     for batch in bar:
         loss, values = loss_of(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
         values["total"] = float(loss.detach())
+        if sync is not None:
+            values = sync(values)
+        optimizer.step()
         for name, value in values.items():
             sums[name] = sums.get(name, 0.0) + value * len(batch)
         bar.set_postfix(loss=f"{values['total']:.4f}")
@@ -93,24 +106,56 @@ def train_epoch(
     device: torch.device,
     queries: QueryCache | None = None,
 ) -> dict[str, float]:
-    """One pass over the rows in a seeded order; full mode runs the UNet, cached mode reads `queries`."""
-    from d2dprompt.losses import LOSS_NAMES, total_loss
+    """One pass over the rows in a seeded order; full mode runs the UNet, cached mode reads `queries`.
+    With several processes each computes its share of every batch and the gradients are summed."""
+    from d2dprompt.losses import LOSS_NAMES, shard_loss, total_loss
     from d2dprompt.models import autocast
 
     weights = {name: getattr(cfg.loss, name) for name in LOSS_NAMES}
     latent_hw = tuple(data.latents.shape[-2:])
 
-    def loss_of(batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def maps_of(rows: torch.Tensor) -> dict[str, torch.Tensor]:
         with autocast(device, cfg.model.precision):
             if queries is None:
-                maps = segmenter(data.latents[batch].to(device), data.noise[batch].to(device))
+                maps = segmenter(data.latents[rows].to(device), data.noise[rows].to(device))
             else:
-                maps = segmenter.forward_cached(queries.batch(batch, device), latent_hw)
-        maps = {k: v.float() for k, v in maps.items()}
-        return total_loss(maps, data.masks[batch].to(device), data.labels[batch].to(device), weights, cfg.loss.focal_gamma, cfg.loss.image_top_percent)
+                maps = segmenter.forward_cached(queries.batch(rows, device), latent_hw)
+        return {k: v.float() for k, v in maps.items()}
+
+    def loss_of(batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        return total_loss(maps_of(batch), data.masks[batch].to(device), data.labels[batch].to(device), weights, cfg.loss.focal_gamma, cfg.loss.image_top_percent)
+
+    def share_of(batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:  # this process's rows of the batch
+        part = distributed.shard(len(batch))
+        rows = batch[part.start : part.stop]
+        if not len(rows):  # more processes than rows: nothing to add but zeros
+            return sum(p.sum() for p in segmenter.prompts.parameters()) * 0, {k: 0.0 for k, w in weights.items() if w}
+        return shard_loss(maps_of(rows), data.masks[rows].to(device), data.labels[rows].to(device), weights, cfg.loss.focal_gamma,
+                          cfg.loss.image_top_percent, data.labels[batch])
 
     batches = epoch_batches(len(data.keys), cfg.train.batch_size, cfg.train.seed, epoch)
-    return optimise(batches, loss_of, optimizer, f"epoch {epoch + 1}/{cfg.train.epochs}")
+    desc = f"epoch {epoch + 1}/{cfg.train.epochs}"
+    if distributed.world_size() == 1:
+        return optimise(batches, loss_of, optimizer, desc)
+    return optimise(batches, share_of, optimizer, desc, summed_over_processes(list(segmenter.prompts.parameters())))
+
+
+def summed_over_processes(parameters: list[torch.Tensor]) -> Callable[[dict[str, float]], dict[str, float]]:
+    """optimise's `sync` for data-parallel training: each process's gradients and loss shares summed over the
+    processes, so every process takes the step of the whole batch (one Adam, the same on each)."""
+    import torch
+
+    def sync(values: dict[str, float]) -> dict[str, float]:
+        for p in parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        distributed.all_reduce_sum([p.grad for p in parameters])
+        names = sorted(values)
+        totals = torch.tensor([values[name] for name in names], dtype=torch.float64)
+        distributed.all_reduce_sum([totals])
+        return dict(zip(names, totals.tolist()))
+
+    return sync
 
 
 def cache_drift(segmenter: D2DSegmenter, data: Batches, queries: QueryCache, device: torch.device, rows: int = 32) -> float:
@@ -144,12 +189,12 @@ def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def refreshed_queries(segmenter: D2DSegmenter, prompts: dict[str, torch.Tensor], data: Batches, cfg: Params, device: torch.device) -> QueryCache:
     """The query cache as computed with `prompts`; the segmenter's own prompts are left as they were."""
-    from d2dprompt.query_cache import QueryCache, compute_queries
+    from d2dprompt.query_cache import QueryCache, compute_queries_shared
 
     current = _clone(segmenter.prompts.state_dict())
     segmenter.prompts.load_state_dict(prompts)
-    try:
-        return QueryCache(compute_queries(segmenter, data.latents, data.noise, cfg.train.batch_size, device, "re-cache"))
+    try:  # shared out over the processes (every one needs every row)
+        return QueryCache(compute_queries_shared(segmenter, data.latents, data.noise, cfg.train.batch_size, device, "re-cache", to_all=True))
     finally:
         segmenter.prompts.load_state_dict(current)
 
@@ -160,6 +205,8 @@ def write_fixed(cfg: Params, out: Path) -> list[dict[str, float]]:
 
     from d2dprompt.prompt_files import CONFIG_FILE, WEIGHTS_FILE, config_record
 
+    if not distributed.is_main():  # several processes: rank 0 writes
+        return []
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / WEIGHTS_FILE) as tmp:
         save_file({}, tmp)
@@ -176,11 +223,13 @@ def run(cfg: Params, latents_root: Path, queries_root: Path, out: Path, checkpoi
     from d2dprompt.checkpoints import TrainState, code_digest, fingerprint, load_state, save_state
     from d2dprompt.latent_store import training_set
     from d2dprompt.methods.d2dprompt import build_segmenter, fixed_noise
-    from d2dprompt.models import load_frozen, pick_device
+    from d2dprompt.models import load_frozen
     from d2dprompt.prompt_files import config_record, save_prompts
     from d2dprompt.query_cache import open_queries
 
-    device = pick_device(cfg.model.device)
+    device = distributed.device(cfg.model.device)
+    main = distributed.is_main()  # with several processes, rank 0 alone writes, prints and logs
+    echo = typer.echo if main else (lambda _: None)
     record = config_record(cfg, "d2dprompt")
     data_files = [latents_root / name / "latents.safetensors" for name in cfg.train.datasets]
     run_id = fingerprint(record, data_files, code if code is not None else code_digest())
@@ -203,28 +252,33 @@ def run(cfg: Params, latents_root: Path, queries_root: Path, out: Path, checkpoi
         history, refresh = state.history, state.refresh_prompts
         if queries is not None and refresh is not None:
             queries = refreshed_queries(segmenter, refresh, data, cfg, device)
-        typer.echo(f"resuming after epoch {len(history)} from {checkpoint}")
+        echo(f"resuming after epoch {len(history)} from {checkpoint}")
     elif state is not None:
-        typer.echo(f"{checkpoint}: left by a run with other params, data or code; training from scratch")
-    out.mkdir(parents=True, exist_ok=True)
+        echo(f"{checkpoint}: left by a run with other params, data or code; training from scratch")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     if cfg.train.untrained:  # the baseline: prompts as initialised; model.json records train.untrained: true
-        typer.echo("train.untrained: true: writing the initial prompts without optimising them")
+        echo("train.untrained: true: writing the initial prompts without optimising them")
     for epoch in range(len(history), 0 if cfg.train.untrained else cfg.train.epochs):
         every = cfg.attention.recache_every
         if queries is not None and every and epoch and epoch % every == 0:
             refresh = _clone(segmenter.prompts.state_dict())
             queries = refreshed_queries(segmenter, refresh, data, cfg, device)
         losses = train_epoch(segmenter, optimizer, data, cfg, epoch, device, queries)
-        if queries is not None:
+        if queries is not None and main:  # logged only: rank 0 measures it while the others go on
             losses["cache_drift"] = cache_drift(segmenter, data, queries, device)
         history.append({"epoch": epoch + 1, **losses})
+        if not main:
+            continue
         save_state(TrainState(run_id, segmenter.prompts.state_dict(), optimizer.state_dict(), history, refresh), checkpoint)
         typer.echo(f"epoch {epoch + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
         if log is not None:
             log.log_metrics({f"loss_{k}": v for k, v in losses.items()}, step=epoch + 1)
-    save_prompts(segmenter, record, out)
-    write_history(history, out / HISTORY_FILE)
-    shutil.rmtree(checkpoint, ignore_errors=True)  # finished: nothing for a later run to pick up
+    if main:
+        save_prompts(segmenter, record, out)
+        write_history(history, out / HISTORY_FILE)
+        shutil.rmtree(checkpoint, ignore_errors=True)  # finished: nothing for a later run to pick up
+    distributed.barrier()  # every process leaves with the outputs written
     return history
 
 
@@ -241,7 +295,6 @@ def main(
 ) -> None:
     from d2dprompt.checkpoints import CheckpointError
     from d2dprompt.prompt_files import CONFIG_FILE
-    from d2dprompt.tracking import start_run
 
     try:
         cfg = load_params(params)
@@ -249,7 +302,10 @@ def main(
             raise ParamsError(f"{params}: methods: {method!r} is not listed ({' | '.join(cfg.methods)})")
         out = out or Path("stages/train") / method
         checkpoint = checkpoint or Path("stages/checkpoints/train") / method
-        with start_run("train", {**flatten(cfg), "method": method}) as log:
+        if distributed.launched_processes() > 1 and method not in MULTI_PROCESS:
+            raise ValueError(f"train@{method}: only {' and '.join(MULTI_PROCESS)} train on several processes; "
+                             f"train {method} on one (distributed.nproc: 1, or python -m d2dprompt.train)")
+        with distributed.process_group(cfg.distributed, cfg.model.device), distributed.main_run("train", {**flatten(cfg), "method": method}) as log:
             if method == "d2d":
                 write_fixed(cfg, out)
             elif method == "draem":
