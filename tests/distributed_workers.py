@@ -53,7 +53,11 @@ def collectives(rank: int, world: int, port: int) -> None:
         grads, terms = torch.full((2, 2), rank + 1.0), torch.tensor([rank, 0.5], dtype=torch.float64)
         distributed.all_reduce_sum([grads, terms])
         assert torch.equal(grads, torch.full((2, 2), 3.0)) and terms.tolist() == [1.0, 1.0]
+        # small records: every process's, in rank order, on rank 0 only
+        records = distributed.gather_objects({"rank": rank, "keys": ["a"] * rank})
+        assert records == [{"rank": 0, "keys": []}, {"rank": 1, "keys": ["a"]}] if rank == 0 else records is None
         distributed.barrier()
+    assert distributed.gather_objects("alone") == ["alone"]
     assert distributed.world_size() == 1 and distributed.is_main()  # the group is left at the end of the `with`
 
 

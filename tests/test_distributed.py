@@ -192,6 +192,28 @@ def test_an_error_on_one_process_stops_them_all_with_the_error_shown(two_process
     assert not (two_processes / "stages/queries-failed").exists()
 
 
+@pytest.mark.e2e
+def test_predict_on_two_processes_gives_the_lines_and_masks_of_one(two_processes, trained):
+    """Each process predicts every other image of the folder; rank 0 writes predictions.jsonl in folder order."""
+    folder, thresholds = ROOT / "sample" / "weave" / "test", trained.parent / "stages/evaluate-trained/sample/thresholds.json"
+    args = [str(folder), "--trained", str(trained), "--thresholds", str(thresholds), "--workers", "1"]
+    two = torchrun("-m", "d2dprompt.predict", *args, "--out", "two", cwd=two_processes)
+    one = subprocess.run([sys.executable, "-m", "d2dprompt.predict", *args, "--out", "one"], cwd=two_processes,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert one.returncode == 0, one.stderr[-3000:]
+    lines = {name: [json.loads(line) for line in (two_processes / name / "predictions.jsonl").read_text().splitlines()]
+             for name in ("one", "two")}
+    assert len(lines["two"]) == len(list(folder.rglob("*.png"))) == 17
+    assert [r["key"] for r in lines["two"]] == [r["key"] for r in lines["one"]] == sorted(r["key"] for r in lines["one"])
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(lines["one"], lines["two"])) < TOLERANCE
+    assert [r["label"] for r in lines["two"]] == [r["label"] for r in lines["one"]]
+    for a, b in zip(lines["one"], lines["two"]):
+        mask_a, mask_b = two_processes / a["mask"], two_processes / b["mask"]  # relative to where predict ran
+        assert (mask_a.name, mask_a.read_bytes()) == (mask_b.name, mask_b.read_bytes())
+    assert not list((two_processes / "two").glob("predictions.partial-*"))
+    assert two.stdout.count("17 of 17 images") == 1  # rank 0 speaks for the job
+
+
 def test_methods_that_train_on_one_process_say_so(tmp_path, monkeypatch):
     """Under torchrun (its WORLD_SIZE) train@draem stops in one line before it joins a group or writes anything."""
     from typer.testing import CliRunner

@@ -11,6 +11,7 @@ the GPU of its LOCAL_RANK (`device`), and:
   multiples of `block` (the stage's batch size), so every batch holds the rows one process would batch.
 - `gather(rows)`: a tensor's or numpy array's rows (any number on each process, None for none)
   concatenated in rank order, on rank 0 (None elsewhere) or, with `to_all`, on every process.
+- `gather_objects(obj)`: small picklable records (predict's result lines) from every process, on rank 0.
 - `all_reduce_sum(tensors)`: each tensor summed over the processes, in place (data-parallel gradients).
 - `is_main()`: rank 0, the one process that writes outputs, logs to MLflow, prints and draws progress
   bars; `main_run(stage, params)` opens the MLflow run there and gives the others tracking.UntrackedRun.
@@ -184,6 +185,17 @@ def gather(rows: Any, to_all: bool = False) -> Any:
     pieces = [whole.view(m[1]).reshape(m[0]) for whole, m in zip(received, metas) if m is not None]
     out = torch.cat(pieces)
     return out.numpy() if next(m for m in metas if m is not None)[2] else out
+
+
+def gather_objects(obj: Any) -> list[Any] | None:
+    """Every process's picklable `obj` (small records, not tensors), in rank order, on rank 0; None on the others.
+    One process: [obj]."""
+    dist = _group()
+    if dist is None:
+        return [obj]
+    found: list = [None] * dist.get_world_size()
+    dist.all_gather_object(found, obj)  # gather_object is not implemented on every backend: all_gather is
+    return found if dist.get_rank() == 0 else None
 
 
 def all_reduce_sum(tensors: list[torch.Tensor]) -> None:

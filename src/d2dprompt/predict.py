@@ -19,6 +19,9 @@ A folder of any size streams: `--workers` DataLoader processes decode the images
 Each finished image's line is appended to `<out>/predictions.partial-<rank>.jsonl` as it lands; a run killed midway
 and started again with the same `--out` reuses every finished image whose run, thresholds, settings and file (size,
 mtime) are unchanged, predicts the rest, then writes predictions.jsonl and errors.txt whole.
+
+Under `torchrun --nproc_per_node=N -m d2dprompt.predict ...` each process takes every N-th image on its own GPU
+and writes those images' masks and overlays; rank 0 gathers the lines and writes predictions.jsonl and errors.txt.
 """
 
 from __future__ import annotations
@@ -236,6 +239,15 @@ def predict_images(
     return [done[item.key] for item in inputs if item.key in done], errors, resumed
 
 
+def merge_shards(results: list[tuple[list[dict], list[str], int]] | None) -> tuple[list[dict], list[str], int]:
+    """One (records, errors, resumed) from every process's predict_images (rank 0); ([], [], 0) on the others.
+    A record a process resumed from another's partial file may come from several: keyed by image, kept once."""
+    if results is None:
+        return [], [], 0
+    records = {r["key"]: r for part, _, _ in results for r in part}
+    return list(records.values()), [e for _, part, _ in results for e in part], sum(n for _, _, n in results)
+
+
 def write_results(out: Path, inputs: list[InputImage], records: list[dict], errors: list[str], skipped: list[str]) -> list[str]:
     """predictions.jsonl (in input order) and errors.txt, written whole; the partial files go. Returns the error lines."""
     order = {item.key: i for i, item in enumerate(inputs)}
@@ -262,6 +274,8 @@ def main(
     workers: int = typer.Option(2, min=0, help="DataLoader processes decoding images (0: in this process)"),
     category: str | None = typer.Option(None, help="draem (a model per category) and decodiff (a class label per category): which, as <dataset>/<category>"),
 ) -> None:
+    from d2dprompt import distributed
+    from d2dprompt.config import load_params, params_from_dict
     from d2dprompt.detector import Detector  # torch and the models load here, not for --help
 
     try:
@@ -270,19 +284,27 @@ def main(
             params = Path("params.yaml")
         elif params is None:
             typer.echo(f"no params.yaml here: default settings{f', map scale from {thresholds}' if thresholds else ''}", err=True)
-        detector = Detector.load(trained, thresholds=thresholds, params=params, category=category,
-                                 image_threshold=image_threshold, pixel_threshold=pixel_threshold)
-        chosen = detector.thresholds
-        for line in skipped:
-            typer.echo(f"skipped: {line}", err=True)
-        records, errors, resumed = predict_images(detector, inputs, out, batch_size or detector.cfg.evaluate.batch_size,
-                                                  progress=len(inputs) > 1, workers=workers)
-        if resumed:
-            typer.echo(f"resumed: {resumed} of {len(inputs)} images were predicted by an earlier run into {out} (same run, thresholds and files)")
-        errors = write_results(out, inputs, records, errors, skipped)
+        cfg = load_params(params) if params is not None else params_from_dict({})  # the process count and device first
+        with distributed.process_group(cfg.distributed, cfg.model.device):
+            detector = Detector.load(trained, thresholds=thresholds, params=params, category=category,
+                                     image_threshold=image_threshold, pixel_threshold=pixel_threshold,
+                                     device=str(distributed.device(cfg.model.device)) if distributed.world_size() > 1 else None)
+            chosen, main = detector.thresholds, distributed.is_main()
+            for line in skipped if main else []:
+                typer.echo(f"skipped: {line}", err=True)
+            shard = (distributed.rank(), distributed.world_size())
+            results = predict_images(detector, inputs, out, batch_size or detector.cfg.evaluate.batch_size,
+                                     progress=len(inputs) > 1 and main, workers=workers, shard=shard)
+            records, errors, resumed = merge_shards(distributed.gather_objects(results))
+            if main:
+                if resumed:
+                    typer.echo(f"resumed: {resumed} of {len(inputs)} images were predicted by an earlier run into {out} (same run, thresholds and files)")
+                errors = write_results(out, inputs, records, errors, skipped)
     except (ParamsError, ThresholdsError, ImageError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
+    if not main:
+        return
     for record in records if len(inputs) == 1 else []:
         verdict = "anomalous" if record["label"] else "normal"
         typer.echo(f"{record['image']}: score {record['score']:.4f} vs {chosen.image:.4f} -> {verdict}; mask {record['mask']}")
