@@ -197,7 +197,7 @@ def test_folder_errors(tmp_path, sample_copy):
 
     params = tmp_path / "params.yaml"
     unknown = run_cli(tmp_path, {"archives": ["kaggle"]})
-    assert error_line(unknown) == f"{params}: download.archives[0]: must be one of mvtec | visa, got 'kaggle'"
+    assert error_line(unknown) == f"{params}: download.archives[0]: must be one of mvtec | visa | btad | mpdd | mvtec_ad2, got 'kaggle'"
     old = run_cli(tmp_path, {"folder_dir": str(sample_copy)})
     assert error_line(old).startswith(f"{params}: download.folder_dir: unknown key (now download.folders (name: path))")
     missing = run_cli(tmp_path, {"folders": {"sample": str(tmp_path / "gone")}})

@@ -23,3 +23,14 @@ def test_synthetic_rows_are_labelled_by_what_is_visible(tiny, min_change, label)
     for i in synthetic:
         assert index[i].label == label and int(tensors["labels"][i]) == label
         assert bool(tensors["masks"][i].any()) == bool(label)  # no mask without a label, no label without a mask
+
+
+def test_a_datasets_own_validation_images_are_the_validation_split(tiny):
+    """MVTec AD 2 ships validation/good: those images and their synthetic anomalies are split val, and no
+    training image is held out, whatever latents.val_fraction says."""
+    rows = [*ROWS[:1], ManifestRow("sample", "tile", "val", 0, "good", "tile/train/good/001.png", "")]
+    params = LatentsParams(synthetic_per_image=2, val_fraction=0.5)
+    _, index = encode_dataset(tiny, ROOT / "sample", rows, 64, params, torch.device("cpu"), "test")
+    splits = {(row.image_path, row.split) for row in index}  # a synthetic row's image_path is its base image
+    assert splits == {("tile/train/good/000.png", "train"), ("tile/train/good/001.png", "val")}
+    assert sorted(row.source for row in index if row.split == "val") == ["real", "synthetic", "synthetic"]

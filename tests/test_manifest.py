@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from d2dprompt.manifest import (
     scan_mvtec_layout,
     write_manifest,
 )
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample"
 
 
 def _touch(path: Path) -> None:
@@ -47,7 +50,7 @@ def test_rows_round_trip(tmp_path):
 
 def test_row_rejects_inconsistent_values():
     with pytest.raises(ValueError, match="split"):
-        ManifestRow("d", "c", "val", 0, "good", "a.png", "")
+        ManifestRow("d", "c", "validation", 0, "good", "a.png", "")
     with pytest.raises(ValueError, match="defect_type"):
         ManifestRow("d", "c", "test", 1, "good", "a.png", "m.png")
     with pytest.raises(ValueError, match="mask_path"):
@@ -136,3 +139,18 @@ def test_category_folder_and_unknown_category(tmp_path):
         scan_mvtec_layout(root, "x", ["bottle"])
     with pytest.raises(LayoutError, match="dataset folder not found"):
         scan_mvtec_layout(tmp_path / "nowhere", "x")
+
+
+def test_a_validation_folder_becomes_split_val_and_holds_normal_images_only(tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(SAMPLE / "disc", root / "disc")
+    (root / "disc" / "validation" / "good").mkdir(parents=True)
+    for i, image in enumerate(sorted((root / "disc" / "train" / "good").iterdir())[:2]):
+        shutil.copy(image, root / "disc" / "validation" / "good" / f"v{i}.png")
+    rows = scan_mvtec_layout(root, "ds")
+    assert [r.image_path for r in rows if r.split == "val"] == ["disc/validation/good/v0.png", "disc/validation/good/v1.png"]
+    assert all(r.label == 0 for r in rows if r.split == "val")
+    assert ", val 2, test" in manifest_summary(rows)
+    (root / "disc" / "validation" / "scratch").mkdir()
+    with pytest.raises(LayoutError, match=r"validation: the validation split holds normal images only, in validation/good/ \(found scratch\)"):
+        scan_mvtec_layout(root, "ds")

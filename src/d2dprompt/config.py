@@ -32,7 +32,11 @@ def _once(values: list) -> list:
     return values
 
 
-Archive = Literal["mvtec", "visa"]  # datasets the download stage fetches from pinned URLs
+# datasets the download stage prepares from their publishers' archives: fetched from a pinned URL and sha256, or
+# (mpdd, published without a direct link or checksum) read from the archive or folder download.mpdd_path names
+Archive = Literal["mvtec", "visa", "btad", "mpdd", "mvtec_ad2"]
+MANUAL = ("mpdd",)  # archives a user fetches by hand
+MPDD_SOURCE = "https://github.com/stepanje/MPDD"  # the publisher's page with the download link
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # becomes a folder and a DVC stage name (folder@<name>)
 # d2dprompt = learned prompts on SD cross-attention (this project); d2d = fixed hand-written prompts, nothing
 # learned; anomalyclip = learned prompts on CLIP patch-text similarity (zqhang/AnomalyCLIP); draem = reconstructive +
@@ -54,12 +58,12 @@ class DownloadParams(Block):
     """Datasets are named: an archive source by its own name, a folder by its key in `folders`."""
 
     RENAMED: typing.ClassVar[dict[str, str]] = {  # keys of earlier versions, and what took their place
-        "datasets": "download.archives (mvtec | visa) and download.folders (name: path)",
+        "datasets": "download.archives (mvtec | visa | ...) and download.folders (name: path)",
         "sample_dir": "download.folders.sample",
         "folder_dir": "download.folders (name: path)",
     }
 
-    archives: Annotated[list[Archive], Once] = []  # mvtec | visa: fetched from the pinned URL below, checked, converted
+    archives: Annotated[list[Archive], Once] = []  # fetched from the pinned URL below (mpdd: read from mpdd_path), checked, converted
     # name -> an MVTec-layout folder (the repository's or an absolute path); each is a dependency of DVC stage
     # folder@<name>, so editing, adding or removing an image or mask reruns the pipeline from there
     folders: dict[str, str] = {"sample": "data/sample"}
@@ -71,6 +75,14 @@ class DownloadParams(Block):
     mvtec_sha256: str = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
     visa_url: str = "https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar"
     visa_sha256: str = "2eb8690c803ab37de0324772964100169ec8ba1fa3f7e94291c9ca673f40f362"
+    btad_url: str = "https://avires.dimi.uniud.it/papers/btad/btad.zip"
+    btad_sha256: str = "461c9387e515bfed41ecaae07c50cf6b10def647b36c9e31d239ab2736b10d2a"
+    mvtec_ad2_url: str = (
+        "https://www.mydrive.ch/shares/121573/7f68fe2c4f7c2ceaa08f463aaeb2f414/"
+        "download/466712769-1743422799/mvtec_ad_2.tar.gz"
+    )
+    mvtec_ad2_sha256: str = "c0ded99ef32bfc8e352d52beb44515e5b292b8598cb963aadfa91ca0763505e4"
+    mpdd_path: str = ""  # MPDD as you downloaded it: its .zip / .tar archive or the extracted folder (no direct link exists)
     archive_dir: str = "stages/archives"  # downloaded archives, kept so an interrupted download resumes
 
     @property
@@ -81,7 +93,7 @@ class DownloadParams(Block):
     @model_validator(mode="after")
     def _sources_are_usable(self) -> DownloadParams:
         if not self.datasets:
-            raise Invalid("archives", "no dataset: list an archive (mvtec | visa) or a folder in download.folders")
+            raise Invalid("archives", f"no dataset: list an archive ({' | '.join(typing.get_args(Archive))}) or a folder in download.folders")
         for name, path in self.folders.items():
             if not FOLDER_NAME.fullmatch(name):
                 raise Invalid("folders", f"{name!r}: a dataset name is letters, digits, '_' and '-' (it names a folder and a stage)")
@@ -90,6 +102,11 @@ class DownloadParams(Block):
             if not path.strip():
                 raise Invalid("folders", f"{name!r}: the folder's path is empty")
         for name in self.archives:
+            if name in MANUAL:
+                if not getattr(self, f"{name}_path").strip():
+                    raise Invalid(f"{name}_path", f"'{name}' is a manual download: fetch it from {MPDD_SOURCE} "
+                                  f"and set download.{name}_path to the archive or its extracted folder")
+                continue
             if not getattr(self, f"{name}_url"):
                 raise Invalid(f"{name}_url", f"must be set to use the '{name}' source")
             sha256 = getattr(self, f"{name}_sha256")

@@ -3,10 +3,11 @@
 Prepare dataset NAME (every dataset of params.yaml when left out) as `<out>/<NAME>/` in MVTec AD
 layout with a `manifest.csv`. DVC runs it once per dataset: stage `download@<archive>` for each of
 `download.archives` (`mvtec`: the MVTec AD archive; `visa`: the VisA archive, converted with its
-`split_csv/1cls.csv`), stage `folder@<name>` for each entry of `download.folders` (name: an
-MVTec-layout folder, such as the bundled sample or your own images). Archives are downloaded once
-into `download.archive_dir` (resumable, sha256-verified); put an archive there by hand to skip the
-download. A folder is the `folder@<name>` stage's dependency, so a changed, added or removed image or
+`split_csv/1cls.csv`; `btad`, `mpdd`, `mvtec_ad2`: converted by converters.py), stage `folder@<name>` for
+each entry of `download.folders` (name: an MVTec-layout folder, such as the bundled sample or your own
+images). Archives are downloaded once into `download.archive_dir` (resumable, sha256-verified); put an
+archive there by hand to skip the download. MPDD has no direct link: `download.mpdd_path` names the zip,
+tar or extracted folder you fetched. A folder is the `folder@<name>` stage's dependency, so a changed, added or removed image or
 mask in it makes `dvc repro` rerun the pipeline from there.
 
 What a failure leaves: each dataset is built in a scratch folder `<out>/.tmp-<name>-*` and renamed
@@ -39,6 +40,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
@@ -47,7 +49,8 @@ import typer
 from PIL import Image
 from tqdm import tqdm
 
-from d2dprompt.config import DownloadParams, ParamsError, load_params
+from d2dprompt.config import MANUAL, MPDD_SOURCE, DownloadParams, ParamsError, load_params
+from d2dprompt.converters import CONVERTERS
 from d2dprompt.cli import summary
 from d2dprompt.images import ImageError, load_mask, load_rgb
 from d2dprompt.outputs import replace_dir
@@ -169,9 +172,41 @@ def _unsafe_reason(member: tarfile.TarInfo) -> str | None:
     return None
 
 
+def _unsafe_zip_reason(info: zipfile.ZipInfo) -> str | None:
+    path = PurePosixPath(info.filename.replace("\\", "/"))
+    if path.is_absolute() or (len(info.filename) > 1 and info.filename[1] == ":"):
+        return "absolute path"
+    if ".." in path.parts:
+        return "'..' in path"
+    if (info.external_attr >> 16) & 0o170000 == 0o120000:  # a Unix symlink stored in the zip
+        return "symbolic link"
+    return None
+
+
+def _safe_extract_zip(archive: Path, dest: Path) -> None:
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info in tqdm(zf.infolist(), desc=f"extract {archive.name}", unit=" files"):
+                reason = _unsafe_zip_reason(info)
+                if reason:
+                    raise DownloadError(f"{archive}: unsafe entry '{info.filename}' ({reason})")
+                target = dest / PurePosixPath(info.filename.replace("\\", "/"))
+                if info.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, target.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, CHUNK_BYTES)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as err:  # CRC errors are BadZipFile
+        raise DownloadError(f"{archive}: cannot extract archive ({err})") from None
+
+
 def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract a tar (any compression) into `dest`, refusing entries that would land outside it."""
+    """Extract a zip or a tar (any compression) into `dest`, refusing entries that would land outside it."""
     dest.mkdir(parents=True, exist_ok=True)
+    if zipfile.is_zipfile(archive):
+        _safe_extract_zip(archive, dest)
+        return
     try:
         with tarfile.open(archive, "r:*") as tar:
             for member in tqdm(tar, desc=f"extract {archive.name}", unit=" files"):
@@ -355,8 +390,21 @@ def prepare_source(name: str, params: DownloadParams, out: Path) -> list[Manifes
         if not Path(folder).is_dir():
             raise LayoutError(f"{folder}: folder not found (download.folders.{name})")
         return build_dataset(name, Path(folder), out, params.categories, move=False, shown_as=str(folder))
-    url, sha256 = (params.mvtec_url, params.mvtec_sha256) if name == "mvtec" else (params.visa_url, params.visa_sha256)
-    archive = fetch(url, archive_path(params.archive_dir, url, name), sha256)
+    if name in MANUAL:
+        given = Path(getattr(params, f"{name}_path"))
+        if not given.exists():
+            raise LayoutError(f"{given}: not found (download.{name}_path); {name} is a manual download: fetch it from "
+                              f"{MPDD_SOURCE} and point download.{name}_path at the archive or its extracted folder")
+        if given.is_dir():
+            return convert_and_build(name, given, out, params.categories, move=False, shown_as=str(given))
+        archive = given
+    else:
+        url, sha256 = getattr(params, f"{name}_url"), getattr(params, f"{name}_sha256")
+        archive = fetch(url, archive_path(params.archive_dir, url, name), sha256)
+    if name in CONVERTERS:
+        with _scratch_dir(out, f"{name}-extract") as extracted:
+            safe_extract(archive, extracted)
+            return convert_and_build(name, extracted, out, params.categories, move=True, shown_as=str(archive))
     with _scratch_dir(out, f"{name}-extract") as extracted:
         safe_extract(archive, extracted)
         if name == "mvtec":
@@ -368,6 +416,16 @@ def prepare_source(name: str, params: DownloadParams, out: Path) -> list[Manifes
         converted = extracted / f"{TMP_PREFIX}converted"
         convert_visa(root, converted, params.categories, shown_as=str(archive))
         return build_dataset(name, converted, out, [], move=True, shown_as=str(archive))
+
+
+def convert_and_build(name: str, source: Path, out: Path, categories: list[str], *, move: bool, shown_as: str) -> list[ManifestRow]:
+    """A publisher's layout at `source` (converters.CONVERTERS[name]) -> MVTec layout in scratch -> `<out>/<name>/`."""
+    with _scratch_dir(out, f"{name}-convert") as converted:
+        with _shown(source, shown_as):
+            notes = CONVERTERS[name](source, converted / name, categories, move=move)
+        for note in notes:
+            typer.echo(f"{name}: {note}")
+        return build_dataset(name, converted / name, out, [], move=True, shown_as=shown_as)
 
 
 def prepare_all(params: DownloadParams, out: Path, names: list[str] | None = None) -> dict[str, list[ManifestRow]]:

@@ -7,7 +7,9 @@ image, redrawn until visible, seeded). Per dataset it
 writes `latents.safetensors` (latents fp16, masks fp16 at latent size as defect fraction per cell,
 labels, and bit-packed image-size masks of the validation rows) and `index.csv`, one row per latent.
 A seeded `latents.val_fraction` of each category's normal training images (with their synthetic
-anomalies) becomes split `val`: held out from training, used to fit thresholds.
+anomalies) becomes split `val`: held out from training, used to fit thresholds. A category whose dataset ships
+its own validation images (manifest split `val`, e.g. MVTec AD 2's validation/good) uses those, with their
+synthetic anomalies, and holds out none of its training images.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def mask_to_latent(masks: list[np.ndarray], latent_hw: tuple[int, int]) -> torch
 
 
 def validation_images(rows: list[ManifestRow], fraction: float, seed: int) -> set[str]:
-    """A seeded `fraction` of each category's normal training images, held out from training.
+    """A seeded `fraction` of each category's normal training images, held out from training; none of a category
+    whose dataset ships its own validation images (manifest split `val`: they are the validation split).
 
     They and their synthetic anomalies form the validation split on which thresholds are fitted:
     never the test split, whose numbers would be inflated by it.
@@ -50,7 +53,8 @@ def validation_images(rows: list[ManifestRow], fraction: float, seed: int) -> se
     if not 0 <= fraction < 1:
         raise ParamsError(f"latents.val_fraction={fraction}: must lie in [0, 1)")
     held_out: set[str] = set()
-    for category in sorted({r.category for r in rows}):
+    own = {r.category for r in rows if r.split == "val"}  # the dataset ships validation images: nothing held out
+    for category in sorted({r.category for r in rows} - own):
         normal = sorted(r.image_path for r in rows if r.category == category and r.split == "train" and r.label == 0)
         count = int(round(fraction * len(normal)))
         if fraction and len(normal) > 1:
@@ -96,7 +100,7 @@ def encode_dataset(
         split = "val" if row.image_path in held_out else row.split
         base = LatentRow(row.image_path, "real", row.category, split, row.label, row.defect_type, row.image_path, row.mask_path)
         pending.append((image, mask, base))
-        if row.split == "train" and row.label == 0:
+        if row.split in ("train", "val") and row.label == 0:  # validation images get their synthetic anomalies too
             for k in range(params.synthetic_per_image):
                 syn, syn_mask = synthetic_variant(image, row.image_path, k, params, textures)
                 label = int(syn_mask.any())  # no visible defect could be drawn: a normal row, not a mislabelled one

@@ -1,8 +1,10 @@
 """The manifest: one CSV row per image of a prepared dataset, and the MVTec-layout scanner that builds it.
 
 `manifest.csv` sits at the root of each prepared dataset; its paths are relative to
-that root. Columns: dataset, category, split (train|test), label (0 normal,
-1 anomalous), defect_type ('good' for normal), image_path, mask_path ('' for normal).
+that root. Columns: dataset, category, split (train|val|test), label (0 normal,
+1 anomalous), defect_type ('good' for normal), image_path, mask_path ('' for normal). Split `val` holds a
+dataset's own validation images (`<category>/validation/good/`, as MVTec AD 2 ships them): where a category has
+them, the latents stage fits thresholds on them instead of holding out training images.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 from d2dprompt.outputs import atomic_file
 
 COLUMNS = ("dataset", "category", "split", "label", "defect_type", "image_path", "mask_path")
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+VALIDATION = "validation"  # <category>/validation/good: the dataset's own validation images (MVTec AD 2)
 GOOD = "good"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # what MVTec AD, VisA and phone exports use
 MANIFEST_NAME = "manifest.csv"
@@ -113,6 +116,13 @@ def _scan_category(root: Path, cat_dir: Path, dataset: str) -> list[ManifestRow]
         return p.relative_to(root).as_posix()
 
     rows = [ManifestRow(dataset, category, "train", 0, GOOD, rel(p), "") for p in _images_in(train_good)]
+    if (cat_dir / VALIDATION).is_dir():
+        val_good = cat_dir / VALIDATION / GOOD
+        extra = [d.name for d in _subdirs(cat_dir / VALIDATION) if d.name != GOOD]
+        if extra or not val_good.is_dir() or not _images_in(val_good):
+            raise LayoutError(f"{cat_dir / VALIDATION}: the validation split holds normal images only, in {VALIDATION}/good/"
+                              + (f" (found {', '.join(extra)})" if extra else ""))
+        rows += [ManifestRow(dataset, category, "val", 0, GOOD, rel(p), "") for p in _images_in(val_good)]
     for defect_dir in _subdirs(test_dir):
         defect = defect_dir.name
         for image in _images_in(defect_dir):
@@ -129,7 +139,8 @@ def _scan_category(root: Path, cat_dir: Path, dataset: str) -> list[ManifestRow]
 def scan_mvtec_layout(root: str | Path, dataset: str, categories: list[str] | None = None) -> list[ManifestRow]:
     """Validate `root` as MVTec AD layout and list its images, sorted by category, split, defect, path.
 
-    Layout: <cat>/train/good/*, <cat>/test/<defect>/*, <cat>/ground_truth/<defect>/<stem>_mask.png.
+    Layout: <cat>/train/good/*, <cat>/test/<defect>/*, <cat>/ground_truth/<defect>/<stem>_mask.png, and optionally
+    <cat>/validation/good/* (split val).
     `categories` (None or empty = all) restricts the scan; an unknown name is an error.
     """
     root = Path(root)
@@ -149,13 +160,15 @@ def scan_mvtec_layout(root: str | Path, dataset: str, categories: list[str] | No
 
 
 def manifest_summary(rows: list[ManifestRow]) -> str:
-    """'3 categories (a, b, c), train 48, test 51 (36 anomalous)': one line for logs."""
+    """'3 categories (a, b, c), train 48, test 51 (15 good, 36 anomalous)': one line for logs (', val N' after
+    train when the dataset has its own validation images)."""
     categories = sorted({r.category for r in rows})
     train = sum(r.split == "train" for r in rows)
+    val = sum(r.split == "val" for r in rows)
     test = [r for r in rows if r.split == "test"]
     anomalous = sum(r.label for r in test)
     return (
         f"{len(categories)} {'category' if len(categories) == 1 else 'categories'} ({', '.join(categories)}), "
-        f"train {train}, test {len(test)} ({len(test) - anomalous} good, {anomalous} anomalous)"
+        f"train {train}{f', val {val}' if val else ''}, test {len(test)} ({len(test) - anomalous} good, {anomalous} anomalous)"
     )
 
