@@ -193,6 +193,38 @@ def test_an_error_on_one_process_stops_them_all_with_the_error_shown(two_process
 
 
 @pytest.mark.e2e
+def test_a_killed_two_process_training_resumes_to_the_same_prompts(two_processes, tmp_path):
+    """Rank 0 dies right after writing the epoch-2 checkpoint (before the query refresh of epoch 3); torchrun
+    stops the job. The same command again: every process reads the checkpoint and the prompts come out as the
+    uninterrupted 2-process run's."""
+    script = tmp_path / "die_after_epoch_2.py"
+    script.write_text(textwrap.dedent("""
+        import os
+        import runpy
+
+        import d2dprompt.checkpoints
+
+        real = d2dprompt.checkpoints.save_state
+
+        def save_then_die(state, path):
+            real(state, path)
+            if len(state.history) == 2:
+                os._exit(9)
+
+        d2dprompt.checkpoints.save_state = save_then_die
+        runpy.run_module("d2dprompt.train", run_name="__main__", alter_sys=True)
+    """))
+    args = ["--out", "resumed", "--checkpoint", "stages/checkpoints/resumed"]
+    killed = torchrun(str(script), *args, cwd=two_processes, check=False)
+    assert killed.returncode != 0 and (two_processes / "stages/checkpoints/resumed").is_dir()
+    assert not (two_processes / "resumed/model.safetensors").exists()
+    resumed = torchrun("-m", "d2dprompt.train", *args, cwd=two_processes)
+    assert "resuming after epoch 2" in resumed.stdout
+    got, expected = load_file(two_processes / "resumed/model.safetensors"), load_file(two_processes / "trained/model.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.e2e
 def test_predict_on_two_processes_gives_the_lines_and_masks_of_one(two_processes, trained):
     """Each process predicts every other image of the folder; rank 0 writes predictions.jsonl in folder order."""
     folder, thresholds = ROOT / "sample" / "weave" / "test", trained.parent / "stages/evaluate-trained/sample/thresholds.json"

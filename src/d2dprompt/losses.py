@@ -117,9 +117,7 @@ def total_loss(
     image_top_percent: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of the terms with non-zero weight; returns (loss, each term's unweighted value)."""
-    unknown = set(weights) - set(LOSS_NAMES)
-    if unknown:
-        raise ValueError(f"unknown loss terms: {sorted(unknown)}")
+    _check_names(weights)
     p, mask = maps["anomaly"], mask.to(maps["anomaly"].dtype)
     terms = {
         "focal": lambda: focal_loss(p, mask, focal_gamma),
@@ -129,15 +127,7 @@ def total_loss(
         "coverage": lambda: coverage_loss(maps["abnormal_mass"], mask, labels),
         "consistency": lambda: consistency_loss(maps["anomaly_levels"]),
     }
-    total = p.new_zeros(())
-    values: dict[str, float] = {}
-    for name, weight in weights.items():
-        if weight == 0:
-            continue
-        value = terms[name]()
-        values[name] = float(value.detach())
-        total = total + weight * value
-    return total, values
+    return _weighted(terms, weights, p)
 
 
 def shard_loss(
@@ -157,9 +147,7 @@ def shard_loss(
     an image 1 / (classes present x images of its class), coverage an anomalous image 1 / anomalous images.
     The shards' shares (loss and each term) sum to total_loss of the whole batch, up to float rounding.
     """
-    unknown = set(weights) - set(LOSS_NAMES)
-    if unknown:
-        raise ValueError(f"unknown loss terms: {sorted(unknown)}")
+    _check_names(weights)
     p, mask = maps["anomaly"], mask.to(maps["anomaly"].dtype)
     size, anomalous = batch_labels.numel(), labels > 0.5
     positives = int((batch_labels > 0.5).sum())
@@ -187,7 +175,18 @@ def shard_loss(
         "coverage": coverage,
         "consistency": lambda: per_image_mean(_disagreement(maps["anomaly_levels"])),
     }
-    total = p.new_zeros(())
+    return _weighted(terms, weights, p)
+
+
+def _check_names(weights: dict[str, float]) -> None:
+    unknown = set(weights) - set(LOSS_NAMES)
+    if unknown:
+        raise ValueError(f"unknown loss terms: {sorted(unknown)}")
+
+
+def _weighted(terms: dict, weights: dict[str, float], like: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """sum of weight x term over the terms with a non-zero weight (the others are not computed), and their values."""
+    total = like.new_zeros(())
     values: dict[str, float] = {}
     for name, weight in weights.items():
         if weight == 0:
