@@ -16,7 +16,8 @@ def detector_run(trained) -> str:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=os.environ["D2D_MLFLOW_URI"])
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'train'")
+    # finished runs only: a train killed midway (tests/test_distributed.py kills one) logged no model
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'train' and attributes.status = 'FINISHED'")
     wanted = (trained / "model.json").read_text()
     for run in runs:
         folder = client.download_artifacts(run.info.run_id, "model.json")
