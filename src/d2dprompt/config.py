@@ -35,8 +35,7 @@ def _once(values: list) -> list:
 # datasets the download stage prepares from their publishers' archives: fetched from a pinned URL and sha256, or
 # (mpdd, published without a direct link or checksum) read from the archive or folder download.mpdd_path names
 Archive = Literal["mvtec", "visa", "btad", "mpdd", "mvtec_ad2"]
-MANUAL = ("mpdd",)  # archives a user fetches by hand
-MPDD_SOURCE = "https://github.com/stepanje/MPDD"  # the publisher's page with the download link
+MANUAL = {"mpdd": "https://github.com/stepanje/MPDD"}  # archives a user fetches by hand -> the publisher's page with the link
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # becomes a folder and a DVC stage name (folder@<name>)
 # d2dprompt = learned prompts on SD cross-attention (this project); d2d = fixed hand-written prompts, nothing
 # learned; anomalyclip = learned prompts on CLIP patch-text similarity (zqhang/AnomalyCLIP); draem = reconstructive +
@@ -104,7 +103,7 @@ class DownloadParams(Block):
         for name in self.archives:
             if name in MANUAL:
                 if not getattr(self, f"{name}_path").strip():
-                    raise Invalid(f"{name}_path", f"'{name}' is a manual download: fetch it from {MPDD_SOURCE} "
+                    raise Invalid(f"{name}_path", f"'{name}' is a manual download: fetch it from {MANUAL[name]} "
                                   f"and set download.{name}_path to the archive or its extracted folder")
                 continue
             if not getattr(self, f"{name}_url"):

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from d2dprompt.images import ImageError
-from d2dprompt.manifest import GOOD, IMAGE_SUFFIXES, VALIDATION, LayoutError
+from d2dprompt.manifest import GOOD, VALIDATION, LayoutError, images_in, subdirs
 
 BTAD_NORMAL, BTAD_ANOMALOUS = "ok", "ko"  # BTAD's label folders
 BTAD_DEFECT = "ko"  # BTAD names no defect types: its one anomalous folder keeps its name
@@ -28,13 +28,8 @@ AD2_WITHOUT_TRUTH = ("test_private", "test_private_mixed")  # scored by MVTec's 
 
 
 def _images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """manifest.images_in, or none where a publisher's folder is absent (a product without anomalous test images)."""
+    return images_in(folder) if folder.is_dir() else []
 
 
 def dataset_root(folder: Path, is_category: Callable[[Path], bool], what: str) -> Path:
@@ -42,26 +37,31 @@ def dataset_root(folder: Path, is_category: Callable[[Path], bool], what: str) -
     wraps everything, like BTAD's BTech_Dataset_transformed/), the first that does."""
     here = folder
     while True:
-        if any(is_category(d) for d in _dirs(here)):
+        if any(is_category(d) for d in subdirs(here)):
             return here
-        inner = _dirs(here)
+        inner = subdirs(here)
         if len(inner) != 1:
             raise LayoutError(f"{folder}: not {what}: no category folder inside")
         here = inner[0]
 
 
 def _categories(root: Path, is_category: Callable[[Path], bool], wanted: list[str]) -> list[Path]:
-    found = {d.name: d for d in _dirs(root) if is_category(d)}
+    found = {d.name: d for d in subdirs(root) if is_category(d)}
     missing = [c for c in wanted if c not in found]
     if missing:
         raise LayoutError(f"{root}: no category {', '.join(missing)} (found: {', '.join(sorted(found))})")
     return [found[c] for c in sorted(wanted or found)]
 
 
-def _place(src: Path, target: Path, move: bool) -> None:
+def _claim(src: Path, target: Path) -> None:
+    """Make room for `target`, refusing a second source file that would land on it."""
     if target.exists():
         raise LayoutError(f"{src}: a second image would become {target.name} in {target.parent.name}/ (same name, other suffix)")
     target.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _place(src: Path, target: Path, move: bool) -> None:
+    _claim(src, target)
     if move:
         os.replace(src, target)
     else:
@@ -73,9 +73,7 @@ def _as_png(src: Path, target: Path, move: bool) -> None:
     if src.suffix.lower() == ".png":
         _place(src, target, move)
         return
-    if target.exists():
-        raise LayoutError(f"{src}: a second image would become {target.name} in {target.parent.name}/ (same name, other suffix)")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _claim(src, target)
     try:
         with Image.open(src) as img:
             img.load()
@@ -147,7 +145,7 @@ def convert_mpdd(root: Path, dest: Path, categories: list[str], move: bool = Tru
         out = dest / category.name
         for image in _images(category / "train" / GOOD):
             _place(image, out / "train" / GOOD / image.name, move)
-        for defect in _dirs(category / "test") if (category / "test").is_dir() else []:
+        for defect in subdirs(category / "test") if (category / "test").is_dir() else []:
             truth = category / "ground_truth" / defect.name
             for image in _images(defect):
                 if defect.name != GOOD:
@@ -180,7 +178,7 @@ def convert_mvtec_ad2(root: Path, dest: Path, categories: list[str], move: bool 
         for image in _images(category / VALIDATION / GOOD):
             _place(image, out / VALIDATION / GOOD / image.name, move)
         test = category / AD2_TEST
-        for defect in _dirs(test):
+        for defect in subdirs(test):
             if defect.name == "ground_truth":
                 continue
             for image in _images(defect):

@@ -279,15 +279,14 @@ class Detector:
         from d2dprompt.models import pick_device
         from d2dprompt.prompt_files import load_trained, method_of, move_to, read_record
 
-        if params is not None:
-            load_params(Path(params))  # a bad params file is named first, whether or not the run exists
+        given = load_params(Path(params)) if params is not None else None  # a bad file is named first, run or no run
         root, bundled_params = local_source(source)
         folder = trained_folder(root, method)
         if thresholds == "auto":
             chosen_file = evaluated_thresholds(folder, dataset)
         else:
             chosen_file = Path(thresholds) if thresholds is not None else None
-        cfg = settings(Path(params) if params is not None else bundled_params, chosen_file, folder)
+        cfg = given if given is not None else settings(bundled_params, chosen_file, folder)
         chosen = resolve_thresholds(chosen_file, image_threshold, pixel_threshold, cfg.evaluate, method_of(read_record(folder)[0]))
         torch_device = pick_device(device or cfg.model.device)
         model, record = load_trained(folder)

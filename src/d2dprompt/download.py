@@ -49,7 +49,7 @@ import typer
 from PIL import Image
 from tqdm import tqdm
 
-from d2dprompt.config import MANUAL, MPDD_SOURCE, DownloadParams, ParamsError, load_params
+from d2dprompt.config import MANUAL, DownloadParams, ParamsError, load_params
 from d2dprompt.converters import CONVERTERS
 from d2dprompt.cli import summary
 from d2dprompt.images import ImageError, load_mask, load_rgb
@@ -153,12 +153,20 @@ def archive_path(archive_dir: str | Path, url: str, source: str) -> Path:
 # ---------------------------------------------------------------- extraction
 
 
-def _unsafe_reason(member: tarfile.TarInfo) -> str | None:
-    path = PurePosixPath(member.name.replace("\\", "/"))
-    if path.is_absolute() or (len(member.name) > 1 and member.name[1] == ":"):
-        return "absolute path"
+def _entry_path(name: str) -> tuple[PurePosixPath, str | None]:
+    """An archive entry's name as a path inside the archive, and why it would land outside the target (or None)."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or (len(name) > 1 and name[1] == ":"):
+        return path, "absolute path"
     if ".." in path.parts:
-        return "'..' in path"
+        return path, "'..' in path"
+    return path, None
+
+
+def _unsafe_reason(member: tarfile.TarInfo) -> str | None:
+    path, reason = _entry_path(member.name)
+    if reason:
+        return reason
     if member.issym() or member.islnk():
         target = PurePosixPath(member.linkname.replace("\\", "/"))
         if target.is_absolute():
@@ -173,14 +181,10 @@ def _unsafe_reason(member: tarfile.TarInfo) -> str | None:
 
 
 def _unsafe_zip_reason(info: zipfile.ZipInfo) -> str | None:
-    path = PurePosixPath(info.filename.replace("\\", "/"))
-    if path.is_absolute() or (len(info.filename) > 1 and info.filename[1] == ":"):
-        return "absolute path"
-    if ".." in path.parts:
-        return "'..' in path"
-    if (info.external_attr >> 16) & 0o170000 == 0o120000:  # a Unix symlink stored in the zip
+    _, reason = _entry_path(info.filename)
+    if reason is None and (info.external_attr >> 16) & 0o170000 == 0o120000:  # a Unix symlink stored in the zip
         return "symbolic link"
-    return None
+    return reason
 
 
 def _safe_extract_zip(archive: Path, dest: Path) -> None:
@@ -190,7 +194,7 @@ def _safe_extract_zip(archive: Path, dest: Path) -> None:
                 reason = _unsafe_zip_reason(info)
                 if reason:
                     raise DownloadError(f"{archive}: unsafe entry '{info.filename}' ({reason})")
-                target = dest / PurePosixPath(info.filename.replace("\\", "/"))
+                target = dest / _entry_path(info.filename)[0]
                 if info.is_dir():
                     target.mkdir(parents=True, exist_ok=True)
                     continue
@@ -394,19 +398,17 @@ def prepare_source(name: str, params: DownloadParams, out: Path) -> list[Manifes
         given = Path(getattr(params, f"{name}_path"))
         if not given.exists():
             raise LayoutError(f"{given}: not found (download.{name}_path); {name} is a manual download: fetch it from "
-                              f"{MPDD_SOURCE} and point download.{name}_path at the archive or its extracted folder")
+                              f"{MANUAL[name]} and point download.{name}_path at the archive or its extracted folder")
         if given.is_dir():
             return convert_and_build(name, given, out, params.categories, move=False, shown_as=str(given))
         archive = given
     else:
         url, sha256 = getattr(params, f"{name}_url"), getattr(params, f"{name}_sha256")
         archive = fetch(url, archive_path(params.archive_dir, url, name), sha256)
-    if name in CONVERTERS:
-        with _scratch_dir(out, f"{name}-extract") as extracted:
-            safe_extract(archive, extracted)
-            return convert_and_build(name, extracted, out, params.categories, move=True, shown_as=str(archive))
     with _scratch_dir(out, f"{name}-extract") as extracted:
         safe_extract(archive, extracted)
+        if name in CONVERTERS:
+            return convert_and_build(name, extracted, out, params.categories, move=True, shown_as=str(archive))
         if name == "mvtec":
             root = _single_subdir_or_self(extracted, _is_mvtec_root)
             return build_dataset(name, root, out, params.categories, move=True, shown_as=str(archive))

@@ -89,11 +89,11 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
     return rows
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _subdirs(folder: Path) -> list[Path]:
+def subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
@@ -104,28 +104,28 @@ def _is_category(folder: Path) -> bool:
 def _scan_category(root: Path, cat_dir: Path, dataset: str) -> list[ManifestRow]:
     category = cat_dir.name
     train_good, test_dir = cat_dir / "train" / GOOD, cat_dir / "test"
-    if not train_good.is_dir() or not _images_in(train_good):
+    if not train_good.is_dir() or not images_in(train_good):
         raise LayoutError(f"{train_good}: missing or empty; MVTec layout needs <category>/train/good/*.png")
-    extra = [d.name for d in _subdirs(cat_dir / "train") if d.name != GOOD]
+    extra = [d.name for d in subdirs(cat_dir / "train") if d.name != GOOD]
     if extra:
         raise LayoutError(f"{cat_dir / 'train'}: only good/ is allowed in train, found {', '.join(extra)}")
-    if not test_dir.is_dir() or not _subdirs(test_dir):
+    if not test_dir.is_dir() or not subdirs(test_dir):
         raise LayoutError(f"{test_dir}: missing or empty; MVTec layout needs <category>/test/<defect>/")
 
     def rel(p: Path) -> str:
         return p.relative_to(root).as_posix()
 
-    rows = [ManifestRow(dataset, category, "train", 0, GOOD, rel(p), "") for p in _images_in(train_good)]
+    rows = [ManifestRow(dataset, category, "train", 0, GOOD, rel(p), "") for p in images_in(train_good)]
     if (cat_dir / VALIDATION).is_dir():
         val_good = cat_dir / VALIDATION / GOOD
-        extra = [d.name for d in _subdirs(cat_dir / VALIDATION) if d.name != GOOD]
-        if extra or not val_good.is_dir() or not _images_in(val_good):
+        extra = [d.name for d in subdirs(cat_dir / VALIDATION) if d.name != GOOD]
+        if extra or not val_good.is_dir() or not images_in(val_good):
             raise LayoutError(f"{cat_dir / VALIDATION}: the validation split holds normal images only, in {VALIDATION}/good/"
                               + (f" (found {', '.join(extra)})" if extra else ""))
-        rows += [ManifestRow(dataset, category, "val", 0, GOOD, rel(p), "") for p in _images_in(val_good)]
-    for defect_dir in _subdirs(test_dir):
+        rows += [ManifestRow(dataset, category, "val", 0, GOOD, rel(p), "") for p in images_in(val_good)]
+    for defect_dir in subdirs(test_dir):
         defect = defect_dir.name
-        for image in _images_in(defect_dir):
+        for image in images_in(defect_dir):
             if defect == GOOD:
                 rows.append(ManifestRow(dataset, category, "test", 0, GOOD, rel(image), ""))
                 continue
@@ -148,7 +148,7 @@ def scan_mvtec_layout(root: str | Path, dataset: str, categories: list[str] | No
         raise LayoutError(f"{root}: dataset folder not found")
     if _is_category(root):
         raise LayoutError(f"{root}: this is one category folder; point at its parent (layout: <root>/<category>/train/good)")
-    found = {d.name: d for d in _subdirs(root) if _is_category(d)}
+    found = {d.name: d for d in subdirs(root) if _is_category(d)}
     if not found:
         raise LayoutError(f"{root}: not MVTec layout, no <category>/train/good or <category>/test folders inside")
     wanted = list(categories) if categories else sorted(found)
