@@ -26,15 +26,15 @@ test: env
 
 # the web app (README "Use a trained detector"); e.g. make app ARGS="--port 8080"
 app: env
-	$(RUN) python -m d2dprompt.app $(ARGS)
+	$(RUN) python -m d2dprompt.serve.app $(ARGS)
 
 # the ablation study as DVC experiments (README "Ablations and seeds"); e.g. make ablate ARGS="--only baseline,no_dice --seeds 3"
 ablate: env
-	$(RUN) python -m d2dprompt.ablate $(ARGS)
+	$(RUN) python -m d2dprompt.pipeline.ablate $(ARGS)
 
 bench: env
-	$(RUN) python -m d2dprompt.bench
-	$(RUN) python -m d2dprompt.bench_metrics
+	$(RUN) python -m d2dprompt.bench.steps
+	$(RUN) python -m d2dprompt.bench.metrics
 
 clean:
 	rm -rf $(VENV) stages

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from d2dprompt.models import FrozenSD, build_tiny
+from d2dprompt.core.models import FrozenSD, build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def repo_copy(tmp_path_factory) -> Path:
 
 def stage(name: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", f"d2dprompt.{name}", *args],
+        [sys.executable, "-m", f"d2dprompt.pipeline.{name}", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

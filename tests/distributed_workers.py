@@ -1,6 +1,6 @@
 """Processes of a 2-process gloo group for tests/test_distributed.py, started by torch.multiprocessing.
 
-A module of their own so a spawned process imports torch and d2dprompt.distributed only, not the
+A module of their own so a spawned process imports torch and d2dprompt.core.runtime.distributed only, not the
 test fixtures (conftest imports diffusers: seconds per process).
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from d2dprompt import distributed
-from d2dprompt.config import DistributedParams
+from d2dprompt.core.runtime import distributed
+from d2dprompt.core.runtime.config import DistributedParams
 
 
 def join(rank: int, world: int, port: int, timeout_s: int = 60):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from d2dprompt import ablate
+from d2dprompt.pipeline import ablate
 from tests.conftest import ROOT, run_cmd
 
 DATA = ROOT / "tests" / "data"
@@ -99,7 +99,7 @@ def test_a_real_ablation_queues_runs_and_reports_through_dvc(repo_copy, tmp_path
     plumbing, not the numbers, is under test)."""
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(repo_copy), str(clone)], check=True)
-    args = [sys.executable, "-m", "d2dprompt.ablate", "--only", "baseline,no_image", "--seeds", "2", "--poll", "2",
+    args = [sys.executable, "-m", "d2dprompt.pipeline.ablate", "--only", "baseline,no_image", "--seeds", "2", "--poll", "2",
             "--set", "train.epochs=1", "--set", "model.image_size=64", "--out", "report"]
     run_cmd(args, clone, timeout=1500)
     record = json.loads((clone / "report/ablation.json").read_text())

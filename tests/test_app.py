@@ -45,8 +45,8 @@ def browser_or_skip() -> str:
 def test_uploads_that_cannot_be_scored_are_named_with_the_reason(tmp_path):
     from PIL import Image
 
-    from d2dprompt.app import check_upload
-    from d2dprompt.images import ImageError
+    from d2dprompt.serve.app import check_upload
+    from d2dprompt.core.data.images import ImageError
 
     good = tmp_path / "good.png"
     Image.new("RGB", (300, 200)).save(good)
@@ -84,7 +84,7 @@ def server(checkout):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     log = (checkout / "app.log").open("w")
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "d2dprompt.app", "--port", str(port), "--samples", str(ROOT / "sample")],
+    proc = subprocess.Popen([sys.executable, "-m", "d2dprompt.serve.app", "--port", str(port), "--samples", str(ROOT / "sample")],
                             cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     while True:

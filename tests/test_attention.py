@@ -2,8 +2,8 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
-from d2dprompt.attention import aggregate_maps, attention_probs, cross_attention_levels, install_capture
-from d2dprompt.models import build_tiny
+from d2dprompt.methods.d2dprompt.attention import aggregate_maps, attention_probs, cross_attention_levels, install_capture
+from d2dprompt.core.models import build_tiny
 
 
 @pytest.fixture()

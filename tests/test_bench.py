@@ -5,7 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from d2dprompt import bench
+from d2dprompt.bench import steps as bench
 
 
 def test_tiny_run_writes_well_formed_rows(tmp_path):

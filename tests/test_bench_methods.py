@@ -7,7 +7,7 @@ import json
 import typer
 from typer.testing import CliRunner
 
-from d2dprompt import bench_methods
+from d2dprompt.bench import methods as bench_methods
 
 
 def test_tiny_scale_times_an_epoch_and_inference_of_both_methods(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2dprompt.bench_predict import write_images
+from d2dprompt.bench.predict import write_images
 from tests.conftest import run_cmd
 
 
@@ -24,7 +24,7 @@ def test_generated_images_are_a_function_of_their_index(tmp_path):
 def test_the_benchmark_runs_predict_and_reports_peak_memory(trained, tmp_path):
     import sys
 
-    proc = run_cmd([sys.executable, "-m", "d2dprompt.bench_predict", "--images", "6", "--side", "160", "--trained", str(trained),
+    proc = run_cmd([sys.executable, "-m", "d2dprompt.bench.predict", "--images", "6", "--side", "160", "--trained", str(trained),
                     "--batch-size", "4", "--workers", "1"], cwd=tmp_path)
     assert "6 of 6 images" in proc.stdout, proc.stdout
     own, tree = map(int, re.search(r"predict (\d+) MiB RSS, predict \+ its workers (\d+) MiB PSS", proc.stdout).groups())

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from d2dprompt.cli import summary
+from d2dprompt.core.runtime.cli import summary
 from tests.conftest import ROOT
 
-TOOLS = ["download", "latents", "queries", "train", "evaluate", "predict", "ablate", "app", "bench_predict"]
+TOOLS = [*(f"pipeline.{s}" for s in ("download", "latents", "queries", "train", "evaluate", "predict", "ablate")), "serve.app", "bench.predict"]
 HEAVY = ("torch", "diffusers", "transformers", "mlflow", "dvc", "gradio")
 
 

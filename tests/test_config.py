@@ -1,6 +1,7 @@
 import pytest
 
-from d2dprompt.config import Params, ParamsError, flatten, load_params, params_from_dict
+from d2dprompt.core.runtime.config import ParamsError, flatten
+from d2dprompt.params import Params, load_params, params_from_dict
 from tests.conftest import ROOT
 
 

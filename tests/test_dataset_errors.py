@@ -14,13 +14,13 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from d2dprompt import download
-from d2dprompt.images import ImageError, load_mask
-from d2dprompt.manifest import read_manifest
-from d2dprompt.metrics import f1_max_threshold, image_metrics, pixel_metrics, summarize
-from d2dprompt.outputs import write_json
-from d2dprompt.report import write_metrics
-from d2dprompt.thresholds import f1_at
+from d2dprompt.pipeline import download
+from d2dprompt.core.data.images import ImageError, load_mask
+from d2dprompt.core.data.manifest import read_manifest
+from d2dprompt.core.eval.metrics import f1_max_threshold, image_metrics, pixel_metrics, summarize
+from d2dprompt.core.runtime.outputs import write_json
+from d2dprompt.core.eval.report import write_metrics
+from d2dprompt.core.eval.thresholds import f1_at
 from tests.test_predict import SCRATCH, _reuse_tiny, params_file, prompts_dir, read_jsonl, run  # noqa: F401 (fixtures)
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2dprompt.detector import Prediction, ThresholdsError, evaluated_thresholds, trained_folder
-from d2dprompt.images import ImageError, rgb_of
-from d2dprompt.thresholds import Thresholds
+from d2dprompt.serve.detector import Prediction, ThresholdsError, evaluated_thresholds, trained_folder
+from d2dprompt.core.data.images import ImageError, rgb_of
+from d2dprompt.core.eval.thresholds import Thresholds
 from tests.conftest import ROOT
 
 SAMPLE_IMAGE = ROOT / "sample/weave/test/hole/000.png"

@@ -24,9 +24,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from d2dprompt import train
-from d2dprompt.config import load_params
-from d2dprompt.distributed import shard_range
+from d2dprompt.pipeline import train
+from d2dprompt.params import load_params
+from d2dprompt.core.runtime.distributed import shard_range
 from tests import distributed_workers
 from tests.conftest import ROOT, write_params
 
@@ -63,7 +63,7 @@ def test_shards_cover_every_row_once_in_order_in_whole_blocks(world, block):
 
 
 def test_each_process_takes_its_own_gpu_and_the_backend_follows_the_device(monkeypatch):
-    from d2dprompt import distributed
+    from d2dprompt.core.runtime import distributed
 
     assert distributed.device("cpu") == torch.device("cpu") and distributed.device("cuda:1") == torch.device("cuda:1")  # one process
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -100,9 +100,9 @@ def two_processes(tmp_path_factory, workspace, trained) -> Path:
     for name in ("download", "latents"):
         (ws / "stages" / name).symlink_to(workspace / "stages" / name)
     write_params(ws, train=TRAIN, attention=ATTENTION)
-    torchrun("-m", "d2dprompt.queries", cwd=ws)
-    (ws / "train.out").write_text(torchrun("-m", "d2dprompt.train", "--out", "trained", cwd=ws).stdout)
-    torchrun("-m", "d2dprompt.evaluate", "sample", "--trained", str(trained), "--out", "stages/evaluate", "--metrics", "metrics", cwd=ws)
+    torchrun("-m", "d2dprompt.pipeline.queries", cwd=ws)
+    (ws / "train.out").write_text(torchrun("-m", "d2dprompt.pipeline.train", "--out", "trained", cwd=ws).stdout)
+    torchrun("-m", "d2dprompt.pipeline.evaluate", "sample", "--trained", str(trained), "--out", "stages/evaluate", "--metrics", "metrics", cwd=ws)
     return ws
 
 
@@ -175,14 +175,14 @@ def test_an_error_on_one_process_stops_them_all_with_the_error_shown(two_process
         import os
         import runpy
 
-        import d2dprompt.latent_store
+        import d2dprompt.core.data.latent_store
 
         if os.environ["RANK"] == "1":
             def unreadable(*args, **kwargs):
                 raise FileNotFoundError("stages/latents/sample/latents.safetensors: cannot be read here")
 
-            d2dprompt.latent_store.training_set = unreadable
-        runpy.run_module("d2dprompt.queries", run_name="__main__", alter_sys=True)
+            d2dprompt.core.data.latent_store.training_set = unreadable
+        runpy.run_module("d2dprompt.pipeline.queries", run_name="__main__", alter_sys=True)
     """))
     start = time.monotonic()
     proc = torchrun(str(script), "--out", "stages/queries-failed", cwd=two_processes, check=False)
@@ -202,23 +202,23 @@ def test_a_killed_two_process_training_resumes_to_the_same_prompts(two_processes
         import os
         import runpy
 
-        import d2dprompt.checkpoints
+        import d2dprompt.core.runtime.checkpoints
 
-        real = d2dprompt.checkpoints.save_state
+        real = d2dprompt.core.runtime.checkpoints.save_state
 
         def save_then_die(state, path):
             real(state, path)
             if len(state.history) == 2:
                 os._exit(9)
 
-        d2dprompt.checkpoints.save_state = save_then_die
-        runpy.run_module("d2dprompt.train", run_name="__main__", alter_sys=True)
+        d2dprompt.core.runtime.checkpoints.save_state = save_then_die
+        runpy.run_module("d2dprompt.pipeline.train", run_name="__main__", alter_sys=True)
     """))
     args = ["--out", "resumed", "--checkpoint", "stages/checkpoints/resumed"]
     killed = torchrun(str(script), *args, cwd=two_processes, check=False)
     assert killed.returncode != 0 and (two_processes / "stages/checkpoints/resumed").is_dir()
     assert not (two_processes / "resumed/model.safetensors").exists()
-    resumed = torchrun("-m", "d2dprompt.train", *args, cwd=two_processes)
+    resumed = torchrun("-m", "d2dprompt.pipeline.train", *args, cwd=two_processes)
     assert "resuming after epoch 2" in resumed.stdout
     got, expected = load_file(two_processes / "resumed/model.safetensors"), load_file(two_processes / "trained/model.safetensors")
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
@@ -229,8 +229,8 @@ def test_predict_on_two_processes_gives_the_lines_and_masks_of_one(two_processes
     """Each process predicts every other image of the folder; rank 0 writes predictions.jsonl in folder order."""
     folder, thresholds = ROOT / "sample" / "weave" / "test", trained.parent / "stages/evaluate-trained/sample/thresholds.json"
     args = [str(folder), "--trained", str(trained), "--thresholds", str(thresholds), "--workers", "1"]
-    two = torchrun("-m", "d2dprompt.predict", *args, "--out", "two", cwd=two_processes)
-    one = subprocess.run([sys.executable, "-m", "d2dprompt.predict", *args, "--out", "one"], cwd=two_processes,
+    two = torchrun("-m", "d2dprompt.pipeline.predict", *args, "--out", "two", cwd=two_processes)
+    one = subprocess.run([sys.executable, "-m", "d2dprompt.pipeline.predict", *args, "--out", "one"], cwd=two_processes,
                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert one.returncode == 0, one.stderr[-3000:]
     lines = {name: [json.loads(line) for line in (two_processes / name / "predictions.jsonl").read_text().splitlines()]
@@ -250,7 +250,7 @@ def test_methods_that_train_on_one_process_say_so(tmp_path, monkeypatch):
     """Under torchrun (its WORLD_SIZE) train@draem stops in one line before it joins a group or writes anything."""
     from typer.testing import CliRunner
 
-    from d2dprompt.cli import app_for
+    from d2dprompt.core.runtime.cli import app_for
 
     params = write_params(tmp_path)
     params.write_text(params.read_text() + "methods: [d2dprompt, draem]\n")

@@ -1,4 +1,4 @@
-"""Tests for d2dprompt.download: sample/folder sources, archive download (resume, checksum), safe extraction, VisA."""
+"""Tests for d2dprompt.pipeline.download: sample/folder sources, archive download (resume, checksum), safe extraction, VisA."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from d2dprompt.download import DownloadError, app, safe_extract
-from d2dprompt.manifest import read_manifest, scan_mvtec_layout
+from d2dprompt.pipeline.download import DownloadError, app, safe_extract
+from d2dprompt.core.data.manifest import read_manifest, scan_mvtec_layout
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample"
 MVTEC_NAME = "mvtec_anomaly_detection.tar.xz"

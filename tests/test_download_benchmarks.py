@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2dprompt.latents import validation_images
-from d2dprompt.manifest import read_manifest
+from d2dprompt.pipeline.latents import validation_images
+from d2dprompt.core.data.manifest import read_manifest
 from tests.test_download import error_line, run_cli, server, sha256  # noqa: F401 (server is a fixture)
 
 HW = (24, 32)  # small, and not square: a transposed mask would not fit

@@ -16,7 +16,8 @@ import yaml
 from typer.testing import CliRunner
 
 import d2dprompt
-from d2dprompt import download, outputs, tracking
+from d2dprompt.core.runtime import outputs, tracking
+from d2dprompt.pipeline import download
 
 SRC = Path(d2dprompt.__file__).resolve().parents[1]
 SAMPLE = Path(__file__).resolve().parents[1] / "sample"
@@ -27,8 +28,8 @@ STAGE = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from d2dprompt.outputs import atomic_dir, atomic_file
-    from d2dprompt.tracking import start_run
+    from d2dprompt.core.runtime.outputs import atomic_dir, atomic_file
+    from d2dprompt.core.runtime.tracking import start_run
 
     kind, dest, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     with start_run("fault-" + kind, {}) as run:
@@ -144,7 +145,7 @@ def test_download_scratch_of_a_killed_run_is_removed(tmp_path):
     out = tmp_path / "out"
     script = tmp_path / "download_stage.py"
     script.write_text(
-        "import sys, time\nfrom pathlib import Path\nfrom d2dprompt.download import _scratch_dir\n"
+        "import sys, time\nfrom pathlib import Path\nfrom d2dprompt.pipeline.download import _scratch_dir\n"
         "with _scratch_dir(Path(sys.argv[1]), 'sample') as scratch:\n"
         "    (scratch / 'half.png').write_bytes(b'x')\n    print(scratch, flush=True)\n    time.sleep(600)\n"
     )

@@ -1,4 +1,4 @@
-"""Tests for d2dprompt.images: mode conversion, corrupt files, masks, resizing."""
+"""Tests for d2dprompt.core.data.images: mode conversion, corrupt files, masks, resizing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from d2dprompt.images import ImageError, load_mask, load_rgb, resize_mask, resize_rgb
+from d2dprompt.core.data.images import ImageError, load_mask, load_rgb, resize_mask, resize_rgb
 
 
 def _png_16bit(path, array: np.ndarray, colour_type: int) -> None:

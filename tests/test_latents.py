@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from d2dprompt.config import LatentsParams
-from d2dprompt.latents import encode_dataset
-from d2dprompt.manifest import ManifestRow
+from d2dprompt.core.runtime.config import LatentsParams
+from d2dprompt.pipeline.latents import encode_dataset
+from d2dprompt.core.data.manifest import ManifestRow
 from tests.conftest import ROOT
 
 ROWS = [ManifestRow("sample", "tile", "train", 0, "good", f"tile/train/good/{i:03d}.png", "") for i in range(2)]

@@ -3,13 +3,14 @@ import math
 import pytest
 import torch
 
-from d2dprompt.losses import (
+from d2dprompt.core.eval.maps import top_mean as image_score
+
+from d2dprompt.methods.d2dprompt.loss import (
     consistency_loss,
     coverage_loss,
     dice_loss,
     focal_loss,
     image_loss,
-    image_score,
     shard_loss,
     sharpness_loss,
     total_loss,

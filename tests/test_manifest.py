@@ -1,4 +1,4 @@
-"""Tests for d2dprompt.manifest: CSV round trip, bad files, MVTec layout scanning."""
+"""Tests for d2dprompt.core.data.manifest: CSV round trip, bad files, MVTec layout scanning."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from d2dprompt.manifest import (
+from d2dprompt.core.data.manifest import (
     COLUMNS,
     LayoutError,
     ManifestError,

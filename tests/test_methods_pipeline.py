@@ -73,7 +73,7 @@ def test_predict_scores_a_test_image_as_evaluate_did_for_every_method(every_meth
     renamed = tmp_path / "renamed.png"
     shutil.copy(every_method / "stages/download/sample" / row["image_path"], renamed)
     category = ["--category", f"sample/{row['category']}"] if method in ("draem", "decodiff") else []  # models per category / class labels
-    run_cmd(["python", "-m", "d2dprompt.predict", str(renamed), "--trained", f"stages/train/{method}", "--out", str(tmp_path / "out"),
+    run_cmd(["python", "-m", "d2dprompt.pipeline.predict", str(renamed), "--trained", f"stages/train/{method}", "--out", str(tmp_path / "out"),
              "--thresholds", f"stages/evaluate/{method}/sample/thresholds.json", *category], every_method)
     (record,) = [json.loads(line) for line in (tmp_path / "out/predictions.jsonl").read_text().splitlines()]
     assert abs(record["score"] - float(row["score"])) < 1e-5, (row, record)
@@ -86,7 +86,7 @@ def test_a_trained_folder_and_its_thresholds_are_enough_to_predict_outside_the_r
         row = next(r for r in csv.DictReader(fh) if r["label"] == "1")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()  # no params.yaml, no stages/: a trained run copied to an inspection PC
-    run_cmd(["python", "-m", "d2dprompt.predict", str(every_method / "stages/download/sample" / row["image_path"]),
+    run_cmd(["python", "-m", "d2dprompt.pipeline.predict", str(every_method / "stages/download/sample" / row["image_path"]),
              "--trained", str(every_method / "stages/train/d2dprompt"), "--out", "out",
              "--thresholds", str(every_method / "stages/evaluate/d2dprompt/sample/thresholds.json")], elsewhere)
     (record,) = [json.loads(line) for line in (elsewhere / "out/predictions.jsonl").read_text().splitlines()]

@@ -5,8 +5,8 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from d2dprompt import metrics
-from d2dprompt.metrics import (
+from d2dprompt.core.eval import metrics
+from d2dprompt.core.eval.metrics import (
     aupro,
     f1_max_threshold,
     image_metrics,

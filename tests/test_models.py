@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from d2dprompt.models import build_tiny, bundled_clip_tokenizer, load_frozen, save_tiny
+from d2dprompt.core.models import build_tiny, bundled_clip_tokenizer, load_frozen, save_tiny
 
 
 def test_bundled_tokenizer_matches_clip_ids():
@@ -53,8 +53,8 @@ def test_hub_style_tokenizer_folder_loads_like_stable_diffusion_2(tmp_path):
 
     from transformers import CLIPTokenizer
 
-    from d2dprompt.models import _clip_vocab_and_merges
-    from d2dprompt.prompts import build_layout
+    from d2dprompt.core.models import _clip_vocab_and_merges
+    from d2dprompt.methods.prompt_learner import build_layout
 
     vocab, merges = _clip_vocab_and_merges()
     folder = tmp_path / "tokenizer"
@@ -72,8 +72,8 @@ def test_hub_style_tokenizer_folder_loads_like_stable_diffusion_2(tmp_path):
 
 @pytest.mark.parametrize("prompts", ["joint", "paired"])
 def test_an_fp16_checkpoint_loads_in_fp32_and_runs_both_modes(tmp_path, prompts):
-    from d2dprompt.config import params_from_dict
-    from d2dprompt.methods.d2dprompt import build_segmenter
+    from d2dprompt.params import params_from_dict
+    from d2dprompt.methods.d2dprompt.model import build_segmenter
 
     loaded = load_frozen(str(save_tiny(tmp_path / "sd16", seed=0, dtype=torch.float16)))
     for module in (loaded.text_encoder, loaded.unet, loaded.vae):

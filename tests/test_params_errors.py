@@ -11,9 +11,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from d2dprompt import download, evaluate, latents, predict, queries, train
-from d2dprompt.config import ParamsError, load_params, params_from_dict
-from d2dprompt.vae_factor import SD_VAE_FACTOR, vae_factor
+from d2dprompt.pipeline import download, evaluate, latents, predict, queries, train
+from d2dprompt.core.runtime.config import ParamsError
+from d2dprompt.params import load_params, params_from_dict
+from d2dprompt.core.vae_factor import SD_VAE_FACTOR, vae_factor
 from tests.conftest import ROOT
 
 # (params.yaml text, a part of the one-line message after "<file>: ")
@@ -136,12 +137,13 @@ def test_vae_factor_without_weights(tmp_path, tiny, monkeypatch):
 def test_reading_params_loads_neither_torch_nor_a_model():
     code = (
         "import sys\n"
-        "from d2dprompt.config import ParamsError, params_from_dict\n"
+        "from d2dprompt.core.runtime.config import ParamsError\n"
+        "from d2dprompt.params import params_from_dict\n"
         "try:\n"
         "    params_from_dict({'model': {'image_size': 100}})\n"
         "except ParamsError as err:\n"
         "    print(err)\n"
-        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'd2dprompt.models') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'd2dprompt.core.models') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert out.stdout.splitlines() == [CASES["latents vs levels"][1], "[]"], out.stderr
@@ -165,11 +167,11 @@ def _cli(main) -> typer.Typer:
 
 @pytest.mark.parametrize("name", ["download", "latents", "queries", "train", "evaluate", "predict"])
 def test_every_stage_checks_params_before_loading_a_model(tmp_path, monkeypatch, name):
-    import d2dprompt.models
-    import d2dprompt.prompt_files
+    import d2dprompt.core.models
+    import d2dprompt.methods.trained
 
-    monkeypatch.setattr(d2dprompt.models, "load_frozen", _no_model)  # the stages import them where they run
-    monkeypatch.setattr(d2dprompt.prompt_files, "load_trained", _no_model)
+    monkeypatch.setattr(d2dprompt.core.models, "load_frozen", _no_model)  # the stages import them where they run
+    monkeypatch.setattr(d2dprompt.methods.trained, "load_trained", _no_model)
     params, out = tmp_path / "bad.yaml", tmp_path / "out"
     params.write_text(BAD)
     args = {
@@ -196,7 +198,7 @@ def test_stage_cli_exits_with_one_line_and_no_outputs(tmp_path, stage, case):
     text, expected = CASES[case]
     (tmp_path / "bad.yaml").write_text(text)
     proc = subprocess.run(
-        [sys.executable, "-m", f"d2dprompt.{stage}", "--params", "bad.yaml"],
+        [sys.executable, "-m", f"d2dprompt.pipeline.{stage}", "--params", "bad.yaml"],
         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
     )
     lines = proc.stderr.splitlines()
@@ -207,20 +209,24 @@ def test_stage_cli_exits_with_one_line_and_no_outputs(tmp_path, stage, case):
 
 def test_prompts_json_of_an_older_run_still_loads(tmp_path, tiny, monkeypatch):
     """Records written before this schema: fp16 allowed, no train.untrained / loss.image_top_percent keys."""
-    from d2dprompt import prompt_files
-    from d2dprompt.config import Params
-    from d2dprompt.methods.d2dprompt import build_segmenter
+    from d2dprompt.core import models
+    from d2dprompt.core.training import CONFIG_FILE, write_trained
+    from d2dprompt.methods import registry
+    from d2dprompt.methods import trained as prompt_files
+    from d2dprompt.methods.base import config_record
+    from d2dprompt.params import Params
+    from d2dprompt.methods.d2dprompt.model import build_segmenter
 
     cfg = Params()
     segmenter = build_segmenter(tiny, cfg.prompt, cfg.attention, cfg.model)
-    record = prompt_files.config_record(cfg)
+    record = config_record(registry.get("d2dprompt"), cfg)
     record["model"]["precision"] = "fp16"  # refused in params.yaml now; the record's device/precision are not read back
     del record["train"]["untrained"], record["loss"]["image_top_percent"]
-    prompt_files.save_prompts(segmenter, record, tmp_path)
-    monkeypatch.setattr(prompt_files, "load_frozen", lambda pretrained, seed: tiny)
-    loaded, read_back = prompt_files.load_segmenter(tmp_path)
+    write_trained(tmp_path, segmenter.prompts.state_dict(), record, [])
+    monkeypatch.setattr(models, "load_frozen", lambda pretrained, seed: tiny)
+    loaded, read_back, _ = prompt_files.load_trained(tmp_path)
     assert read_back == record and loaded.timestep == cfg.model.timestep
     record["prompt"]["n_ctx"] = 0
-    (tmp_path / prompt_files.CONFIG_FILE).write_text(json.dumps(record))
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(record))
     with pytest.raises(ParamsError, match=rf"^{tmp_path / 'model.json'}: prompt.n_ctx: must be >= 1, got 0$"):
-        prompt_files.load_segmenter(tmp_path)
+        prompt_files.load_trained(tmp_path)

@@ -19,12 +19,16 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from d2dprompt import prompt_files
-from d2dprompt.config import EvaluateParams, Params
-from d2dprompt.detector import FALLBACK_SOURCE, ThresholdsError, resolve_thresholds
-from d2dprompt.predict import IMAGE_SUFFIXES, app, find_images, output_stems
-from d2dprompt.prompt_files import config_record, save_prompts
-from d2dprompt.methods.d2dprompt import build_segmenter
+from d2dprompt.core import models as core_models
+from d2dprompt.methods import trained as prompt_files
+from d2dprompt.core.runtime.config import EvaluateParams
+from d2dprompt.params import Params
+from d2dprompt.serve.detector import FALLBACK_SOURCE, ThresholdsError, resolve_thresholds
+from d2dprompt.pipeline.predict import IMAGE_SUFFIXES, app, find_images, output_stems
+from d2dprompt.core.training import write_trained
+from d2dprompt.methods import registry
+from d2dprompt.methods.base import config_record
+from d2dprompt.methods.d2dprompt.model import build_segmenter
 from tests.conftest import ROOT
 
 SAMPLE = ROOT / "sample"
@@ -38,7 +42,7 @@ def prompts_dir(tiny, tmp_path_factory) -> Path:
     cfg.prompt.depth = 2  # fewer compound layers: faster, and quality does not matter here
     folder = tmp_path_factory.mktemp("train")
     segmenter = build_segmenter(tiny, cfg.prompt, cfg.attention, cfg.model)
-    save_prompts(segmenter, config_record(cfg), folder)
+    write_trained(folder, segmenter.prompts.state_dict(), config_record(registry.get("d2dprompt"), cfg), [])
     return folder
 
 
@@ -52,7 +56,7 @@ def params_file(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _reuse_tiny(tiny, monkeypatch):
     """The CLI would rebuild the same tiny stack from its seed; reuse the session's copy."""
-    monkeypatch.setattr(prompt_files, "load_frozen", lambda pretrained, seed=0: tiny)
+    monkeypatch.setattr(core_models, "load_frozen", lambda pretrained, seed=0: tiny)
 
 
 def run(args: list[str], prompts_dir: Path, params_file: Path):
@@ -104,7 +108,7 @@ def folder_run(prompts_dir, params_file, tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("folder")
     inputs, out = make_folder(root), root / "out"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prompt_files, "load_frozen", lambda pretrained, seed=0: tiny)
+        mp.setattr(core_models, "load_frozen", lambda pretrained, seed=0: tiny)
         result = run([inputs, "--out", out, "--batch-size", "2"], prompts_dir, params_file)
     return inputs, out, result
 
@@ -221,7 +225,7 @@ def test_find_images_skips_the_output_folder(tmp_path):
 
 
 def test_thresholds_of_another_method_are_refused(tmp_path):
-    from d2dprompt.detector import ThresholdsError, read_thresholds_file
+    from d2dprompt.serve.detector import ThresholdsError, read_thresholds_file
 
     ev = EvaluateParams()
     path = tmp_path / "thresholds.json"
@@ -264,7 +268,7 @@ def test_a_killed_process_resumes_without_redoing_finished_images(prompts_dir, p
     for i in range(24):
         shutil.copy(SCRATCH, inputs / f"{i:03d}.png")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "d2dprompt.predict", str(inputs), "--trained", str(prompts_dir), "--params", str(params_file),
+    cmd = [sys.executable, "-m", "d2dprompt.pipeline.predict", str(inputs), "--trained", str(prompts_dir), "--params", str(params_file),
            "--out", str(out), "--batch-size", "1", "--workers", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

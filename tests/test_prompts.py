@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from d2dprompt.config import PromptParams
-from d2dprompt.prompts import PromptLearner, build_layout, encode
+from d2dprompt.core.runtime.config import PromptParams
+from d2dprompt.methods.prompt_learner import PromptLearner, build_layout, encode
 
 
 def make_learner(tokenizer, encoder, **overrides) -> PromptLearner:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from d2dprompt.overlays import MIN_PANEL, render_overlay
-from d2dprompt.report import display_range, jet, scaled
+from d2dprompt.core.eval.overlays import MIN_PANEL, render_overlay
+from d2dprompt.core.eval.report import display_range, jet, scaled
 
 
 def test_the_display_range_is_the_maps_own_and_scales_values_alike_everywhere():

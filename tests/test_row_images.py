@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from d2dprompt.config import LatentsParams
-from d2dprompt.latent_store import LATENT_DTYPE
-from d2dprompt.latents import encode_dataset
-from d2dprompt.manifest import ManifestRow
-from d2dprompt.models import encode
-from d2dprompt.row_images import row_image
+from d2dprompt.core.runtime.config import LatentsParams
+from d2dprompt.core.data.latent_store import LATENT_DTYPE
+from d2dprompt.pipeline.latents import encode_dataset
+from d2dprompt.core.data.manifest import ManifestRow
+from d2dprompt.core.models import encode
+from d2dprompt.core.data.row_images import row_image
 from tests.conftest import ROOT
 
 ROWS = [ManifestRow("sample", "tile", "train", 0, "good", f"tile/train/good/{i:03d}.png", "") for i in range(2)] + [

@@ -1,11 +1,11 @@
-"""Tests for d2dprompt.synth: Perlin noise and masks, textures, DRAEM blending."""
+"""Tests for d2dprompt.core.data.synth: Perlin noise and masks, textures, DRAEM blending."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from d2dprompt import synth
+from d2dprompt.core.data import synth
 
 
 def _rng(seed: int) -> np.random.Generator:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from d2dprompt.thresholds import (
+from d2dprompt.core.eval.thresholds import (
     Thresholds,
     binary_masks,
     f1_at,

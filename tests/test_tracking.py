@@ -1,4 +1,4 @@
-"""Tests for d2dprompt.tracking: store location, tags, params, metrics and artifacts read back from MLflow."""
+"""Tests for d2dprompt.core.runtime.tracking: store location, tags, params, metrics and artifacts read back from MLflow."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from d2dprompt import tracking
+from d2dprompt.core.runtime import tracking
 
 DVC_ENV = ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", tracking.URI_ENV)
 
@@ -192,7 +192,8 @@ def test_log_artifact_names_missing_path(store, monkeypatch, tmp_path):
 
 
 def test_flatten_params_of_params_dataclass_matches_config_keys():
-    from d2dprompt.config import Params, flatten
+    from d2dprompt.core.runtime.config import flatten
+    from d2dprompt.params import Params
 
     flat = tracking.flatten_params(Params())
     assert set(flat) == set(flatten(Params()))

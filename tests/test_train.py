@@ -10,12 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from d2dprompt import checkpoints, train
-from d2dprompt.config import params_from_dict
-from d2dprompt.latent_store import write_index
-from d2dprompt.latents import encode_dataset
-from d2dprompt.manifest import scan_mvtec_layout
-from d2dprompt.queries import cache_queries
+from d2dprompt.core.runtime import checkpoints
+from d2dprompt.methods import registry
+from d2dprompt.methods.base import TrainJob
+from d2dprompt.params import params_from_dict
+from d2dprompt.core.data.latent_store import write_index
+from d2dprompt.pipeline.latents import encode_dataset
+from d2dprompt.core.data.manifest import scan_mvtec_layout
+from d2dprompt.pipeline.queries import cache_queries
 from tests.conftest import ROOT
 
 EPOCHS = 4
@@ -67,7 +69,7 @@ class KillAfter:
 
 def trained(mode, latents_root, queries_root, out: Path, checkpoint: Path, kill_after: int | None = None, code: str = "v1"):
     log = KillAfter(kill_after) if kill_after is not None else None
-    train.run(config(mode), latents_root, queries_root, out, checkpoint, log=log, code=code)
+    registry.get("d2dprompt").train(config(mode), TrainJob(latents_root, latents_root, queries_root, out, checkpoint, log, code))
     return load_file(out / "model.safetensors")
 
 
@@ -103,7 +105,7 @@ def test_a_code_change_trains_from_scratch(tmp_path, capsys, latents_root, queri
         trained("cached", latents_root, queries_root, tmp_path / "out", tmp_path / "ckpt", kill_after=1, code="v1")
     # tamper with the stored prompts: resuming them would show in the result
     state = checkpoints.load_state(tmp_path / "ckpt")
-    state.prompts = {k: v + 1 for k, v in state.prompts.items()}
+    state.weights = {k: v + 1 for k, v in state.weights.items()}
     checkpoints.save_state(state, tmp_path / "ckpt")
     result = trained("cached", latents_root, queries_root, tmp_path / "out", tmp_path / "ckpt", code="v2")
     assert "training from scratch" in capsys.readouterr().out

@@ -9,12 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from d2dprompt import train_decodiff
-from d2dprompt.config import ParamsError, params_from_dict
-from d2dprompt.latent_store import read_index, write_index
-from d2dprompt.latents import encode_dataset
-from d2dprompt.manifest import scan_mvtec_layout
-from d2dprompt.prompt_files import load_trained
+from d2dprompt.methods import registry
+from d2dprompt.methods.base import TrainJob
+from d2dprompt.methods.decodiff import train as train_decodiff
+from d2dprompt.core.runtime.config import ParamsError
+from d2dprompt.params import params_from_dict
+from d2dprompt.core.data.latent_store import read_index, write_index
+from d2dprompt.pipeline.latents import encode_dataset
+from d2dprompt.core.data.manifest import scan_mvtec_layout
+from d2dprompt.methods.trained import load_trained
 from tests.conftest import ROOT
 from tests.test_train import Kill, KillAfter
 
@@ -56,7 +59,7 @@ def test_it_trains_on_the_normal_training_latents_with_a_class_per_category(late
 
 def run(latents_root: Path, tmp: Path, kill_after: int | None = None):
     log = KillAfter(kill_after) if kill_after is not None else None
-    return train_decodiff.run(config(), latents_root, tmp / "out", tmp / "ckpt", log=log, code="v1")
+    return registry.get("decodiff").train(config(), TrainJob(latents_root, ROOT, tmp / "queries", tmp / "out", tmp / "ckpt", log, "v1"))
 
 
 def test_the_unet_learns_and_a_killed_run_resumes_bit_for_bit(latents_root, tmp_path):
@@ -67,7 +70,7 @@ def test_the_unet_learns_and_a_killed_run_resumes_bit_for_bit(latents_root, tmp_
     assert record["method"] == "decodiff" and record["categories"] == ["sample/tile", "sample/weave"]
     assert record["latent_shape"] == [4, 16, 16]  # 64 px through the tiny VAE's factor 4
     assert not (tmp_path / "a/ckpt").exists()  # finished: no checkpoint left to resume into stale outputs
-    model, _ = load_trained(tmp_path / "a/out")
+    model, _, _ = load_trained(tmp_path / "a/out")
     assert model.vae is not None and all(torch.equal(model.unet.state_dict()[k], learned[k]) for k in learned)
 
     with pytest.raises(Kill):

@@ -10,7 +10,7 @@ __all__ = ["Detector", "Prediction"]
 
 def __getattr__(name: str):
     if name in __all__:
-        from d2dprompt import detector
+        from d2dprompt.serve import detector
 
         return getattr(detector, name)
     raise AttributeError(f"module 'd2dprompt' has no attribute {name!r}")

@@ -9,7 +9,7 @@ import torch
 from transformers import CLIPVisionConfig
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
-from d2dprompt.methods.anomalyclip import (
+from d2dprompt.methods.anomalyclip.model import (
     CLIP_MEAN,
     CLIP_STD,
     TINY,
@@ -178,12 +178,15 @@ def test_only_the_prompts_learn(clip_and_tokenizer):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_anomaly_map_is_the_sum_over_layers_of_half_abnormal_plus_one_minus_normal():
+def test_anomaly_map_is_the_mean_over_layers_of_half_abnormal_plus_one_minus_normal():
+    """The authors sum over layers (a map in [0, L]); the mean ranks alike and stays on the [0, 1] threshold scale."""
     normal_a, abnormal_a = torch.tensor([[0.9, 0.2], [0.5, 0.1]]), torch.tensor([[0.1, 0.8], [0.5, 0.9]])
     normal_b, abnormal_b = torch.tensor([[0.6, 0.3], [0.7, 0.0]]), torch.tensor([[0.2, 0.7], [0.1, 0.4]])
     layers = [torch.stack([normal_a, abnormal_a])[None], torch.stack([normal_b, abnormal_b])[None]]
-    expected = (abnormal_a + 1 - normal_a) / 2 + (abnormal_b + 1 - normal_b) / 2
+    expected = ((abnormal_a + 1 - normal_a) / 2 + (abnormal_b + 1 - normal_b) / 2) / 2
     assert torch.allclose(anomaly_map(layers, (2, 2))[0], expected)
+    certain = [torch.stack([torch.zeros(2, 2), torch.ones(2, 2)])[None]] * 3  # three layers, each sure of a defect
+    assert torch.equal(anomaly_map(certain, (2, 2)), torch.ones(1, 2, 2))  # 1, not 3: fixed thresholds mean the same
     # upsampled bilinearly (align_corners False) before the formula: a 0 -> 1 step over 2 columns
     # becomes 0, 0.25, 0.75, 1 over 4
     step = [torch.stack([torch.zeros(2, 2), torch.tensor([[0.0, 1.0], [0.0, 1.0]])])[None]]

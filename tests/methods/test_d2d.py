@@ -5,12 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from d2dprompt.config import ParamsError, params_from_dict
-from d2dprompt.methods.d2d import FixedPrompts, word_positions
-from d2dprompt.prompt_files import build_d2d_segmenter
-from d2dprompt.methods.d2dprompt import fixed_noise
+from d2dprompt.core.runtime.config import ParamsError
+from d2dprompt.params import params_from_dict
+from d2dprompt.methods.d2d.model import FixedPrompts, word_positions
+from d2dprompt.methods.d2dprompt.model import fixed_noise
 
 NORMAL, ABNORMAL = "a photo of a flawless object", "a photo of a damaged object"
+
+
+def d2d_segmenter(sd, cfg):
+    """The model train@d2d records, on the test's tiny SD (the method's build loads its own)."""
+    from d2dprompt.methods.d2dprompt.model import D2DSegmenter
+
+    d = cfg.d2d
+    prompts = FixedPrompts(sd.tokenizer, d.normal_prompt, d.abnormal_prompt, d.normal_words, d.abnormal_words, cfg.attention.prompts == "joint")
+    return D2DSegmenter(sd, prompts, cfg.attention.levels, cfg.model.timestep)
 
 
 def test_fixed_prompts_are_the_text_encoders_own_encoding(tiny):
@@ -43,7 +52,7 @@ def test_a_word_missing_from_its_prompt_is_refused(tiny):
 
 def test_d2d_segmenter_has_nothing_to_train_and_maps_in_range(tiny):
     cfg = params_from_dict({"methods": ["d2d"], "attention": {"levels": [0, 1]}})
-    seg = build_d2d_segmenter(tiny, cfg)
+    seg = d2d_segmenter(tiny, cfg)
     assert seg.state_dict() == {}
     latents = torch.randn(2, 4, 16, 16)
     with torch.no_grad():

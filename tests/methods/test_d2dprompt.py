@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from d2dprompt.config import AttentionParams, ModelParams, PromptParams
-from d2dprompt.models import build_tiny
-from d2dprompt.methods.d2dprompt import build_segmenter, fixed_noise
+from d2dprompt.core.runtime.config import AttentionParams, ModelParams, PromptParams
+from d2dprompt.core.models import build_tiny
+from d2dprompt.methods.d2dprompt.model import build_segmenter, fixed_noise
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from d2dprompt.methods.decodiff import DecoDiff, anomaly_map, build_unet, gaussian_blur, image_score, patch_mask, shuffle_patches
+from d2dprompt.core.eval.maps import gaussian_blur
+from d2dprompt.methods.decodiff.model import DecoDiff, anomaly_map, build_unet, image_score, patch_mask, shuffle_patches
 
 SAMPLE = Path(__file__).resolve().parents[2] / "sample"  # the git-tracked sample: data/sample appears only after dvc checkout
 
@@ -104,8 +105,8 @@ def test_the_loss_has_gradients_and_one_generator_makes_it_repeatable():
 
 def sample_latents(category: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(normal train, normal test, anomalous test) latents of one sample category with the tiny VAE at 64 px."""
-    from d2dprompt.images import load_rgb, resize_rgb
-    from d2dprompt.models import build_tiny, encode_with
+    from d2dprompt.core.data.images import load_rgb, resize_rgb
+    from d2dprompt.core.models import build_tiny, encode_with
 
     vae = build_tiny(0).vae
     root = SAMPLE / category

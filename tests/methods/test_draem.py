@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from d2dprompt.methods.draem import Draem, anomaly_map, draem_loss, focal_loss, image_score, step_schedule
+from d2dprompt.core.losses import focal_loss
+from d2dprompt.methods.draem.model import Draem, anomaly_map, draem_loss, image_score, step_schedule
 
 
 def test_focal_loss_matches_a_hand_computation():

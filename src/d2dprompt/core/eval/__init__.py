@@ -1,0 +1,1 @@
+"""Scoring what a method produced: metrics, thresholds, map post-processing, reports and overlays."""

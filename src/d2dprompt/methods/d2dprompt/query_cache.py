@@ -1,0 +1,87 @@
+"""Cached cross-attention queries for cached-query training: one row per training latent.
+
+On disk (`stages/queries/`): `queries.safetensors` holds, per captured layer, a fp16 tensor
+(N, passes, heads, HW, d) (row-major in N so one row is one contiguous read), and `keys.txt` the
+training-row keys in the same order, checked against the training set before use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from d2dprompt.core.runtime import distributed
+from d2dprompt.core.runtime.outputs import atomic_file
+from d2dprompt.methods.d2dprompt.model import D2DSegmenter
+
+QUERIES_FILE, KEYS_FILE = "queries.safetensors", "keys.txt"
+
+
+class QueryCache:
+    """Rows of queries, held in memory (fresh) or read row by row from a safetensors file (stage output)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor] | None = None, path: Path | None = None):
+        self._tensors = tensors
+        self._file = safe_open(str(path), framework="pt") if path is not None else None
+        self.names = list(tensors) if tensors is not None else list(self._file.keys())
+
+    def batch(self, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """name -> (passes, B, heads, HW, d) float32 on `device`."""
+        out = {}
+        for name in self.names:
+            if self._tensors is not None:
+                q = self._tensors[name][rows]
+            else:
+                sliced = self._file.get_slice(name)
+                q = torch.stack([sliced[int(r) : int(r) + 1][0] for r in rows])
+            out[name] = q.to(device).float().transpose(0, 1)
+        return out
+
+
+@torch.no_grad()
+def compute_queries(
+    segmenter: D2DSegmenter, latents: torch.Tensor, noise: torch.Tensor, batch_size: int, device: torch.device, desc: str = "queries"
+) -> dict[str, torch.Tensor]:
+    """name -> (N, passes, heads, HW, d) fp16 on the CPU, for the segmenter's current prompts."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in tqdm(range(0, latents.shape[0], batch_size), desc=desc, unit="batch", leave=False, disable=not distributed.is_main()):
+        q = segmenter.compute_queries(latents[start : start + batch_size].to(device), noise[start : start + batch_size].to(device))
+        for name, value in q.items():
+            parts.setdefault(name, []).append(value.transpose(0, 1).half().cpu())
+    return {name: torch.cat(chunks).contiguous() for name, chunks in parts.items()}
+
+
+def compute_queries_shared(
+    segmenter: D2DSegmenter, latents: torch.Tensor, noise: torch.Tensor, batch_size: int, device: torch.device, desc: str = "queries", to_all: bool = False
+) -> dict[str, torch.Tensor] | None:
+    """compute_queries split over the processes (distributed.py), whole batches each, gathered in row order on
+    rank 0 (None on the others) or, with `to_all`, on every process. One process: compute_queries itself."""
+    if distributed.world_size() == 1:
+        return compute_queries(segmenter, latents, noise, batch_size, device, desc)
+    part = distributed.shard(latents.shape[0], batch_size)
+    mine = compute_queries(segmenter, latents[part.start : part.stop], noise[part.start : part.stop], batch_size, device, desc)
+    gathered = {name: distributed.gather(mine.get(name), to_all) for name in segmenter.captured}
+    return gathered if to_all or distributed.is_main() else None
+
+
+def save_queries(tensors: dict[str, torch.Tensor], keys: list[str], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_file(folder / QUERIES_FILE) as tmp:
+        save_file(tensors, tmp)
+    with atomic_file(folder / KEYS_FILE) as tmp:
+        tmp.write_text("".join(f"{k}\n" for k in keys))
+
+
+def open_queries(folder: Path, keys: list[str]) -> QueryCache:
+    """The queries stage output, checked to belong to exactly these training rows."""
+    for name in (QUERIES_FILE, KEYS_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name}: missing; run the queries stage (attention.mode=cached)")
+    stored = (folder / KEYS_FILE).read_text().splitlines()
+    if stored != keys:
+        raise ValueError(f"{folder / KEYS_FILE}: rows differ from the training set; rerun the queries stage")
+    return QueryCache(path=folder / QUERIES_FILE)

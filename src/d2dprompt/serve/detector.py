@@ -1,0 +1,348 @@
+"""The Python API: a trained run as one object that scores images.
+
+    from d2dprompt import Detector
+
+    det = Detector.load("stages/train")                       # or stages/train/<method>, runs:/<run id>/detector, ...
+    res = det.predict("sample/weave/test/hole/000.png")       # a path, image bytes, a PIL image or an HxWx3 uint8 array
+    print(res.score, res.label, res.anomaly_map.shape, res.mask.shape)
+    res.overlay.save("overlay.png")                           # the map blended over the image, predicted mask outlined
+    stricter = res.with_thresholds(pixel=0.8)                 # a new mask and label, the map is not recomputed
+
+`Detector.load` reads a trained folder (model.json + model.safetensors), a folder of them (`stages/train`,
+naming `method=` when it holds several), an MLflow model folder or any MLflow artifact URI (`runs:/<id>/detector`,
+`models:/<name>/<version>`). Thresholds come from evaluate's thresholds.json: `thresholds=` a file, or by default the
+one evaluate wrote for this run (`stages/evaluate/<method>/<dataset>/thresholds.json`, naming `dataset=` when there are
+several; one bundled in an MLflow model); without one, `evaluate.sensitivity` on the [0, 1] map scale, and every
+result says which. The predict CLI and the web app score through `Detector.predict_arrays`, which runs the same
+inference functions evaluate runs on its stored latents (inference.py), so an image gets evaluate's score.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from d2dprompt.core.runtime.config import EvaluateParams, ParamsError
+from d2dprompt.params import Params, load_params, params_from_dict
+from d2dprompt.core.data.images import ImageError, resize_rgb, rgb_of
+from d2dprompt.core.eval.overlays import mask_at_size, overlay_at_size
+from d2dprompt.core.eval.thresholds import Thresholds, binary_masks
+
+FALLBACK_SOURCE = "fixed sensitivity"
+# Threshold-file keys that change the scale thresholds live on, or the masks they were fitted on: a file fitted
+# under other settings is refused.
+SCALE_KEYS = ("score", "map_size", "sigma", "top_percent", "opening_kernel", "min_area")
+THRESHOLDS_FILE = "thresholds.json"
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")  # artifact URIs handed to mlflow.artifacts
+
+
+class ThresholdsError(ValueError):
+    """A thresholds file that is missing, malformed, or fitted under other evaluate settings."""
+
+
+def read_thresholds_file(path: Path, ev: EvaluateParams, method: str = "d2dprompt") -> dict:
+    if not path.is_file():
+        raise ThresholdsError(f"{path}: thresholds file not found")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ThresholdsError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(record, dict):
+        raise ThresholdsError(f"{path}: expected a JSON object with 'image' and 'pixel'")
+    for key in ("image", "pixel"):
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ThresholdsError(f"{path}: key '{key}' must be a finite number, got {value!r}")
+    if record.get("method", method) != method:
+        raise ThresholdsError(f"{path}: fitted for method {record['method']!r}, not for the {method!r} run predicting")
+    from d2dprompt.methods import registry
+
+    for key in SCALE_KEYS:
+        expected = registry.get(method).image_score_name(ev.score) if key == "score" else getattr(ev, key)
+        if key in record and record[key] != expected:
+            raise ThresholdsError(f"{path}: fitted with {key}={record[key]!r} but evaluate.{key}={expected!r}")
+    return record
+
+
+def resolve_thresholds(
+    file: Path | None, image: float | None, pixel: float | None, ev: EvaluateParams, method: str = "d2dprompt"
+) -> Thresholds:
+    """Explicit values beat the file, the file beats `evaluate.sensitivity`."""
+    values = {"image": ev.sensitivity, "pixel": ev.sensitivity}
+    origins = {"image": FALLBACK_SOURCE, "pixel": FALLBACK_SOURCE}
+    if file is not None:
+        record = read_thresholds_file(file, ev, method)
+        fitted = f"{file} ({record['source']})" if record.get("source") else str(file)
+        for key in values:
+            values[key], origins[key] = float(record[key]), fitted
+    for key, override in (("image", image), ("pixel", pixel)):
+        if override is not None:
+            if not math.isfinite(override):
+                raise ThresholdsError(f"--{key}-threshold: must be a finite number, got {override}")
+            values[key], origins[key] = float(override), f"--{key}-threshold"
+    if origins["image"] == origins["pixel"]:
+        source = origins["image"]
+    else:
+        source = f"image: {origins['image']}; pixel: {origins['pixel']}"
+    return Thresholds(values["image"], values["pixel"], source)
+
+
+def display_of(thresholds: Path | None) -> tuple[float, float]:
+    """The colour range evaluate recorded beside the thresholds (its grids use it); [0, 1] without one."""
+    if thresholds is None:
+        return (0.0, 1.0)
+    low, high = json.loads(thresholds.read_text()).get("display_range", [0.0, 1.0])  # resolve_thresholds read it already
+    return (float(low), float(high)) if high > low else (0.0, 1.0)
+
+
+def settings(params: Path | None, thresholds: Path | None, trained: Path) -> Params:
+    """`params` when given; otherwise (a trained folder copied to another machine) the defaults, with the map scale
+    and image score that `thresholds` was fitted on, and the trained run's own loss.image_top_percent, so a score
+    here is the score evaluate gave."""
+    if params is not None:
+        return load_params(params)  # checked before any model or record is read
+    from d2dprompt.methods.trained import read_record
+
+    record, _, method = read_record(trained)
+    raw: dict = {"evaluate": {}}
+    if thresholds is not None and thresholds.is_file():
+        try:
+            fitted = json.loads(thresholds.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ThresholdsError(f"{thresholds}: not valid JSON ({err})") from None
+        raw["evaluate"] = {k: fitted[k] for k in SCALE_KEYS if k in fitted and not (k == "score" and fitted[k] == method.name)}
+    if "loss" in record:
+        raw["loss"] = {"image_top_percent": record["loss"]["image_top_percent"]}
+    try:
+        return params_from_dict(raw)
+    except ParamsError as err:
+        raise ParamsError(f"{thresholds}: {err}") from None
+
+
+def check_size(name: str, image: np.ndarray, image_size: int) -> np.ndarray:
+    """Refuse an image with a side shorter than the model's input side: upscaling invents its detail."""
+    height, width = image.shape[:2]
+    if min(height, width) < image_size:
+        raise ImageError(f"{name}: image is {width}x{height}, smaller than the model's input side {image_size} (the input size of the trained run)")
+    return image
+
+
+def trained_folder(source: Path, method: str | None) -> Path:
+    """`source` itself when it holds model.json, else its one (or its `method`) run folder."""
+    from d2dprompt.core.training import CONFIG_FILE
+
+    if (source / CONFIG_FILE).is_file():
+        return source
+    runs = sorted(p.parent.name for p in source.glob(f"*/{CONFIG_FILE}"))
+    if method is not None:
+        if method not in runs:
+            raise FileNotFoundError(f"{source}: no trained run {method!r} here ({' | '.join(runs) or 'none'})")
+        return source / method
+    if len(runs) != 1:
+        found = f"several runs ({', '.join(runs)}): pass method=" if runs else "no model.json: not a trained run; run the train stage first"
+        raise FileNotFoundError(f"{source}: {found}")
+    return source / runs[0]
+
+
+def evaluated_thresholds(trained: Path, dataset: str | None) -> Path | None:
+    """thresholds.json beside model.json (an MLflow model bundles it), else the one evaluate wrote for this run in
+    the same checkout (stages/evaluate/<method>/<dataset>/), else None."""
+    if (trained / THRESHOLDS_FILE).is_file():
+        return trained / THRESHOLDS_FILE
+    evaluated = trained.parent.parent / "evaluate" / trained.name
+    found = {p.parent.name: p for p in sorted(evaluated.glob(f"*/{THRESHOLDS_FILE}"))}
+    if dataset is not None:
+        if dataset not in found:
+            raise ThresholdsError(f"{evaluated / dataset / THRESHOLDS_FILE}: not found; run evaluate@{trained.name}-{dataset}")
+        return found[dataset]
+    if len(found) > 1:
+        raise ThresholdsError(f"{evaluated}: thresholds for several datasets ({', '.join(found)}): pass dataset=")
+    return next(iter(found.values()), None)
+
+
+def local_source(source: str | Path) -> tuple[Path, Path | None]:
+    """(the trained folder or the folder holding it, the params.yaml an MLflow model bundles or None).
+
+    An MLflow URI is downloaded first; an MLflow model folder (MLmodel file) holds the run under artifacts/."""
+    text = str(source)
+    if text.startswith(MLFLOW_SCHEMES):
+        import mlflow
+
+        source = mlflow.artifacts.download_artifacts(artifact_uri=text)
+    folder = Path(source)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such trained run folder")
+    if (folder / "MLmodel").is_file():  # an MLflow model logged by train: its artifacts name the folder and params
+        import yaml
+
+        artifacts = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"].get("artifacts", {})
+        if "trained" not in artifacts:
+            raise FileNotFoundError(f"{folder / 'MLmodel'}: not a d2dprompt detector (no 'trained' artifact)")
+        params = folder / artifacts["params"]["path"] if "params" in artifacts else None
+        return folder / artifacts["trained"]["path"], params
+    return folder, None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result. Arrays are at the image's own size; `map` is the evaluate.map_size map the thresholds apply to."""
+
+    score: float
+    label: int  # 1 = anomalous: score >= thresholds.image
+    anomaly_map: np.ndarray  # (H, W) float32, `map` resized bilinearly
+    mask: np.ndarray  # (H, W) bool: the post-processed map_size mask, resized by nearest neighbour
+    thresholds: Thresholds
+    image: np.ndarray  # (H, W, 3) uint8, the input
+    map: np.ndarray  # (map_size, map_size) float32
+    map_mask: np.ndarray  # (map_size, map_size) bool: `map` thresholded, opened and cleaned of small regions
+    display: tuple[float, float]  # the colour range of the map (evaluate's validation maps), for pictures
+    post_processing: tuple[int, int]  # (evaluate.opening_kernel, evaluate.min_area) the masks are made with
+
+    @property
+    def overlay(self) -> Image.Image:
+        """The map blended over the image (coloured on `display`), the predicted mask outlined in white."""
+        return overlay_at_size(self.image, self.anomaly_map, self.mask, self.display)
+
+    @property
+    def mask_image(self) -> Image.Image:
+        """The mask as a 0/255 greyscale PNG-ready image."""
+        return Image.fromarray(self.mask.astype(np.uint8) * 255, mode="L")
+
+    def with_thresholds(self, image: float | None = None, pixel: float | None = None) -> Prediction:
+        """The same map decided at other thresholds (None keeps the current one): a new label and mask, no inference."""
+        image = self.thresholds.image if image is None else float(image)
+        pixel = self.thresholds.pixel if pixel is None else float(pixel)
+        if (image, pixel) == (self.thresholds.image, self.thresholds.pixel):
+            return self
+        chosen = Thresholds(image, pixel, "chosen by hand")
+        small = binary_masks(self.map[None], chosen.pixel, *self.post_processing)[0]
+        mask = np.asarray(mask_at_size(small, self.image.shape[:2])) > 0
+        return replace(self, label=int(self.score >= chosen.image), mask=mask, map_mask=small, thresholds=chosen)
+
+    def summary(self) -> dict[str, Any]:
+        """What a JSON line records: score, label, thresholds and where they came from, the mask's area."""
+        return {
+            "score": self.score,
+            "label": self.label,
+            "image_threshold": self.thresholds.image,
+            "pixel_threshold": self.thresholds.pixel,
+            "threshold_source": self.thresholds.source,
+            "height": int(self.image.shape[0]),
+            "width": int(self.image.shape[1]),
+            "anomalous_pixels": int(self.mask.sum()),
+        }
+
+
+class Detector:
+    """A trained run, its thresholds and its evaluate settings, ready to score images (see the module docstring)."""
+
+    def __init__(self, model, record: dict, cfg: Params, thresholds: Thresholds, display: tuple[float, float], device, category: str | None, folder: Path):
+        from d2dprompt.methods import registry
+        from d2dprompt.methods.base import Scoring
+        from d2dprompt.methods.trained import method_of
+
+        self.model, self.record, self.cfg, self.folder = model, record, cfg, folder
+        self.thresholds, self.display, self.device = thresholds, display, device
+        self._method = registry.get(method_of(record))
+        self.method = self._method.name
+        self.image_size = self._method.input_size(record)
+        self.categories: list[str] = list(record.get("categories", []))
+        self.category = category
+        if self.categories:  # a run with a model or a class label per category: which one scores
+            from d2dprompt.methods.base import category_index
+
+            category_index(record, category, self.method)
+        self._batch_score = self._method.scorer(model, record, Scoring.of(cfg.evaluate, cfg.loss, cfg.model), device)
+
+    def _score(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images at `image_size` -> (maps, scores), as evaluate scores its rows (the method's own inputs)."""
+        maps, scores = self._batch_score(self._method.encode(self.model, images, self.device), [self.category] * len(images))
+        return maps.numpy(), scores.numpy()
+
+    @classmethod
+    def load(
+        cls,
+        source: str | Path,
+        *,
+        method: str | None = None,
+        thresholds: str | Path | None = "auto",
+        dataset: str | None = None,
+        params: str | Path | None = None,
+        category: str | None = None,
+        device: str | None = None,
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+    ) -> Detector:
+        """Load a trained run (see the module docstring for `source`).
+
+        thresholds: "auto" (evaluate's file for this run, when there is one), a thresholds.json path, or None for
+        `evaluate.sensitivity`; image_threshold / pixel_threshold override either. params: a params.yaml whose
+        evaluate and model blocks apply (default: the ones the thresholds were fitted with). category: which of a
+        draem or decodiff run's '<dataset>/<category>' models (may be left out when it trained one). device: cpu,
+        cuda, cuda:N (default: the params' model.device).
+        """
+        from d2dprompt.core.models import pick_device
+        from d2dprompt.methods.trained import load_trained, read_record
+
+        given = load_params(Path(params)) if params is not None else None  # a bad file is named first, run or no run
+        root, bundled_params = local_source(source)
+        folder = trained_folder(root, method)
+        if thresholds == "auto":
+            chosen_file = evaluated_thresholds(folder, dataset)
+        else:
+            chosen_file = Path(thresholds) if thresholds is not None else None
+        cfg = given if given is not None else settings(bundled_params, chosen_file, folder)
+        chosen = resolve_thresholds(chosen_file, image_threshold, pixel_threshold, cfg.evaluate, read_record(folder)[2].name)
+        torch_device = pick_device(device or cfg.model.device)
+        model, record, method_ = load_trained(folder)
+        method_.place(model, torch_device)
+        return cls(model, record, cfg, chosen, display_of(chosen_file), torch_device, category, folder)
+
+    def predict(self, image) -> Prediction:
+        """Score one image: a path, encoded bytes, a PIL image or an HxWx3 uint8 array. Example:
+
+        >>> det = Detector.load("stages/train")  # doctest: +SKIP
+        >>> det.predict("sample/weave/test/hole/000.png").label  # doctest: +SKIP
+        1
+        """
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images: list, batch_size: int | None = None) -> list[Prediction]:
+        """Score many images, `batch_size` (default evaluate.batch_size) per forward; results in input order.
+        A bad image stops the batch with an ImageError naming it (its path, or `images[i]`)."""
+        arrays = [check_size(self._name(item, i), rgb_of(item, self._name(item, i)), self.image_size) for i, item in enumerate(images)]
+        step = batch_size or self.cfg.evaluate.batch_size
+        return [p for start in range(0, len(arrays), step) for p in self.predict_arrays(arrays[start : start + step])]
+
+    def predict_arrays(self, originals: list[np.ndarray]) -> list[Prediction]:
+        """One forward over uint8 HxWx3 images already checked to be at least `image_size` on each side."""
+        ev = self.cfg.evaluate
+        maps, scores = self._score([resize_rgb(img, self.image_size) for img in originals])
+        masks = binary_masks(maps, self.thresholds.pixel, opening_kernel=ev.opening_kernel, min_area=ev.min_area)
+        results = []
+        for original, small_map, small_mask, score in zip(originals, maps, masks, scores.tolist()):
+            height, width = original.shape[:2]
+            full = np.asarray(Image.fromarray(small_map.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR))
+            mask = np.asarray(mask_at_size(small_mask, (height, width))) > 0
+            results.append(Prediction(
+                float(score), int(score >= self.thresholds.image), full, mask, self.thresholds, original,
+                small_map.astype(np.float32), small_mask, self.display, (ev.opening_kernel, ev.min_area),
+            ))
+        return results
+
+    def for_category(self, category: str | None) -> Detector:
+        """The same run scoring as `category` (draem: that category's model; decodiff: its class label)."""
+        return Detector(self.model, self.record, self.cfg, self.thresholds, self.display, self.device, category, self.folder)
+
+    @staticmethod
+    def _name(item, index: int) -> str:
+        return str(item) if isinstance(item, (str, Path)) else f"images[{index}]"
+
+    def __repr__(self) -> str:
+        return f"Detector({self.method}, {self.folder}, image_size={self.image_size}, thresholds={self.thresholds})"

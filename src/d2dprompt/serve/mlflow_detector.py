@@ -1,0 +1,61 @@
+"""Logs a trained folder as the MLflow model `detector` (the pyfunc of mlflow_model.py) into a train run: its
+signature, the pip requirements it needs, the d2dprompt code it runs. Called by tracking.RunLogger.log_detector."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+def requirements() -> list[str]:
+    """The installed versions of d2dprompt's core dependencies (torch without its +cpu/+cu local tag)."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    pinned = []
+    for line in requires("d2dprompt") or []:
+        if "extra ==" in line:
+            continue
+        name = re.split(r"[<>=!~ ;\[]", line, maxsplit=1)[0]
+        try:
+            pinned.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            pinned.append(line)
+    return [*pinned, f"mlflow=={version('mlflow')}", f"pandas=={version('pandas')}"]
+
+
+def detector_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    outputs = [ColSpec("double", "score"), ColSpec("long", "label"), ColSpec("double", "image_threshold"),
+               ColSpec("double", "pixel_threshold"), ColSpec("string", "threshold_source"),
+               ColSpec(Array(Array("float")), "anomaly_map"), ColSpec(Array(Array("boolean")), "mask")]
+    params = [ParamSpec("image_threshold", "double", None), ParamSpec("pixel_threshold", "double", None), ParamSpec("category", "string", None)]
+    return ModelSignature(inputs=Schema([ColSpec("binary", "image")]), outputs=Schema(outputs), params=ParamSchema(params))
+
+
+def log_detector(client: Any, run_id: str, trained: Path, params: Path) -> None:
+    import mlflow
+
+    import d2dprompt
+    from d2dprompt.serve import mlflow_model
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per copied file otherwise
+    mlflow.set_tracking_uri(client.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # MLflow asks for type hints and an input example; the explicit signature says what they would infer
+        warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+        code = shutil.copytree(Path(d2dprompt.__file__).parent, Path(tmp) / "d2dprompt", ignore=shutil.ignore_patterns("__pycache__"))
+        mlflow.pyfunc.log_model(
+            name="detector",
+            python_model=mlflow_model.__file__,
+            artifacts={"trained": str(trained), "params": str(params)},
+            code_paths=[str(code)],
+            signature=detector_signature(),
+            pip_requirements=requirements(),
+        )

@@ -1,0 +1,60 @@
+"""The detector as an MLflow model: a pyfunc around detector.Detector, logged by every train run as `detector`.
+
+    import mlflow, numpy as np, pandas as pd
+    model = mlflow.pyfunc.load_model("runs:/<train run id>/detector")
+    out = model.predict(pd.DataFrame({"image": [open("sample/weave/test/hole/000.png", "rb").read()]}))
+    out.loc[0, "score"], out.loc[0, "label"], np.array(out.loc[0, "anomaly_map"])
+
+Input: a column `image` of encoded image files (PNG, JPEG, ...; base64 in a REST request). Output per image: score,
+label, the thresholds and their source, and the anomaly map and predicted mask at evaluate.map_size. Optional
+params: image_threshold, pixel_threshold (override the model's), category (draem, decodiff: '<dataset>/<category>').
+`mlflow models serve -m runs:/<id>/detector --env-manager local` serves it over REST.
+
+This file is the model's code (MLflow's models-from-code: nothing is pickled): MLflow runs it when it loads the model,
+with the d2dprompt package the model bundles on the path.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+# MLflow asks for type hints on predict to infer a signature; the logged model carries an explicit one
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
+
+
+class DetectorModel(PythonModel):
+    """Loads the bundled trained folder (artifact `trained`) with the bundled params.yaml (artifact `params`)."""
+
+    def load_context(self, context) -> None:
+        from d2dprompt.serve.detector import Detector
+
+        thresholds = context.artifacts.get("thresholds")
+        self.detector = Detector.load(context.artifacts["trained"], params=context.artifacts["params"], thresholds=thresholds)
+        self.by_category: dict[str | None, Detector] = {self.detector.category: self.detector}
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        import pandas as pd
+
+        params = params or {}
+        category = params.get("category")
+        if category not in self.by_category:
+            self.by_category[category] = self.detector.for_category(category)
+        detector = self.by_category[category]
+        images = [bytes(value) for value in model_input["image"]]
+        results = [r.with_thresholds(params.get("image_threshold"), params.get("pixel_threshold")) for r in detector.predict_batch(images)]
+        return pd.DataFrame({
+            "score": [r.score for r in results],
+            "label": [r.label for r in results],
+            "image_threshold": [r.thresholds.image for r in results],
+            "pixel_threshold": [r.thresholds.pixel for r in results],
+            "threshold_source": [r.thresholds.source for r in results],
+            "anomaly_map": [r.map.tolist() for r in results],
+            "mask": [r.map_mask.tolist() for r in results],
+        })
+
+
+mlflow.models.set_model(DetectorModel())
