@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -27,9 +28,12 @@ def test_dvc_metrics_show_lists_every_method_side_by_side(every_method):
     (workspace,) = [v for v in shown.values()]
     files = workspace["data"]
     for method in METHODS:
-        mean = files[f"metrics/{method}/sample.json"]["data"]["mean"]
-        assert list(mean)[:3] == HEADLINE  # the numbers people compare come first
-        assert all(0.0 <= mean[m] <= 1.0 for m in HEADLINE)
+        shown_file = files[f"metrics/{method}/sample.json"]["data"]
+        written = json.loads((every_method / f"metrics/{method}/sample.json").read_text())
+        assert shown_file["mean"] == written["mean"] and list(shown_file["mean"])[:3] == HEADLINE  # what evaluate wrote, headline first
+        for m in HEADLINE:  # each mean is the mean over the categories, and a category's value is computed, not a default
+            values = [c[m] for c in written["per_category"].values()]
+            assert abs(written["mean"][m] - sum(values) / len(values)) < 1e-12 and len(set(values)) > 1, (method, m, values)
     table = run_cmd(["dvc", "metrics", "show"], every_method).stdout
     assert all(f"metrics/{m}/sample.json" in table for m in METHODS)
     header = table.splitlines()[0].split()
@@ -55,7 +59,14 @@ def test_each_method_is_trained_only_where_it_learns(every_method):
 def test_every_method_fits_thresholds_on_the_same_validation_rows(every_method):
     thresholds = {m: json.loads((every_method / f"stages/evaluate/{m}/sample/thresholds.json").read_text()) for m in METHODS}
     sources = {t["source"] for t in thresholds.values()}
-    assert len(sources) == 1 and "validation split" in sources.pop()  # the same held-out images and anomalies
+    assert len(sources) == 1 and "validation split" in sources.pop()
+    fitted_on = {}
+    for method in METHODS:  # the very same held-out images and synthetic anomalies, row by row
+        with (every_method / f"stages/evaluate/{method}/sample/validation.csv").open() as fh:
+            fitted_on[method] = [(r["key"], r["label"]) for r in csv.DictReader(fh)]
+    assert all(rows == fitted_on["d2dprompt"] for rows in fitted_on.values()) and {label for _, label in fitted_on["d2dprompt"]} == {"0", "1"}
+    index = (every_method / "stages/latents/sample/index.csv").read_text().splitlines()
+    assert len(fitted_on["d2dprompt"]) == sum(",val," in line for line in index)
     assert thresholds["anomalyclip"]["score"] == "anomalyclip" and thresholds["d2d"]["score"] == "fused"
     assert thresholds["draem"]["score"] == "draem" and thresholds["decodiff"]["score"] == "decodiff"
     scores = {m: (every_method / f"stages/evaluate/{m}/sample/scores.csv").read_text().splitlines() for m in METHODS}

@@ -168,10 +168,10 @@ def _cli(main) -> typer.Typer:
 @pytest.mark.parametrize("name", ["download", "latents", "queries", "train", "evaluate", "predict"])
 def test_every_stage_checks_params_before_loading_a_model(tmp_path, monkeypatch, name):
     import d2dprompt.core.models
-    import d2dprompt.methods.trained
+    import d2dprompt.trained
 
     monkeypatch.setattr(d2dprompt.core.models, "load_frozen", _no_model)  # the stages import them where they run
-    monkeypatch.setattr(d2dprompt.methods.trained, "load_trained", _no_model)
+    monkeypatch.setattr(d2dprompt.trained, "load_trained", _no_model)
     params, out = tmp_path / "bad.yaml", tmp_path / "out"
     params.write_text(BAD)
     args = {
@@ -212,7 +212,7 @@ def test_prompts_json_of_an_older_run_still_loads(tmp_path, tiny, monkeypatch):
     from d2dprompt.core import models
     from d2dprompt.core.training import CONFIG_FILE, write_trained
     from d2dprompt.methods import registry
-    from d2dprompt.methods import trained as prompt_files
+    from d2dprompt import trained as prompt_files
     from d2dprompt.methods.base import config_record
     from d2dprompt.params import Params
     from d2dprompt.methods.d2dprompt.model import build_segmenter

@@ -20,7 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from d2dprompt.core import models as core_models
-from d2dprompt.methods import trained as prompt_files
+from d2dprompt import trained as prompt_files
 from d2dprompt.core.runtime.config import EvaluateParams
 from d2dprompt.params import Params
 from d2dprompt.serve.detector import FALLBACK_SOURCE, ThresholdsError, resolve_thresholds

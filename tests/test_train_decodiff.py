@@ -17,7 +17,7 @@ from d2dprompt.params import params_from_dict
 from d2dprompt.core.data.latent_store import read_index, write_index
 from d2dprompt.pipeline.latents import encode_dataset
 from d2dprompt.core.data.manifest import scan_mvtec_layout
-from d2dprompt.methods.trained import load_trained
+from d2dprompt.trained import load_trained
 from tests.conftest import ROOT
 from tests.test_train import Kill, KillAfter
 
@@ -31,7 +31,7 @@ def config(**decodiff):
             "download": {"categories": CATEGORIES},
             "model": {"image_size": 64},
             "latents": {"synthetic_per_image": 1},
-            "decodiff": {"channels": [16, 32], "epochs": 2, "batch_size": 8, "warmup_epochs": 1, **decodiff},
+            "decodiff": {"channels": [16, 32], "epochs": 3, "batch_size": 8, "warmup_epochs": 1, **decodiff},
         }
     )
 
@@ -64,7 +64,8 @@ def run(latents_root: Path, tmp: Path, kill_after: int | None = None):
 
 def test_the_unet_learns_and_a_killed_run_resumes_bit_for_bit(latents_root, tmp_path):
     history = run(latents_root, tmp_path / "a")
-    assert [row["epoch"] for row in history] == [1, 2]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert history[-1]["mse"] < history[0]["mse"]  # it learns: the deviation it predicts gets closer
     learned = load_file(tmp_path / "a/out/model.safetensors")
     record = json.loads((tmp_path / "a/out/model.json").read_text())
     assert record["method"] == "decodiff" and record["categories"] == ["sample/tile", "sample/weave"]
@@ -77,7 +78,7 @@ def test_the_unet_learns_and_a_killed_run_resumes_bit_for_bit(latents_root, tmp_
         run(latents_root, tmp_path / "b", kill_after=1)
     assert (tmp_path / "b/ckpt").is_dir()
     resumed = run(latents_root, tmp_path / "b")
-    assert [row["epoch"] for row in resumed] == [1, 2] and resumed == history
+    assert [row["epoch"] for row in resumed] == [1, 2, 3] and resumed == history
     again = load_file(tmp_path / "b/out/model.safetensors")
     assert all(torch.equal(learned[k], again[k]) for k in learned)
 
@@ -92,3 +93,22 @@ def test_the_unet_learns_and_a_killed_run_resumes_bit_for_bit(latents_root, tmp_
 def test_steps_and_levels_that_cannot_work_are_refused(block, message):
     with pytest.raises(ParamsError, match=message.replace(".", r"\.")):
         config(**block)
+
+
+def test_the_first_epoch_learns_at_the_warm_up_rate_and_a_resumed_run_goes_on_with_the_schedule():
+    """Epoch e runs at the warm-up-then-cosine multiplier of e + 1: lr / warmup in the first epoch, not 0."""
+    def optimiser() -> torch.optim.Optimizer:
+        return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+
+    opt = optimiser()
+    schedule = train_decodiff.lr_schedule(opt, warmup=10, epochs=300, done=0)
+    rates = []
+    for _ in range(12):
+        rates.append(opt.param_groups[0]["lr"])
+        schedule.step()
+    assert rates[0] == pytest.approx(1e-5) and rates[9] == pytest.approx(1e-4)
+    assert all(a < b for a, b in zip(rates[:9], rates[1:10])) and rates[11] < rates[10] < rates[9]
+    resumed = optimiser()
+    resumed.load_state_dict(opt.state_dict() | {"param_groups": [{**opt.param_groups[0], "lr": rates[5]}]})
+    train_decodiff.lr_schedule(resumed, warmup=10, epochs=300, done=5)
+    assert resumed.param_groups[0]["lr"] == pytest.approx(rates[5])

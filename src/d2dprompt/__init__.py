@@ -1,6 +1,6 @@
 """D2D-Prompt: learnable prompts on frozen Stable Diffusion cross-attention for anomaly segmentation.
 
-`from d2dprompt import Detector` loads a trained run and scores images (detector.py); the import is lazy, so the
+`from d2dprompt import Detector` loads a trained run and scores images (serve/detector.py); the import is lazy, so the
 stage CLIs' --help stays free of torch.
 """
 

@@ -45,6 +45,7 @@ from d2dprompt.core.models import (
     pick_device,
 )
 from d2dprompt.core.runtime.outputs import write_json
+from d2dprompt.core.runtime.timing import sync, timed
 from d2dprompt.methods.d2dprompt.query_cache import QueryCache
 from d2dprompt.methods.d2dprompt.model import D2DSegmenter, build_segmenter, fixed_noise
 
@@ -93,11 +94,6 @@ class Row:
     @property
     def label(self) -> str:
         return f"{self.kind} {self.mode}+{self.prompts}" + ("" if self.early_exit else ", no early exit")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def release_memory(device: torch.device) -> None:
@@ -154,18 +150,6 @@ class PeakMemory:
             self.peak_bytes = max(self._max, self._rss().rss) - self._start
         else:
             self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self._start
-
-
-def timed(step: Callable[[], object], warmup: int, steps: int, device: torch.device, desc: str = "") -> tuple[list[float], list[float]]:
-    """Milliseconds of `warmup` untimed calls (kept for the record), then of `steps` timed calls."""
-    times = []
-    for _ in tqdm(range(warmup + steps), desc=desc, unit="step", leave=False, disable=not desc):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return times[:warmup], times[warmup:]
 
 
 def blob_masks(batch: int, side: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

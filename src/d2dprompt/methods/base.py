@@ -109,6 +109,12 @@ class Method:
         """A function scoring one batch of inputs (see BatchScorer)."""
         raise NotImplementedError
 
+    def benchmark(self, scale: str, device: torch.device, precision: str, steps: int) -> dict | None:
+        """Timings of one training step and of inference on random inputs, at the paper's size (`scale` "paper") or
+        the embedded default's ("tiny"): train_step_ms, infer_ms_per_image, batch, image_size, parameters_M, and the
+        first and last losses of the timed steps. None = no benchmark (bench/methods.py lists the methods that have one)."""
+        return None
+
     def image_score_name(self, score: str) -> str:
         """What thresholds.json records as the image score: evaluate.score, or the method's own name."""
         return self.name if self.own_image_score else score

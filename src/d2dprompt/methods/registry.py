@@ -13,6 +13,8 @@ import os
 
 from d2dprompt.methods.anomalyclip import AnomalyCLIPMethod
 from d2dprompt.methods.base import Method
+
+__all__ = ["BUILT_IN", "Method", "UnknownMethod", "get", "methods", "names", "register"]
 from d2dprompt.methods.d2d import D2DMethod
 from d2dprompt.methods.d2dprompt import D2DPromptMethod
 from d2dprompt.methods.decodiff import DecoDiffMethod

@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # torch and the models load when a command runs, not for --he
 
 
 SCORES_FILE = "scores.csv"  # one row per test image: what predict must reproduce for the same image
+VALIDATION_FILE = "validation.csv"  # one row per validation row the thresholds were fitted on: its key, label and score
 
 
 def write_scores(path: Path, rows: list[LatentRow], labels: np.ndarray, scores: np.ndarray, threshold: float) -> None:
@@ -52,6 +53,15 @@ def write_scores(path: Path, rows: list[LatentRow], labels: np.ndarray, scores: 
         writer.writerow(["image_path", "category", "defect_type", "label", "score", "predicted"])
         for row, label, score in zip(rows, labels.tolist(), scores.tolist()):
             writer.writerow([row.image_path, row.category, row.defect_type, label, repr(float(score)), int(score >= threshold)])
+
+
+def write_validation(path: Path, rows: list[LatentRow], scores: np.ndarray) -> None:
+    """The rows the thresholds were fitted on (held-out normal images and their synthetic anomalies), with their scores."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["key", "category", "source", "label", "score"])
+        for row, score in zip(rows, scores.tolist()):
+            writer.writerow([row.key, row.category, row.source, row.label, repr(float(score))])
 
 
 def ground_truth(root: Path, rows: list[LatentRow], size: int) -> np.ndarray:
@@ -176,7 +186,9 @@ def evaluate_dataset(scored: dict[str, tuple[list[int], np.ndarray, np.ndarray]]
             "image_F1": f1_at(labels[idx] == 1, scores[idx] >= thresholds.image),
             "pixel_F1": f1_at(masks[idx], predicted[idx]),
         }
-    details = {"rows": test_rows, "maps": maps, "masks": masks, "predicted": predicted, "scores": scores, "labels": labels, "validation": validation, "display_range": display}
+    validation_rows = [rows[i] for i in scored["validation maps"][0]] if "validation maps" in scored else []
+    validation_scores = scored["validation maps"][2] if "validation maps" in scored else np.zeros(0)
+    details = {"validation_rows": validation_rows, "validation_scores": validation_scores, "rows": test_rows, "maps": maps, "masks": masks, "predicted": predicted, "scores": scores, "labels": labels, "validation": validation, "display_range": display}
     return summarize(per_category), thresholds, details
 
 
@@ -189,7 +201,7 @@ def main(
     out: Path = typer.Option(Path("stages/evaluate/d2dprompt"), help="pictures and plot data go to <out>/<dataset>/"),
     metrics: Path = typer.Option(Path("metrics/d2dprompt"), help="<metrics>/<dataset>.json and .md"),
 ) -> None:
-    from d2dprompt.methods.trained import load_trained
+    from d2dprompt.trained import load_trained
 
     try:
         cfg = load_params(params)
@@ -209,6 +221,7 @@ def main(
                 with atomic_dir(out / dataset) as tmp:
                     write_json(tmp / "thresholds.json", threshold_record)
                     write_scores(tmp / SCORES_FILE, details["rows"], details["labels"], details["scores"], thresholds.image)
+                    write_validation(tmp / VALIDATION_FILE, details["validation_rows"], details["validation_scores"])
                     write_plot_data(tmp / "plots", details["labels"], details["scores"], details["masks"], details["maps"], summary)
                     write_grids(tmp / "grids", downloads / dataset, details["rows"], details["maps"], details["masks"], details["predicted"], details["scores"], details["labels"], ev.grid_cases,
                                 details["display_range"], thresholds, f"{method} {dataset}")

@@ -13,8 +13,9 @@ naming `method=` when it holds several), an MLflow model folder or any MLflow ar
 `models:/<name>/<version>`). Thresholds come from evaluate's thresholds.json: `thresholds=` a file, or by default the
 one evaluate wrote for this run (`stages/evaluate/<method>/<dataset>/thresholds.json`, naming `dataset=` when there are
 several; one bundled in an MLflow model); without one, `evaluate.sensitivity` on the [0, 1] map scale, and every
-result says which. The predict CLI and the web app score through `Detector.predict_arrays`, which runs the same
-inference functions evaluate runs on its stored latents (inference.py), so an image gets evaluate's score.
+result says which. The predict CLI and the web app score through `Detector.predict_arrays`, which runs the method's
+own `encode` and `scorer` (methods/base.py), the scorer evaluate runs on its stored rows, so an image gets evaluate's
+score.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def settings(params: Path | None, thresholds: Path | None, trained: Path) -> Par
     here is the score evaluate gave."""
     if params is not None:
         return load_params(params)  # checked before any model or record is read
-    from d2dprompt.methods.trained import read_record
+    from d2dprompt.trained import read_record
 
     record, _, method = read_record(trained)
     raw: dict = {"evaluate": {}}
@@ -245,7 +246,7 @@ class Detector:
     def __init__(self, model, record: dict, cfg: Params, thresholds: Thresholds, display: tuple[float, float], device, category: str | None, folder: Path):
         from d2dprompt.methods import registry
         from d2dprompt.methods.base import Scoring
-        from d2dprompt.methods.trained import method_of
+        from d2dprompt.trained import method_of
 
         self.model, self.record, self.cfg, self.folder = model, record, cfg, folder
         self.thresholds, self.display, self.device = thresholds, display, device
@@ -288,7 +289,7 @@ class Detector:
         cuda, cuda:N (default: the params' model.device).
         """
         from d2dprompt.core.models import pick_device
-        from d2dprompt.methods.trained import load_trained, read_record
+        from d2dprompt.trained import load_trained, read_record
 
         given = load_params(Path(params)) if params is not None else None  # a bad file is named first, run or no run
         root, bundled_params = local_source(source)

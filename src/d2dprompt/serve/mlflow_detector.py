@@ -42,7 +42,6 @@ def detector_signature():
 def log_detector(client: Any, run_id: str, trained: Path, params: Path) -> None:
     import mlflow
 
-    import d2dprompt
     from d2dprompt.serve import mlflow_model
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per copied file otherwise
@@ -50,7 +49,8 @@ def log_detector(client: Any, run_id: str, trained: Path, params: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # MLflow asks for type hints and an input example; the explicit signature says what they would infer
         warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
-        code = shutil.copytree(Path(d2dprompt.__file__).parent, Path(tmp) / "d2dprompt", ignore=shutil.ignore_patterns("__pycache__"))
+        package = Path(__file__).resolve().parents[1]  # the d2dprompt package: serve/ is one level down
+        code = shutil.copytree(package, Path(tmp) / "d2dprompt", ignore=shutil.ignore_patterns("__pycache__"))
         mlflow.pyfunc.log_model(
             name="detector",
             python_model=mlflow_model.__file__,

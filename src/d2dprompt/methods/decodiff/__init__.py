@@ -88,6 +88,11 @@ class DecoDiffMethod(Method):
         model.unet.load_state_dict(weights)
         return model.eval()
 
+    def benchmark(self, scale: str, device: torch.device, precision: str, steps: int) -> dict:
+        from d2dprompt.methods.decodiff.bench import benchmark
+
+        return benchmark(scale, device, precision, steps)
+
     def encode(self, model: DecoDiff, images: list[np.ndarray], device: torch.device) -> torch.Tensor:
         """Latents exactly as the latents stage stores them (its dtype)."""
         from d2dprompt.core.data.latent_store import LATENT_DTYPE

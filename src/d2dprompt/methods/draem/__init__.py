@@ -63,6 +63,11 @@ class DraemMethod(Method):
     def input_size(self, record: dict) -> int:
         return record["draem"]["image_size"]
 
+    def benchmark(self, scale: str, device: torch.device, precision: str, steps: int) -> dict:
+        from d2dprompt.methods.draem.bench import benchmark
+
+        return benchmark(scale, device, precision, steps)
+
     def scorer(self, model: nn.ModuleDict, record: dict, scoring: Scoring, device: torch.device):
         from d2dprompt.methods.draem.model import score_images
 

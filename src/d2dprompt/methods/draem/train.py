@@ -55,7 +55,7 @@ def rotated(image: np.ndarray, rng: np.random.Generator, share: float) -> np.nda
     if rng.random() >= share:
         return image
     angle = rng.uniform(-ROTATION_DEGREES, ROTATION_DEGREES)
-    return np.asarray(Image.fromarray(image).rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0)))
+    return np.array(Image.fromarray(image).rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0)))
 
 
 class DraemDraws(torch.utils.data.Dataset):
@@ -93,7 +93,7 @@ def draws_loader(draws: DraemDraws, batches: list[torch.Tensor], first_epoch: in
 
 
 def train_category(method: Method, rows: list[LatentRow], root: Path, cfg: CoreParams, device: torch.device, name: str,
-                   checkpoint: Path, run_id: str, echo) -> tuple[dict, list[dict]]:
+                   checkpoint: Path, run_id: str, job: TrainJob) -> tuple[dict, list[dict]]:
     from d2dprompt.methods.draem.model import Draem, draem_loss, step_schedule
 
     d = cfg.draem
@@ -104,7 +104,7 @@ def train_category(method: Method, rows: list[LatentRow], root: Path, cfg: CoreP
     optimizer = torch.optim.Adam(model.parameters(), lr=d.lr)
     schedule = step_schedule(optimizer, d.epochs)
     history: list[dict[str, float]] = []
-    state = resume(checkpoint, run_id, echo)
+    state = resume(checkpoint, run_id, job.echo)
     if state is not None:
         model.load_state_dict(state.weights)
         optimizer.load_state_dict(state.optimizer)
@@ -123,6 +123,8 @@ def train_category(method: Method, rows: list[LatentRow], root: Path, cfg: CoreP
         schedule.step()
         history.append({"epoch": epoch + 1, **{f"{name}/{k}": v for k, v in losses.items()}})
         save_state(TrainState(run_id, model.state_dict(), optimizer.state_dict(), history), checkpoint)
+        if job.log is not None:  # one series per category and term, as the other methods' per-epoch series
+            job.log.log_metrics({f"loss_{k}": v for k, v in history[-1].items() if k != "epoch"}, step=epoch + 1)
     return {f"{name}/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, history
 
 
@@ -137,13 +139,10 @@ def run(method: Method, cfg: CoreParams, job: TrainJob) -> list[dict[str, float]
     for index, (name, rows) in enumerate(groups.items()):
         job.echo(f"draem {name}: {len(rows)} normal training images")
         state, per_epoch = train_category(method, rows, job.downloads / name.split("/")[0], cfg, device, name,
-                                          job.checkpoint / f"{index:03d}", run_id, job.echo)
+                                          job.checkpoint / f"{index:03d}", run_id, job)
         weights.update(state)
         for row in per_epoch:
             history.setdefault(row["epoch"], {"epoch": row["epoch"]}).update(row)
-        if job.log is not None:  # one series per category and term, as the other methods' per-epoch series
-            for row in per_epoch:
-                job.log.log_metrics({f"loss_{k}": v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
     rows = [history[e] for e in sorted(history)]
     write_trained(job.out, weights, record, rows)
     shutil.rmtree(job.checkpoint, ignore_errors=True)
