@@ -100,3 +100,15 @@ def test_maps_of_every_method_lie_on_the_unit_scale_the_fixed_threshold_assumes(
     amap = anomaly_map(layers, (28, 28))
     assert amap.min() >= 0 and amap.max() <= 1
     assert torch.equal(torch.argsort(amap.flatten()), torch.argsort(sum((m[:, 1] + 1 - m[:, 0]) / 2 for m in [torch.nn.functional.interpolate(s, size=(28, 28), mode="bilinear") for s in layers]).flatten()))
+
+
+def test_a_run_with_a_model_per_category_names_the_categories_it_knows():
+    from d2dprompt.methods.base import category_index
+
+    record = {"categories": ["sample/disc", "sample/tile"]}
+    assert category_index(record, "sample/tile", "draem") == 1
+    assert category_index({"categories": ["sample/disc"]}, None, "draem") == 0  # the one category of a one-category run
+    with pytest.raises(ValueError, match=r"^draem knows its categories: choose --category from sample/disc \| sample/tile$"):
+        category_index(record, None, "draem")
+    with pytest.raises(ValueError, match=r"^sample/foo: no draem model was trained for this category \(sample/disc \| sample/tile\); rerun train@draem$"):
+        category_index(record, "sample/foo", "draem")

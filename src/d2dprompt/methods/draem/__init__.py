@@ -28,7 +28,11 @@ class DraemParams(Block):
     lr: float = Field(1e-4, gt=0)  # the paper's Adam learning rate
     anomaly_share: float = Field(0.5, ge=0, le=1)  # images given a synthetic anomaly per epoch (the paper: half)
     rotation_share: float = Field(0.3, ge=0, le=1)  # images rotated by U(-90, 90) degrees first (the authors: 30 %); 0 = off
-    workers: int = Field(2, ge=0)  # DataLoader processes drawing the anomalies beside training; 0 = in the training process
+    # DataLoader processes drawing the anomalies beside training (the same bits with any count). 0: at the default 64 px
+    # a draw costs 2 ms against a 90 ms step on 2 CPU cores, and workers only compete for them; at 256 px on a GPU a
+    # draw costs 34 ms against an 82 ms step of 8 images: set 4 or more there (README, BENCHMARKS.md)
+    workers: int = Field(0, ge=0)
+    checkpoint_every: int = Field(10, ge=1)  # epochs between checkpoints (and each category's last): a save costs ~15 ms
 
 
 class DraemMethod(Method):

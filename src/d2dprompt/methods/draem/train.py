@@ -9,8 +9,8 @@ of latents.texture_dir, DRAEM's beta), otherwise it stays normal; the rotated im
 Every draw is a pure function of (latents.seed, image, epoch), so a rerun is identical, and `draem.workers`
 DataLoader processes draw them beside the training without changing a bit. Adam with `draem.lr`, multiplied by 0.2 at
 80 % and 90 % of `draem.epochs` (the paper's schedule). All categories' weights go into one model.safetensors, keyed
-`<dataset>/<category>/...`. A checkpoint per category and epoch (`<checkpoint>/<index>/`) lets a killed run resume bit
-for bit: finished categories are kept, the one in training goes on from its last epoch.
+`<dataset>/<category>/...`. A checkpoint per category every `draem.checkpoint_every` epochs (`<checkpoint>/<index>/`)
+lets a killed run resume bit for bit: finished categories are kept, the one in training goes on from its last save.
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ def rotated(image: np.ndarray, rng: np.random.Generator, share: float) -> np.nda
 
 
 class DraemDraws(torch.utils.data.Dataset):
-    """Item (image index, epoch) -> (augmented, clean) (3, S, S) in [0, 1] and the mask (S, S): that image's draw for
-    that epoch, a pure function of (latents.seed, image, epoch), wherever it is computed."""
+    """Item (image index, epoch) -> (augmented, clean) uint8 (S, S, 3) and the bool mask (S, S): that image's draw for
+    that epoch, a pure function of (latents.seed, image, epoch), wherever it is computed (`as_unit` turns a batch of
+    them into the networks' inputs)."""
 
     def __init__(self, images: list[np.ndarray], keys: list[str], latents: LatentsParams, anomaly_share: float, rotation_share: float):
         self.images, self.keys, self.latents = images, keys, latents
@@ -70,7 +71,7 @@ class DraemDraws(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         i, epoch = item
         key, crc = self.keys[i], zlib.crc32(self.keys[i].encode())
         image = rotated(self.images[i], np.random.default_rng([self.latents.seed, crc, epoch, 1]), self.rotation_share)
@@ -79,11 +80,13 @@ class DraemDraws(torch.utils.data.Dataset):
             out, mask = synthetic_variant(image, key, epoch, self.latents, self.textures)
         else:
             out, mask = image, np.zeros(image.shape[:2], dtype=bool)
-        return _unit(out), _unit(image), torch.from_numpy(mask).float()
+        return out, image, mask
 
 
-def _unit(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
+def as_unit(augmented: torch.Tensor, clean: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A collated batch of draws -> (augmented, clean) (B, 3, S, S) in [0, 1] and float masks (B, S, S), laid out as
+    row_images.to_unit lays images out (the memory layout picks the convolution kernels, so it decides the last bits)."""
+    return augmented.permute(0, 3, 1, 2).float() / 255, clean.permute(0, 3, 1, 2).float() / 255, masks.float()
 
 
 def draws_loader(draws: DraemDraws, batches: list[torch.Tensor], first_epoch: int, workers: int):
@@ -114,7 +117,7 @@ def train_category(method: Method, rows: list[LatentRow], root: Path, cfg: CoreP
     loader = draws_loader(draws, batches, len(history), d.workers) if len(history) < d.epochs else None
     for epoch in range(len(history), d.epochs):
         def loss_of(batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-            augmented, clean, masks = (t.to(device) for t in next(loader))  # the draws of this very batch
+            augmented, clean, masks = (t.to(device) for t in as_unit(*next(loader)))  # the draws of this very batch
             with autocast(device, cfg.model.precision):
                 out = model(augmented)
             return draem_loss(out, clean, masks)
@@ -122,7 +125,8 @@ def train_category(method: Method, rows: list[LatentRow], root: Path, cfg: CoreP
         losses = optimise(batches[epoch], loss_of, optimizer, f"{name} epoch {epoch + 1}/{d.epochs}")
         schedule.step()
         history.append({"epoch": epoch + 1, **{f"{name}/{k}": v for k, v in losses.items()}})
-        save_state(TrainState(run_id, model.state_dict(), optimizer.state_dict(), history), checkpoint)
+        if (epoch + 1) % d.checkpoint_every == 0 or epoch + 1 == d.epochs:
+            save_state(TrainState(run_id, model.state_dict(), optimizer.state_dict(), history), checkpoint)
         if job.log is not None:  # one series per category and term, as the other methods' per-epoch series
             job.log.log_metrics({f"loss_{k}": v for k, v in history[-1].items() if k != "epoch"}, step=epoch + 1)
     return {f"{name}/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, history
