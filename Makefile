@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# dvc.yaml runs `python -m d2dprompt.<stage>`: the venv must come first on PATH.
+# dvc.yaml runs `python -m d2dprompt.pipeline.<stage>`: the venv must come first on PATH.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
 .PHONY: repro test app bench ablate env clean
