@@ -118,3 +118,21 @@ def trained(workspace) -> Path:
     stage("train", "--out", "trained", cwd=workspace)
     pixel_auroc(workspace, "trained", "metrics-trained")
     return workspace / "trained"
+
+
+def sample_latents(root: Path, sd: FrozenSD, categories: list[str], latents_params, image_size: int = 64) -> Path:
+    """The latents stage's output for some of the bundled sample's categories, written under `root` (as
+    stages/latents/): what the method trainers read, without running the stage CLIs."""
+    import torch
+    from safetensors.torch import save_file
+
+    from d2dprompt.core.data.latent_store import write_index
+    from d2dprompt.core.data.manifest import scan_mvtec_layout
+    from d2dprompt.pipeline.latents import encode_dataset
+
+    rows = scan_mvtec_layout(ROOT / "sample", "sample", categories)
+    tensors, index = encode_dataset(sd, ROOT / "sample", rows, image_size, latents_params, torch.device("cpu"), "latents")
+    (root / "sample").mkdir()
+    save_file(tensors, root / "sample" / "latents.safetensors")
+    write_index(index, root / "sample" / "index.csv")
+    return root

@@ -7,18 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from d2dprompt.methods import registry
 from d2dprompt.methods.base import TrainJob
 from d2dprompt.methods.decodiff import train as train_decodiff
 from d2dprompt.core.runtime.config import ParamsError
 from d2dprompt.params import params_from_dict
-from d2dprompt.core.data.latent_store import read_index, write_index
-from d2dprompt.pipeline.latents import encode_dataset
-from d2dprompt.core.data.manifest import scan_mvtec_layout
+from d2dprompt.core.data.latent_store import read_index
 from d2dprompt.trained import load_trained
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sample_latents
 from tests.test_train import Kill, KillAfter
 
 CATEGORIES = ["tile", "weave"]
@@ -38,13 +36,7 @@ def config(**decodiff):
 
 @pytest.fixture(scope="module")
 def latents_root(tmp_path_factory, tiny) -> Path:
-    root = tmp_path_factory.mktemp("latents")
-    rows = scan_mvtec_layout(ROOT / "sample", "sample", CATEGORIES)
-    tensors, index = encode_dataset(tiny, ROOT / "sample", rows, 64, config().latents, torch.device("cpu"), "latents")
-    (root / "sample").mkdir()
-    save_file(tensors, root / "sample" / "latents.safetensors")
-    write_index(index, root / "sample" / "index.csv")
-    return root
+    return sample_latents(tmp_path_factory.mktemp("latents"), tiny, CATEGORIES, config().latents)
 
 
 def test_it_trains_on_the_normal_training_latents_with_a_class_per_category(latents_root):

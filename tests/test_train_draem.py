@@ -9,16 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from d2dprompt.core.data.latent_store import write_index
-from d2dprompt.core.data.manifest import scan_mvtec_layout
 from d2dprompt.methods import registry
 from d2dprompt.methods.base import TrainJob
 from d2dprompt.methods.draem import train as train_draem
 from d2dprompt.params import params_from_dict
-from d2dprompt.pipeline.latents import encode_dataset
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sample_latents
 from tests.test_train import Kill
 
 CATEGORIES = ["tile", "weave"]
@@ -36,13 +33,7 @@ def config(**draem):
 
 @pytest.fixture(scope="module")
 def latents_root(tmp_path_factory, tiny) -> Path:
-    root = tmp_path_factory.mktemp("latents")
-    rows = scan_mvtec_layout(ROOT / "sample", "sample", CATEGORIES)
-    tensors, index = encode_dataset(tiny, ROOT / "sample", rows, 64, config().latents, torch.device("cpu"), "latents")
-    (root / "sample").mkdir()
-    save_file(tensors, root / "sample" / "latents.safetensors")
-    write_index(index, root / "sample" / "index.csv")
-    return root
+    return sample_latents(tmp_path_factory.mktemp("latents"), tiny, CATEGORIES, config().latents)
 
 
 class KillIn:
