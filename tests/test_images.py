@@ -125,3 +125,24 @@ def test_resize_rgb_and_mask():
     assert resized.dtype == bool and resized.shape == (20, 20)
     assert set(np.unique(resized)) == {False, True}
     assert 0.03 < resized.mean() < 0.06  # the defect keeps its share of the area (50/1200 = 0.042)
+
+
+@pytest.mark.parametrize("orientation, turned", [(1, False), (6, True), (8, True), (3, False)])
+def test_exif_orientation_is_applied_to_images_and_masks_alike(tmp_path, orientation, turned):
+    """A JPEG tagged 'rotate 90' (orientation 6) holds its pixels on their side: read upright, it fits its mask."""
+    from d2dprompt.core.data.images import rgb_of
+
+    pixels = np.zeros((10, 20, 3), dtype=np.uint8)
+    pixels[:, :5] = 255  # a bright left edge, to see where it goes
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(tmp_path / "img.jpg", exif=exif, quality=100)
+    mask = np.zeros((10, 20), dtype=np.uint8)
+    mask[:, :5] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png", exif=exif)
+    image = load_rgb(tmp_path / "img.jpg")
+    assert image.shape == ((20, 10, 3) if turned else (10, 20, 3))
+    assert load_mask(tmp_path / "mask.png", image.shape[:2]).shape == image.shape[:2]
+    assert rgb_of((tmp_path / "img.jpg").read_bytes()).shape == image.shape
+    with Image.open(tmp_path / "img.jpg") as opened:
+        assert rgb_of(opened).shape == image.shape

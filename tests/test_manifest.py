@@ -154,3 +154,13 @@ def test_a_validation_folder_becomes_split_val_and_holds_normal_images_only(tmp_
     (root / "disc" / "validation" / "scratch").mkdir()
     with pytest.raises(LayoutError, match=r"validation: the validation split holds normal images only, in validation/good/ \(found scratch\)"):
         scan_mvtec_layout(root, "ds")
+
+
+def test_two_images_sharing_a_stem_in_a_defect_folder_are_refused_naming_both(tmp_path):
+    """000.png and 000.jpg would both be paired with 000_mask.png, silently."""
+    root = make_layout(tmp_path)
+    _touch(root / "tile" / "test" / "crack" / "000.jpg")
+    with pytest.raises(LayoutError, match=r"000\.jpg and .*000\.png: two images named '000' share one mask \(000_mask\.png\)"):
+        scan_mvtec_layout(root, "x")
+    (root / "tile" / "test" / "crack" / "000.jpg").rename(root / "tile" / "test" / "good" / "000.jpg")
+    assert scan_mvtec_layout(root, "x")  # normal test images have no mask to share

@@ -292,3 +292,44 @@ def test_a_killed_process_resumes_without_redoing_finished_images(prompts_dir, p
     rows = read_jsonl(out)
     assert [r["key"] for r in rows] == [f"{i:03d}.png" for i in range(24)]
     assert len({round(r["score"], 6) for r in rows}) == 1  # the same pixels: one score, resumed or not
+
+
+@pytest.mark.parametrize("where", ["a file", "read-only"])
+def test_an_out_that_cannot_hold_predictions_stops_with_one_line(prompts_dir, params_file, tmp_path, where):
+    out = tmp_path / "taken.txt" if where == "a file" else Path("/proc/d2d-predictions")  # /proc refuses new folders, root or not
+    if where == "a file":
+        out.write_text("not a folder")
+    result = run([SCRATCH, "--out", out], prompts_dir, params_file)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {out}"), result.stderr
+    assert ("is a file, not a folder" if where == "a file" else "cannot") in lines[0]
+
+
+def _broken_copy(prompts_dir: Path, tmp_path: Path, name: str, content: str | bytes) -> Path:
+    folder = tmp_path / "trained"
+    shutil.copytree(prompts_dir, folder)
+    (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return folder
+
+
+@pytest.mark.parametrize("name, content, said", [
+    ("model.safetensors", b"PK\x03\x04 a zip, not weights", "model.safetensors: not a safetensors file"),
+    ("model.json", "[]", "model.json: must be a JSON object of params blocks"),
+    ("model.json", "{not json", "model.json: not valid JSON"),
+    ("model.json", json.dumps({"method": "d2dprompt", "model": None}), "model.json: model: must be a mapping of keys"),
+])
+def test_a_damaged_trained_folder_stops_with_one_line_naming_the_file(prompts_dir, params_file, tmp_path, name, content, said):
+    folder = _broken_copy(prompts_dir, tmp_path, name, content)
+    result = CliRunner().invoke(app, [str(SCRATCH), "--out", str(tmp_path / "out"), "--prompts", str(folder), "--params", str(params_file)])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and said in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shown", ["wide", [0.5], [1.0, 0.0], [0.0, None]])
+def test_a_thresholds_file_with_a_bad_display_range_is_refused(prompts_dir, params_file, tmp_path, shown):
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps({"image": 0.5, "pixel": 0.5, "display_range": shown}))
+    result = run([SCRATCH, "--out", tmp_path / "out", "--thresholds", path], prompts_dir, params_file)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and lines == [f"error: {path}: key 'display_range' must be two finite numbers [low, high] with low <= high, got {shown!r}"]

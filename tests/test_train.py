@@ -87,7 +87,7 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, capsys, latents_root, querie
     checkpoint = tmp_path / "ckpt"
     with pytest.raises(Kill):
         trained(mode, latents_root, queries_root, tmp_path / "out", checkpoint, kill_after=kill_after)
-    assert checkpoint.is_dir()
+    assert checkpoint.is_dir() and not (tmp_path / "out").exists()  # a killed first run leaves no empty output folder
     resumed = trained(mode, latents_root, queries_root, tmp_path / "out", checkpoint)
     assert f"resuming after epoch {kill_after}" in capsys.readouterr().out
     assert resumed.keys() == uninterrupted[mode].keys()

@@ -66,7 +66,7 @@ def test_prompts_learn_and_a_killed_run_resumes_bit_for_bit(latents_root, tmp_pa
 
     with pytest.raises(Kill):
         run(latents_root, tmp_path / "b", kill_after=1)
-    assert (tmp_path / "b/ckpt").is_dir()
+    assert (tmp_path / "b/ckpt").is_dir() and not (tmp_path / "b/out").exists()  # a killed first run leaves no empty output folder
     resumed = run(latents_root, tmp_path / "b")
     assert [row["epoch"] for row in resumed] == [1, 2]
     again = load_file(tmp_path / "b/out/model.safetensors")

@@ -31,11 +31,21 @@ def read_record(folder: str | Path) -> tuple[dict, Params, Method]:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name}: missing; run the train stage first")
-    record = json.loads((folder / CONFIG_FILE).read_text())
+    path = folder / CONFIG_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ParamsError(f"{path}: not valid JSON ({err}); rerun the train stage") from None
+    if not isinstance(record, dict):
+        raise ParamsError(f"{path}: must be a JSON object of params blocks (train writes one), got {type(record).__name__}")
     try:
         method = registry.get(method_of(record))
-    except registry.UnknownMethod as err:
-        raise ParamsError(f"{folder / CONFIG_FILE}: {err}") from None
+    except (registry.UnknownMethod, TypeError) as err:
+        raise ParamsError(f"{path}: {err}") from None
+    for block in method.record_blocks:
+        if not isinstance(record.get(block), dict):
+            raise ParamsError(f"{path}: {block}: must be a mapping of keys (the params block {method.name} was trained with), "
+                              f"got {json.dumps(record.get(block))}")
     blocks = {b: record[b] for b in method.record_blocks if b not in NOT_REBUILT}
     if "model" in blocks:  # an older record may hold fp16, refused now
         blocks["model"] = {k: v for k, v in blocks["model"].items() if k not in TODAYS}
@@ -49,6 +59,17 @@ def load_trained(folder: str | Path) -> tuple[nn.Module, dict, Method]:
     """Any method's trained model (in eval mode, on the CPU), its record and its method."""
     from safetensors.torch import load_file
 
+    from safetensors import SafetensorError
+
     record, params, method = read_record(folder)
+    path = Path(folder) / WEIGHTS_FILE
+    try:
+        weights = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a safetensors file ({err}); rerun the train stage") from None
     model = method.build(params, record)
-    return method.load_weights(model, load_file(Path(folder) / WEIGHTS_FILE), record), record, method
+    try:
+        return method.load_weights(model, weights, record), record, method
+    except (RuntimeError, KeyError) as err:  # missing, unexpected or misshapen tensors
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"{path}: does not hold the weights of the {method.name} model model.json describes ({first}); rerun the train stage") from None

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -261,6 +262,27 @@ def write_results(out: Path, inputs: list[InputImage], records: list[dict], erro
     return errors
 
 
+def skipped_note(failed: int, others: int, out: Path) -> str:
+    """What the summary says beside the count: images that could not be predicted and other files, apart, so the
+    numbers add up to what the folder holds."""
+    parts = [f"{failed} image{'s' if failed != 1 else ''} could not be predicted"] if failed else []
+    parts += [f"{others} other file{'s' if others != 1 else ''} skipped"] if others else []
+    return f"; {' and '.join(parts)} (listed in {out / ERRORS_FILE})" if parts else ""
+
+
+def check_out(out: Path) -> None:
+    """--out must be a folder, or a path where one can be made: refused before any model loads, nothing created."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: --out is a file, not a folder; choose a folder for the predictions")
+    above = out
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise ValueError(f"{out}: --out lies under {above}, which is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ValueError(f"{out}: --out cannot be written ({above} is not writable)")
+
+
 def main(
     target: Path = typer.Argument(..., help="an image, or a folder searched recursively for images"),
     trained: Path = typer.Option(Path("stages/train/d2dprompt"), "--trained", "--prompts", help="a train@<method> output (model.json + model.safetensors)"),
@@ -279,6 +301,7 @@ def main(
     from d2dprompt.serve.detector import Detector  # torch and the models load here, not for --help
 
     try:
+        check_out(out)
         inputs, skipped = find_inputs(target, exclude=out)
         if params is None and Path("params.yaml").is_file():
             params = Path("params.yaml")
@@ -300,16 +323,19 @@ def main(
                 if resumed:
                     typer.echo(f"resumed: {resumed} of {len(inputs)} images were predicted by an earlier run into {out} (same run, thresholds and files)")
                 errors = write_results(out, inputs, records, errors, skipped)
-    except (ParamsError, ThresholdsError, ImageError, FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
+    except (ParamsError, ThresholdsError, ImageError, ValueError, OSError) as err:
+        if isinstance(err, OSError) and err.errno is not None:  # the system's: writing outputs (a read-only disk, no permission)
+            typer.echo(f"error: {err.filename or out}: cannot write predictions there ({err.strerror})", err=True)
+        else:  # ours, one line naming the file already (a missing input is a FileNotFoundError of ours)
+            typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
     if not main:
         return
     for record in records if len(inputs) == 1 else []:
         verdict = "anomalous" if record["label"] else "normal"
         typer.echo(f"{record['image']}: score {record['score']:.4f} vs {chosen.image:.4f} -> {verdict}; mask {record['mask']}")
-    note = f", {len(errors)} skipped (listed in {out / ERRORS_FILE})" if errors else ""
-    typer.echo(f"{len(records)} of {len(inputs)} images -> {out / PREDICTIONS_FILE}{note}; thresholds: {chosen.source}")
+    typer.echo(f"{len(records)} of {len(inputs)} images -> {out / PREDICTIONS_FILE}{skipped_note(len(inputs) - len(records), len(skipped), out)}; "
+               f"thresholds: {chosen.source}")
     if not records:
         typer.echo(f"error: {target}: no image could be predicted", err=True)
         raise typer.Exit(1)

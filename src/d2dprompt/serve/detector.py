@@ -60,8 +60,12 @@ def read_thresholds_file(path: Path, ev: EvaluateParams, method: str = "d2dpromp
         value = record.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ThresholdsError(f"{path}: key '{key}' must be a finite number, got {value!r}")
-    if record.get("method", method) != method:
-        raise ThresholdsError(f"{path}: fitted for method {record['method']!r}, not for the {method!r} run predicting")
+    shown = record.get("display_range", [0.0, 1.0])
+    if (not isinstance(shown, list) or len(shown) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in shown)
+            or shown[0] > shown[1]):
+        raise ThresholdsError(f"{path}: key 'display_range' must be two finite numbers [low, high] with low <= high, got {shown!r}")
+    if not isinstance(record.get("method", method), str) or record.get("method", method) != method:
+        raise ThresholdsError(f"{path}: fitted for method {record.get('method')!r}, not for the {method!r} run predicting")
     from d2dprompt.methods import registry
 
     for key in SCALE_KEYS:

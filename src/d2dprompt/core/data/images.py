@@ -1,7 +1,7 @@
 """Image and mask I/O: decode any common PNG/JPEG/TIFF flavour to uint8 RGB or a bool mask.
 
 Every loader fully decodes the file, so a truncated or corrupt image fails here
-with an `ImageError` whose message starts with the file's path.
+with an `ImageError` whose message starts with the file's path, and applies the EXIF orientation (`upright`).
 
 Masks follow MVTec AD: 0 is background and at most one other value marks the defect (255 in MVTec
 AD, any one value here; colour masks are read by their brightest channel). Anything else stops
@@ -17,7 +17,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # A truncated file must fail loudly, never load as a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -35,10 +35,16 @@ def _open_decoded(path: Path, what: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            # `load` decodes lazily-opened frames; copying detaches the pixels from the closed file.
-            return img.copy()
+            # `load` decodes lazily-opened frames; upright() copies, detaching the pixels from the closed file.
+            return upright(img)
     except _DECODE_ERRORS as err:
         raise ImageError(f"{path}: cannot decode {what} ({err})") from None
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: its EXIF orientation applied (a phone's JPEG tagged "rotate 90" holds its
+    pixels on their side), so an image and its mask line up whatever tags either carries. Always a copy."""
+    return ImageOps.exif_transpose(img) or img.copy()
 
 
 def _to_uint8(values: np.ndarray, full_scale: float) -> np.ndarray:
@@ -118,12 +124,12 @@ def rgb_of(image, name: str = "image") -> np.ndarray:
         try:
             with Image.open(io.BytesIO(bytes(image))) as img:
                 img.load()
-                return rgb_of(img.copy(), name)
+                return rgb_of(upright(img), name)
         except _DECODE_ERRORS as err:
             raise ImageError(f"{name}: cannot decode image ({err})") from None
     if isinstance(image, Image.Image):
         try:
-            rgb = _pil_to_rgb(image)
+            rgb = _pil_to_rgb(upright(image))
         except _DECODE_ERRORS as err:
             raise ImageError(f"{name}: cannot convert image mode {image.mode} to RGB ({err})") from None
     elif isinstance(image, np.ndarray):

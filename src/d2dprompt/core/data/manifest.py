@@ -125,7 +125,12 @@ def _scan_category(root: Path, cat_dir: Path, dataset: str) -> list[ManifestRow]
         rows += [ManifestRow(dataset, category, "val", 0, GOOD, rel(p), "") for p in images_in(val_good)]
     for defect_dir in subdirs(test_dir):
         defect = defect_dir.name
+        stems: dict[str, Path] = {}
         for image in images_in(defect_dir):
+            if defect != GOOD and image.stem in stems:  # 000.png and 000.jpg would both pair with 000_mask.png
+                raise LayoutError(f"{stems[image.stem]} and {image}: two images named {image.stem!r} share one mask "
+                                  f"({image.stem}_mask.png); rename or remove one")
+            stems[image.stem] = image
             if defect == GOOD:
                 rows.append(ManifestRow(dataset, category, "test", 0, GOOD, rel(image), ""))
                 continue
