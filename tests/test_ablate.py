@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from d2dprompt.pipeline import ablate
 from tests.conftest import ROOT, run_cmd
+from tests.test_readme import check_narrow_view
 
 DATA = ROOT / "tests" / "data"
 
@@ -109,6 +110,7 @@ def test_a_real_ablation_queues_runs_and_reports_through_dvc(repo_copy, tmp_path
     assert (clone / "report/ablation.png").is_file() and record["without_result"] == {}
     again = run_cmd([*args, "--report-only"], clone)  # the same table from DVC alone
     assert "| baseline |" in again.stdout
+    check_narrow_view(clone, "mean.pixel_AUPRO", methods=1)  # one metrics file: DVC names the column without its file
 
 
 def test_waiting_outlasts_a_transient_exp_show_failure(monkeypatch):

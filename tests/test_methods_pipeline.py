@@ -9,6 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import run_cmd
+from tests.test_readme import check_narrow_view
 
 METHODS = ("d2dprompt", "d2d", "anomalyclip", "draem", "decodiff")
 HEADLINE = ["image_AUROC", "pixel_AUROC", "pixel_AUPRO"]
@@ -38,6 +39,7 @@ def test_dvc_metrics_show_lists_every_method_side_by_side(every_method):
     assert all(f"metrics/{m}/sample.json" in table for m in METHODS)
     header = table.splitlines()[0].split()
     assert header[0] == "Path" and header[1].startswith("mean."), header[:3]  # the means, not a category, come first
+    check_narrow_view(every_method, "metrics/d2dprompt/sample.json:mean.pixel_AUPRO", methods=len(METHODS))  # README's commands
 
 
 def test_each_method_is_trained_only_where_it_learns(every_method):

@@ -75,3 +75,31 @@ def test_each_command_exists_as_written(argv):
             assert has_key(key.rsplit(".", 1)[0]) and not has_key(key), item  # adds a key under an existing block
         else:
             assert has_key(key), f"{item}: params.yaml has no {key}"
+
+
+def narrow_commands() -> list[list[str]]:
+    """The commands of README "Reading `dvc exp show` in a narrow terminal": the table, then the CSV."""
+    section = README.split("### Reading `dvc exp show` in a narrow terminal", 1)[1].split("\n## ", 1)[0]
+    return shell_commands(section)
+
+
+def check_narrow_view(repo: Path, column: str, methods: int) -> None:
+    """Run the README's narrow commands in a repository with experiments: the table keeps the headline column (named
+    `column` by DVC), with a value in every row, in at most 120 characters; the CSV has each method's three headline
+    metrics. Called by the end-to-end tests with one metrics file (test_ablate.py) and with five (test_methods_pipeline.py)."""
+    from tests.conftest import run_cmd
+
+    table_argv, csv_argv = narrow_commands()
+    lines = run_cmd(table_argv, repo).stdout.splitlines()
+    header = next(line for line in lines if "Experiment" in line)
+    assert column in header.split(), header
+    rows = [line for line in lines if re.match(r"^\s+(workspace|main|[\w-]+)\s", line) and "Experiment" not in line]
+    assert rows and all(re.search(r"\s0\.\d+\s", line) for line in rows), lines
+    assert max(len(line.rstrip()) for line in lines) <= 120, max(len(line) for line in lines)
+    header = run_cmd(csv_argv, repo).stdout.splitlines()[0].split(",")
+    assert sum(name.endswith(("mean.image_AUROC", "mean.pixel_AUROC", "mean.pixel_AUPRO")) for name in header) == 3 * methods, header
+
+
+def test_the_narrow_commands_are_the_table_and_the_csv():
+    table, csv = narrow_commands()
+    assert "--csv" not in table and "--csv" in csv
