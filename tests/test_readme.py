@@ -103,3 +103,13 @@ def check_narrow_view(repo: Path, column: str, methods: int) -> None:
 def test_the_narrow_commands_are_the_table_and_the_csv():
     table, csv = narrow_commands()
     assert "--csv" not in table and "--csv" in csv
+
+
+def test_the_first_exp_run_says_that_it_changes_params_yaml_and_how_to_keep_the_workspace_clean():
+    """`dvc exp run -S` leaves its values in params.yaml: a newcomer's next run silently starts from them."""
+    first = next(i for i, argv in enumerate(COMMANDS) if argv[:3] == ["dvc", "exp", "run"])
+    after = COMMANDS[first + 1 : first + 8]
+    assert any("--temp" in argv for argv in after) and any("--queue" in argv for argv in after)
+    assert ["git", "checkout", "params.yaml"] in after
+    text = README[README.index("dvc exp run -S attention.mode=full") :][:1200]
+    assert "leaves the experiment's values in `params.yaml`" in text
