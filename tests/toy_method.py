@@ -35,7 +35,6 @@ class ToyModel(nn.Module):
 
 class ToyMethod(Method):
     name = "toy"
-    summary = "distance to the mean normal latent (a test's method)"
     params = ToyParams
     record_blocks = ("model", "toy")
     reads = "latents"

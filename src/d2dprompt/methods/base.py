@@ -65,7 +65,6 @@ class Method:
     """One method. Subclasses set the class attributes and implement train, build, load_weights and scorer."""
 
     name: ClassVar[str]
-    summary: ClassVar[str]  # one line for `--help` and the README's table
     params: ClassVar[type[Block] | None] = None  # its own params.yaml block, keyed by `name`; None = it has none
     record_blocks: ClassVar[tuple[str, ...]] = ()  # params blocks model.json keeps: the trained model is a function of them
     reads: ClassVar[Literal["latents", "pixels"]]  # stored VAE latents (the latents stage's) or the images themselves

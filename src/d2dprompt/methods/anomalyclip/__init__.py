@@ -31,7 +31,6 @@ class AnomalyCLIPParams(Block):
 
 class AnomalyCLIPMethod(Method):
     name = "anomalyclip"
-    summary = "AnomalyCLIP: learned prompts on a frozen CLIP's patch-text similarity"
     params = AnomalyCLIPParams
     record_blocks = ("anomalyclip", "prompt", "loss", "train")
     reads = "pixels"

@@ -40,7 +40,6 @@ class D2DParams(Block):
 
 class D2DMethod(D2DPromptMethod):
     name = "d2d"
-    summary = "the original D2D: fixed sentences, attention on their words, nothing learned"
     params = D2DParams
     record_blocks = ("model", "attention", "d2d")
 

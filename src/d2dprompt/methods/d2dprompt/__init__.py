@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 class D2DPromptMethod(Method):
     name = "d2dprompt"
-    summary = "learned prompts read through Stable Diffusion cross-attention (this project)"
     record_blocks = ("model", "prompt", "attention", "loss", "train")
     reads = "latents"
     multi_process = True

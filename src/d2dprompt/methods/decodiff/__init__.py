@@ -46,7 +46,6 @@ class DecoDiffParams(Block):
 
 class DecoDiffMethod(Method):
     name = "decodiff"
-    summary = "DeCo-Diff: a latent diffusion UNet from scratch that repaints an image as normal"
     params = DecoDiffParams
     record_blocks = ("model", "decodiff", "latents", "train")
     reads = "latents"

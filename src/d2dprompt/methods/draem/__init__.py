@@ -37,7 +37,6 @@ class DraemParams(Block):
 
 class DraemMethod(Method):
     name = "draem"
-    summary = "DRAEM: reconstructive + discriminative networks from scratch, one per category"
     params = DraemParams
     record_blocks = ("draem", "latents", "train")
     reads = "pixels"
