@@ -54,15 +54,17 @@ def test_the_toy_trains_and_evaluates_through_the_stage_clis(toy_run):
     assert len(scores) == 51 and len(set(scores)) > 1 and all(0 <= s <= 1 for s in scores)
 
 
-def test_predict_the_api_and_the_mlflow_model_score_as_evaluate_did(toy_run, tmp_path):
+def test_predict_the_api_and_the_mlflow_model_score_as_evaluate_did(toy_run, tmp_path, request):
     import mlflow
     import pandas as pd
     from mlflow import MlflowClient
 
     from d2dprompt import Detector
-    from tests.toy_method import ToyMethod  # registers it in this process, as a user's import would
+    from d2dprompt.methods import registry
+    from tests.toy_method import ToyMethod
 
-    assert ToyMethod.name == "toy"
+    registry.register(ToyMethod())  # in this process, as a user's import of their module would
+    request.addfinalizer(lambda: registry.unregister("toy"))  # the other tests see the built-in methods only
     row = next(r for r in evaluated_scores(toy_run) if r["label"] == "1")
     image = toy_run / "stages/download/sample" / row["image_path"]
     toy_stage("predict", str(image), "--trained", "toy-trained", "--params", "toy.yaml", "--out", str(tmp_path / "out"),

@@ -24,7 +24,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from d2dprompt.pipeline import train
+from d2dprompt.methods import registry
+from d2dprompt.methods.base import TrainJob
 from d2dprompt.params import load_params
 from d2dprompt.core.runtime.distributed import shard_range
 from tests import distributed_workers
@@ -119,7 +120,8 @@ def test_queries_of_two_processes_are_those_of_one(two_processes, workspace):
 @pytest.mark.e2e
 def test_training_on_two_processes_gives_the_prompts_of_one(two_processes, workspace, tmp_path):
     cfg = load_params(two_processes / "params.yaml")
-    history = train.run(cfg, workspace / "stages/latents", workspace / "stages/queries", tmp_path / "one", tmp_path / "ckpt")
+    job = TrainJob(workspace / "stages/latents", workspace / "stages/download", workspace / "stages/queries", tmp_path / "one", tmp_path / "ckpt")
+    history = registry.get("d2dprompt").train(cfg, job)
     expected, got = load_file(tmp_path / "one/model.safetensors"), load_file(two_processes / "trained/model.safetensors")
     assert got.keys() == expected.keys()
     worst = max(float((got[k] - expected[k]).abs().max()) for k in expected)

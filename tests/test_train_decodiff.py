@@ -87,6 +87,7 @@ def test_steps_and_levels_that_cannot_work_are_refused(block, message):
         config(**block)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")  # no training here
 def test_the_first_epoch_learns_at_the_warm_up_rate_and_a_resumed_run_goes_on_with_the_schedule():
     """Epoch e runs at the warm-up-then-cosine multiplier of e + 1: lr / warmup in the first epoch, not 0."""
     def optimiser() -> torch.optim.Optimizer:

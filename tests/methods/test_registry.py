@@ -76,8 +76,11 @@ def test_a_registered_method_brings_its_params_block():
         with pytest.raises(ValueError, match="a params block of the pipeline has this name"):
             registry.register(type("Evaluate", (Method,), {"name": "evaluate", "reads": "latents"})())
     finally:
-        registry._methods.pop("knn_test")
-        registry.version += 1
+        registry.unregister("knn_test")
+    with pytest.raises(ParamsError, match=r"^methods: 'knn_test' is not a registered method"):
+        params_from_dict({"methods": ["knn_test"]})
+    with pytest.raises(ValueError, match="a built-in method stays registered"):
+        registry.unregister("draem")
 
 
 def test_an_unknown_method_in_a_trained_folder_is_named(tmp_path):

@@ -14,7 +14,7 @@ import os
 from d2dprompt.methods.anomalyclip import AnomalyCLIPMethod
 from d2dprompt.methods.base import Method
 
-__all__ = ["BUILT_IN", "Method", "UnknownMethod", "get", "methods", "names", "register"]
+__all__ = ["BUILT_IN", "Method", "UnknownMethod", "get", "methods", "names", "register", "unregister"]
 from d2dprompt.methods.d2d import D2DMethod
 from d2dprompt.methods.d2dprompt import D2DPromptMethod
 from d2dprompt.methods.decodiff import DecoDiffMethod
@@ -46,6 +46,15 @@ def register(method: Method) -> Method:
     _methods[method.name] = method
     version += 1
     return method
+
+
+def unregister(name: str) -> None:
+    """Take a method registered with `register` out again (a test's method, once the test is done)."""
+    global version
+    if any(m.name == name for m in BUILT_IN):
+        raise ValueError(f"{name!r}: a built-in method stays registered")
+    _methods.pop(name, None)
+    version += 1
 
 
 def get(name: str) -> Method:
