@@ -93,8 +93,8 @@ def check_narrow_view(repo: Path, column: str, methods: int) -> None:
     lines = run_cmd(table_argv, repo).stdout.splitlines()
     header = next(line for line in lines if "Experiment" in line)
     assert column in header.split(), header
-    rows = [line for line in lines if re.match(r"^\s+(workspace|main|[\w-]+)\s", line) and "Experiment" not in line]
-    assert rows and all(re.search(r"\s0\.\d+\s", line) for line in rows), lines
+    experiments = [line for line in lines if re.search(r"\[[^\]]+\]", line)]  # "├── d6f74a4 [no_image-s1]  0.46637 ..."
+    assert experiments and all(re.search(r"\s0\.\d+\s", line) for line in experiments), lines
     assert max(len(line.rstrip()) for line in lines) <= 120, max(len(line) for line in lines)
     header = run_cmd(csv_argv, repo).stdout.splitlines()[0].split(",")
     assert sum(name.endswith(("mean.image_AUROC", "mean.pixel_AUROC", "mean.pixel_AUPRO")) for name in header) == 3 * methods, header
