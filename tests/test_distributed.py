@@ -253,6 +253,7 @@ def test_methods_that_train_on_one_process_say_so(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from d2dprompt.core.runtime.cli import app_for
+    from d2dprompt.pipeline import train
 
     params = write_params(tmp_path)
     params.write_text(params.read_text() + "methods: [d2dprompt, draem]\n")
