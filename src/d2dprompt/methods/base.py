@@ -119,39 +119,13 @@ class Method:
         return self.name if self.own_image_score else score
 
 
-def place(model: Any, device: Any) -> Any:
-    """`model.to(device)` for everything the model computes with: its submodules, and the frozen backbones it keeps
-    as plain attributes (out of state_dict, so a trained file holds only what was learned), found in the attributes
-    of every module reached and inside dataclasses (models.FrozenSD). `Module.to` alone misses the plain attributes."""
+def reached_modules(model: Any) -> list[tuple[str, Any]]:
+    """(dotted path, module) of every module the model computes with: its submodules, and the frozen backbones it
+    keeps as plain attributes (out of state_dict, so a trained file holds only what was learned), found in the
+    attributes of every module reached and inside dataclasses (models.FrozenSD). One walk for `place` and `tensors_of`."""
     from torch import nn
 
-    seen: set[int] = set()
-
-    def visit(value: Any) -> None:
-        if id(value) in seen:
-            return
-        seen.add(id(value))
-        if isinstance(value, nn.Module):
-            value.to(device)
-            for module in value.modules():
-                for attribute in vars(module).values():
-                    if isinstance(attribute, nn.Module) or dataclasses.is_dataclass(attribute) and not isinstance(attribute, type):
-                        visit(attribute)
-        elif dataclasses.is_dataclass(value):
-            for field in dataclasses.fields(value):
-                visit(getattr(value, field.name))
-
-    visit(model)
-    return model
-
-
-def tensors_of(model: Any) -> dict[str, Any]:
-    """Every tensor `place` moves, by a dotted path: parameters, buffers and plain tensor attributes of every module
-    reached, through plain-attribute backbones and dataclasses too (the placement test reads it)."""
-    import torch
-    from torch import nn
-
-    found: dict[str, torch.Tensor] = {}
+    found: list[tuple[str, Any]] = []
     seen: set[int] = set()
 
     def visit(value: Any, path: str) -> None:
@@ -160,18 +134,41 @@ def tensors_of(model: Any) -> dict[str, Any]:
         seen.add(id(value))
         if isinstance(value, nn.Module):
             for name, module in value.named_modules(prefix=path):
-                for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-                    found[f"{name}.{key}"] = tensor
+                found.append((name, module))
                 for key, attribute in vars(module).items():
-                    if isinstance(attribute, torch.Tensor) and not key.startswith("_"):
-                        found[f"{name}.{key}"] = attribute
-                    elif isinstance(attribute, nn.Module) or dataclasses.is_dataclass(attribute) and not isinstance(attribute, type):
+                    if isinstance(attribute, nn.Module) or dataclasses.is_dataclass(attribute) and not isinstance(attribute, type):
                         visit(attribute, f"{name}.{key}")
         elif dataclasses.is_dataclass(value):
             for field in dataclasses.fields(value):
                 visit(getattr(value, field.name), f"{path}.{field.name}")
 
     visit(model, "model")
+    return found
+
+
+def place(model: Any, device: Any) -> Any:
+    """`model.to(device)` for everything the model computes with (`reached_modules`): `Module.to` alone misses the
+    frozen backbones kept as plain attributes."""
+    moved: set[int] = set()
+    for _, module in reached_modules(model):  # parents come before their submodules, which move with them
+        if id(module) not in moved:
+            module.to(device)
+            moved |= {id(m) for m in module.modules()}
+    return model
+
+
+def tensors_of(model: Any) -> dict[str, Any]:
+    """Every tensor of the modules `place` moves, by a dotted path: parameters, buffers and plain tensor attributes
+    (which `Module.to` would not move: the placement test would show them left behind)."""
+    import torch
+
+    found: dict[str, torch.Tensor] = {}
+    for name, module in reached_modules(model):
+        for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            found[f"{name}.{key}"] = tensor
+        for key, attribute in vars(module).items():
+            if isinstance(attribute, torch.Tensor) and not key.startswith("_"):
+                found[f"{name}.{key}"] = attribute
     return found
 
 
