@@ -6,6 +6,7 @@ D2D_REQUIRE_BROWSER=1, which turns that skip into a failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -45,20 +46,63 @@ def browser_or_skip() -> str:
 def test_uploads_that_cannot_be_scored_are_named_with_the_reason(tmp_path):
     from PIL import Image
 
-    from d2dprompt.serve.app import check_upload
     from d2dprompt.core.data.images import ImageError
+    from d2dprompt.serve.app import Limits, check_upload
+
+    def limits(**changed) -> Limits:
+        return Limits(**{**dict(max_mb=1, max_megapixels=40, max_side=8192, work_side=1024, max_images=4), **changed})
 
     good = tmp_path / "good.png"
     Image.new("RGB", (300, 200)).save(good)
-    assert check_upload(good, max_mb=1, max_side=300, name="good.png").shape == (200, 300, 3)
+    pixels, header = check_upload(good, limits(max_side=300), name="good.png")
+    assert pixels.shape == (200, 300, 3) and header == (300, 200)
     with pytest.raises(ImageError, match=r"^good.png: 300x200, larger than the 299 px limit \(--max-side\)"):
-        check_upload(good, max_mb=1, max_side=299, name="good.png")
+        check_upload(good, limits(max_side=299), name="good.png")
     (tmp_path / "big.bin").write_bytes(b"\0" * 3 * 2**20)
     with pytest.raises(ImageError, match=r"^big.bin: 3.0 MB, larger than the 2 MB limit \(--max-mb\)"):
-        check_upload(tmp_path / "big.bin", max_mb=2, max_side=8192, name="big.bin")
+        check_upload(tmp_path / "big.bin", limits(max_mb=2), name="big.bin")
     (tmp_path / "cut.png").write_bytes(good.read_bytes()[:200])
     with pytest.raises(ImageError, match=r"^cut.png: cannot decode image"):
-        check_upload(tmp_path / "cut.png", max_mb=1, max_side=8192, name="cut.png")
+        check_upload(tmp_path / "cut.png", limits(), name="cut.png")
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header declares width x height but holds almost no data: what a decompression bomb looks like
+    to anything that reads headers (its pixels would take width * height * 3 bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_oversized_images_are_refused_from_their_header_and_large_ones_decoded_down(tmp_path):
+    from PIL import Image
+
+    from d2dprompt.core.data.images import ImageError
+    from d2dprompt.serve.app import Limits, check_upload
+
+    limits = Limits(max_mb=20, max_megapixels=40, max_side=100_000, work_side=1024, max_images=4)
+    bomb = png_header_only(tmp_path / "bomb.png", 60_000, 60_000)  # Pillow itself refuses this many pixels
+    with pytest.raises(ImageError, match=r"^bomb.png: .*larger than the 40 megapixel limit \(--max-megapixels\)$"):
+        check_upload(bomb, limits, name="bomb.png")
+    wide = png_header_only(tmp_path / "wide.png", 8000, 6000)  # 48 megapixels, under Pillow's own limit
+    with pytest.raises(ImageError, match=r"^wide.png: 8000x6000 is 48.0 megapixels, larger than the 40 megapixel limit"):
+        check_upload(wide, limits, name="wide.png")
+
+    for suffix in ("png", "jpg"):  # a JPEG decodes at a reduced scale, a PNG is resized after decoding
+        large = tmp_path / f"large.{suffix}"
+        Image.new("RGB", (4000, 3000), (90, 120, 150)).save(large)
+        pixels, header = check_upload(large, limits, name=large.name, min_side=256)
+        assert header == (4000, 3000) and pixels.shape == (768, 1024, 3)
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (6000, 300)).save(strip)  # decoded down to 1024 wide it would be 51 px high: too short to score
+    pixels, _ = check_upload(strip, limits, name="strip.png", min_side=256)
+    assert pixels.shape[0] >= 256 and pixels.shape[1] < 6000
 
 
 def free_port() -> int:
@@ -78,14 +122,16 @@ def checkout(workspace, trained, tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def server(checkout):
+@contextlib.contextmanager
+def running_app(checkout: Path, *args: str, env: dict | None = None):
+    """The app served from `checkout` on a free port: (its URL, its process); stopped with SIGTERM afterwards."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    log = (checkout / "app.log").open("w")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
+    log_path = checkout / f"app-{port}.log"
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "d2dprompt.serve.app", "--port", str(port), "--samples", str(ROOT / "sample")],
-                            cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "d2dprompt.serve.app", "--port", str(port), "--samples", str(ROOT / "sample"), *args],
+                                cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     while True:
         try:
@@ -94,12 +140,20 @@ def server(checkout):
         except OSError:
             if proc.poll() is not None or time.monotonic() - started > 120:
                 proc.kill()
-                pytest.fail(f"the app did not start:\n{(checkout / 'app.log').read_text()[-3000:]}")
+                pytest.fail(f"the app did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.2)
     print(f"app answered after {time.monotonic() - started:.1f} s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(checkout):
+    with running_app(checkout) as (url, _):
+        yield url
 
 
 def test_upload_score_slider_and_downloads_in_chromium(checkout, server, tmp_path):
@@ -117,6 +171,9 @@ def test_upload_score_slider_and_downloads_in_chromium(checkout, server, tmp_pat
         page.on("request", lambda r: None if r.url.startswith(LOOPBACK) else outside.append(r.url))
         page.goto(server)
         page.wait_for_selector("#run-info >> text=thresholds.json")
+        for box in ("#image-threshold", "#pixel-threshold"):  # the fitted threshold's every digit shows
+            width = page.eval_on_selector(f"{box} input[type=number]", "e => [e.value, e.scrollWidth, e.clientWidth]")
+            assert width[0] and width[1] <= width[2], f"{box}: {width[0]!r} needs {width[1]} px, the box shows {width[2]}"
         page.set_input_files("#uploads input[type=file]", [str(image), str(checkout / "notes.txt")])
         clicked = time.monotonic()
         page.click("#detect")
@@ -146,3 +203,66 @@ def test_upload_score_slider_and_downloads_in_chromium(checkout, server, tmp_pat
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         browser.close()
     assert outside == []  # offline: no CDN, font or telemetry request left the machine
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """The process's resident memory now (VmRSS) and at its peak so far (VmHWM), in MB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM")}
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+LOAD_CLIENTS = 8  # concurrent /detect calls, each with its own image
+PEAK_BUDGET_MB = 600  # what a request may add to the server's peak: a 24-megapixel image took several GB before
+RSS_GROWTH_MB = 300  # what may stay held after the requests (imports warmed, Gradio's queue)
+
+
+def test_app_under_load_stays_bounded_and_leaves_no_file(checkout, tmp_path):
+    """N concurrent clients, an oversized upload, a 24-megapixel image and a decompression bomb: every request answers
+    with its own results file, memory stays bounded, refused uploads are never stored, and nothing stays on disk."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    scratch_root = tmp_path / "tmp"  # the app's TMPDIR: its scratch folder, uploads and Gradio's cache go here
+    scratch_root.mkdir()
+    images = sorted((ROOT / "sample").glob("*/test/*/*.png"))[:LOAD_CLIENTS]
+    large = tmp_path / "large.png"
+    Image.new("RGB", (6000, 4000), (120, 110, 100)).save(large)  # 24 megapixels in a small file
+    bomb = png_header_only(tmp_path / "bomb.png", 60_000, 60_000)
+    with running_app(checkout, "--max-mb", "8", env={"TMPDIR": str(scratch_root)}) as (url, proc):
+        client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+        run = "d2dprompt"  # the checkout's one run folder
+
+        def detect(image: Path):
+            return client.predict(run, None, [handle_file(str(image))], [], 0.5, 0.5, api_name="/detect")  # State outputs stay out
+
+        detect(images[0])  # loads the model: the baseline is a warm server
+        baseline = memory_mb(proc.pid)
+        with ThreadPoolExecutor(LOAD_CLIENTS) as pool:
+            answers = list(pool.map(detect, images))
+        for image, answer in zip(images, answers):
+            record = json.loads(Path(answer[-1]).read_text())  # the results (JSON) download
+            assert [entry["image"] for entry in record["images"]] == [image.name]
+
+        too_big = tmp_path / "too_big.bin"
+        too_big.write_bytes(os.urandom(9 * 2**20))
+        with too_big.open("rb") as fh:
+            assert httpx.post(url + "gradio_api/upload", files={"files": ("too_big.bin", fh)}, timeout=60).status_code == 413
+        assert not [p for p in files_under(scratch_root) if p.stat().st_size >= 8 * 2**20]
+
+        problems, *_ = client.predict(run, None, [handle_file(str(bomb)), handle_file(str(large))], [], 0.5, 0.5, api_name="/detect")
+        assert re.search(r"bomb\.png: .*megapixel limit", problems) and re.search(r"large\.png: 6000x4000 scored and shown at 1024x683", problems)
+        after = memory_mb(proc.pid)
+        print(f"app memory: baseline RSS {baseline['VmRSS']:.0f} MB, after {len(images) + 2} requests RSS {after['VmRSS']:.0f} MB, "
+              f"peak {after['VmHWM']:.0f} MB")
+        assert after["VmHWM"] - baseline["VmRSS"] < PEAK_BUDGET_MB
+        assert after["VmRSS"] - baseline["VmRSS"] < RSS_GROWTH_MB
+        uploaded = {image.name for image in images} | {"bomb.png", "large.png"}
+        assert [p for p in files_under(scratch_root) if p.name in uploaded] == []  # every upload deleted once scored or refused
+    assert files_under(scratch_root) == [] and list(scratch_root.iterdir()) == []  # the scratch folder went with the app

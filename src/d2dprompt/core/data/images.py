@@ -29,14 +29,19 @@ class ImageError(ValueError):
     """An image or mask file that is missing, unreadable, or does not fit its image."""
 
 
-def _open_decoded(path: Path, what: str) -> Image.Image:
+def _open_decoded(path: Path, what: str, max_side: int | None = None) -> Image.Image:
     if not path.is_file():
         raise ImageError(f"{path}: {what} file not found")
     try:
         with Image.open(path) as img:
+            if max_side is not None:
+                img.draft(img.mode, (max_side, max_side))  # a JPEG decodes at 1/2..1/8 scale: never held at full size
             img.load()
             # `load` decodes lazily-opened frames; upright() copies, detaching the pixels from the closed file.
-            return upright(img)
+            img = upright(img)
+        if max_side is not None and max(img.size) > max_side:
+            img.thumbnail((max_side, max_side))  # keeps the aspect ratio
+        return img
     except _DECODE_ERRORS as err:
         raise ImageError(f"{path}: cannot decode {what} ({err})") from None
 
@@ -69,10 +74,11 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Decode `path` to a uint8 HxWx3 array (grey, alpha, palette and 16-bit images are converted)."""
+def load_rgb(path: str | Path, max_side: int | None = None) -> np.ndarray:
+    """Decode `path` to a uint8 HxWx3 array (grey, alpha, palette and 16-bit images are converted); with `max_side`,
+    downscaled (aspect kept) so that its longer side is at most that, a JPEG already while it decodes."""
     path = Path(path)
-    img = _open_decoded(path, "image")
+    img = _open_decoded(path, "image", max_side)
     try:
         rgb = _pil_to_rgb(img)
     except _DECODE_ERRORS as err:
