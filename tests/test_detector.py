@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2dprompt.serve.detector import Prediction, ThresholdsError, evaluated_thresholds, trained_folder
+from d2dprompt.serve.detector import Detector, Prediction, ThresholdsError, evaluated_thresholds, trained_folder
 from d2dprompt.core.data.images import ImageError, rgb_of
 from d2dprompt.core.eval.thresholds import Thresholds
 from tests.conftest import ROOT
@@ -126,3 +126,37 @@ def test_the_api_gives_evaluates_score_for_any_form_of_a_sample_test_image(works
     assert [abs(b.score - float(r["score"])) < 1e-5 for b, r in zip(batch, rows)] == [True, True]
     with pytest.raises(ImageError, match=r"^images\[0\]: image is 64x64, smaller than the model's input side 128"):
         det.predict(np.zeros((64, 64, 3), np.uint8))
+
+
+def test_a_run_being_retrained_is_named_as_in_progress_not_as_missing(tmp_path):
+    """DVC deletes a stage's outputs before rerunning it: while `dvc exp run` retrains in the workspace, the app, the
+    API and predict say that a run is in progress (from DVC's stage lock), not "run make repro"."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from d2dprompt.serve.app import find_runs
+
+    (tmp_path / ".dvc/tmp").mkdir(parents=True)
+    (tmp_path / "stages/train").mkdir(parents=True)
+    out = tmp_path / "stages/train/d2dprompt"
+
+    def lock(pid: int) -> None:
+        (tmp_path / ".dvc/tmp/rwlock").write_text(json.dumps({"write": {str(out): {"pid": pid, "cmd": "dvc exp run -S loss.sharpness=0.3"}}, "read": {}}))
+
+    lock(os.getpid())
+    busy = r"a training run is in progress and writes here now \(pid \d+: dvc exp run -S loss.sharpness=0.3\)"
+    with pytest.raises(FileNotFoundError, match=busy):
+        Detector.load(tmp_path / "stages/train")
+    with pytest.raises(FileNotFoundError, match=busy):
+        Detector.load(out)
+    with pytest.raises(FileNotFoundError, match=busy):
+        find_runs(tmp_path / "stages/train")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock(gone.pid)  # a killed run's stale entry: the folder is simply missing
+    with pytest.raises(FileNotFoundError, match="no such trained run folder"):
+        Detector.load(out)
+    with pytest.raises(FileNotFoundError, match=r"no trained run here .* run `make repro`"):
+        find_runs(tmp_path / "stages/train")

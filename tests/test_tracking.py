@@ -233,3 +233,45 @@ def test_the_stages_of_one_dvc_experiment_nest_under_one_parent_run_with_their_d
         assert [(t.key, t.value) for t in given.tags] == [("mlflow.data.context", context)]
     experiment = client.get_experiment(runs[0].info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not MLflow's GenAI pages
+
+
+def test_a_parent_run_spans_its_stage_runs_and_takes_the_outcome_of_the_last(store, tmp_path, monkeypatch):
+    """A killed experiment's parent run says KILLED and lasts from its first stage's start to its last stage's end,
+    not FINISHED after milliseconds; a stage killed with SIGKILL counts once the next run of that stage finds it."""
+    import time
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{store}"
+    monkeypatch.setenv(tracking.URI_ENV, uri)
+    monkeypatch.setenv("DVC_EXP_NAME", "late-fir")
+    monkeypatch.chdir(_repo(tmp_path / "repo"))
+    client = MlflowClient(tracking_uri=uri)
+    with tracking.start_run("train", {}) as train_run:
+        parent_id = client.get_run(train_run.run_id).data.tags["mlflow.parentRunId"]
+        assert client.get_run(parent_id).info.status == "RUNNING"
+        time.sleep(0.3)
+    with pytest.raises(KeyboardInterrupt), tracking.start_run("evaluate", {}) as evaluate_run:
+        time.sleep(0.3)
+        raise KeyboardInterrupt
+    parent, train, evaluate = (client.get_run(i).info for i in (parent_id, train_run.run_id, evaluate_run.run_id))
+    assert (train.status, evaluate.status, parent.status) == ("FINISHED", "KILLED", "KILLED")
+    assert parent.start_time <= train.start_time and parent.end_time == evaluate.end_time
+    assert parent.end_time - parent.start_time >= 600  # both stages' time, not the milliseconds of its creation
+
+    with tracking.start_run("evaluate", {}):  # the experiment resumed: its last stage now finished
+        pass
+    assert client.get_run(parent_id).info.status == "FINISHED"
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = tracking.process_tags()
+    experiment_id = parent.experiment_id
+    orphan = client.create_run(experiment_id, tags={**here, "pid": str(dead.pid), "stage": "predict", "mlflow.parentRunId": parent_id})
+    client.log_metric(orphan.info.run_id, "loss", 1.0)
+    tracking.refresh_parent(client, experiment_id, parent_id)
+    assert client.get_run(parent_id).info.status == "RUNNING"  # until its process is known to be gone
+    assert tracking.close_killed_runs(client, experiment_id, "predict", here) == [orphan.info.run_id]
+    killed = client.get_run(orphan.info.run_id).info
+    assert killed.status == "KILLED" and killed.end_time == client.get_metric_history(orphan.info.run_id, "loss")[0].timestamp
+    assert client.get_run(parent_id).info.status == "KILLED"

@@ -59,7 +59,9 @@ def find_runs(runs: Path) -> dict[str, Path]:
         return {runs.name: runs}
     found = {p.parent.name: p.parent for p in sorted(runs.glob("*/model.json"))}
     if not found:
-        raise FileNotFoundError(f"{runs}: no trained run here (a folder with model.json); run `make repro` or `dvc repro` first")
+        from d2dprompt.serve.detector import in_progress
+
+        raise FileNotFoundError(in_progress(runs) or f"{runs}: no trained run here (a folder with model.json); run `make repro` or `dvc repro` first")
     return found
 
 

@@ -138,6 +138,17 @@ def check_size(name: str, image: np.ndarray, image_size: int) -> np.ndarray:
     return image
 
 
+def in_progress(folder: Path) -> str | None:
+    """One line saying that a DVC run is writing `folder` now (it deleted the previous run first), or None."""
+    from d2dprompt.core.runtime.outputs import being_written
+
+    writer = being_written(folder)
+    if writer is None:
+        return None
+    return (f"{folder}: a training run is in progress and writes here now ({writer}); wait for it to finish, "
+            "or keep the workspace's run by training with `dvc exp run --temp` / `--queue`")
+
+
 def trained_folder(source: Path, method: str | None) -> Path:
     """`source` itself when it holds model.json, else its one (or its `method`) run folder."""
     from d2dprompt.core.training import CONFIG_FILE
@@ -145,6 +156,9 @@ def trained_folder(source: Path, method: str | None) -> Path:
     if (source / CONFIG_FILE).is_file():
         return source
     runs = sorted(p.parent.name for p in source.glob(f"*/{CONFIG_FILE}"))
+    busy = in_progress(source / method if method else source)
+    if busy and (not runs or (method is not None and method not in runs)):
+        raise FileNotFoundError(busy)
     if method is not None:
         if method not in runs:
             raise FileNotFoundError(f"{source}: no trained run {method!r} here ({' | '.join(runs) or 'none'})")
@@ -182,7 +196,7 @@ def local_source(source: str | Path) -> tuple[Path, Path | None]:
         source = mlflow.artifacts.download_artifacts(artifact_uri=text)
     folder = Path(source)
     if not folder.exists():
-        raise FileNotFoundError(f"{folder}: no such trained run folder")
+        raise FileNotFoundError(in_progress(folder) or f"{folder}: no such trained run folder")
     if (folder / "MLmodel").is_file():  # an MLflow model logged by train: its artifacts name the folder and params
         import yaml
 

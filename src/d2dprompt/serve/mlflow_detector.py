@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +45,7 @@ def log_detector(client: Any, run_id: str, trained: Path, params: Path) -> None:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per copied file otherwise
     mlflow.set_tracking_uri(client.tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # MLflow asks for type hints and an input example; the explicit signature says what they would infer
-        warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         package = Path(__file__).resolve().parents[1]  # the d2dprompt package: serve/ is one level down
         code = shutil.copytree(package, Path(tmp) / "d2dprompt", ignore=shutil.ignore_patterns("__pycache__"))
         mlflow.pyfunc.log_model(

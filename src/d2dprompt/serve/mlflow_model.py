@@ -16,14 +16,11 @@ with the d2dprompt package the model bundles on the path.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
-
-# MLflow asks for type hints on predict to infer a signature; the logged model carries an explicit one
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 
 
 class DetectorModel(PythonModel):
@@ -36,9 +33,8 @@ class DetectorModel(PythonModel):
         self.detector = Detector.load(context.artifacts["trained"], params=context.artifacts["params"], thresholds=thresholds)
         self.by_category: dict[str | None, Detector] = {self.detector.category: self.detector}
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        import pandas as pd
-
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        # pd.DataFrame: a hint MLflow accepts without inferring a schema; the logged model carries an explicit signature
         params = params or {}
         category = params.get("category")
         if category not in self.by_category:

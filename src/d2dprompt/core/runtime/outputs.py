@@ -150,3 +150,26 @@ def write_json(dest: str | Path, data: object) -> None:
         raise ValueError(f"{dest}: cannot write NaN or infinity as JSON ({err})") from None
     with atomic_file(dest) as tmp:
         tmp.write_text(text + "\n")
+
+
+DVC_STAGE_LOCK = ".dvc/tmp/rwlock"  # where DVC records, per output path, the live command writing it
+
+
+def being_written(path: Path) -> str | None:
+    """The DVC command writing `path` (or a folder inside or above it) right now, as "pid N: <command>", from
+    the stage lock of the DVC repository holding it; None when no live process writes there. DVC deletes a
+    stage's outputs before it runs it, so this tells "a run is in progress" apart from "never trained"."""
+    path = Path(path).resolve()
+    root = next((p for p in (path, *path.parents) if (p / ".dvc").is_dir()), None)
+    if root is None:
+        return None
+    try:
+        writers = json.loads((root / DVC_STAGE_LOCK).read_text()).get("write", {})
+    except (OSError, ValueError, AttributeError):
+        return None  # no lock file, or one being rewritten: nothing to say
+    for written, info in writers.items() if isinstance(writers, dict) else ():
+        out = (root / written).resolve()  # DVC records absolute paths; a relative one is the repository's
+        related = out == path or out in path.parents or path in out.parents
+        if related and isinstance(info, dict) and isinstance(info.get("pid"), int) and process_alive(info["pid"]):
+            return f"pid {info['pid']}: {info.get('cmd', 'dvc')}"
+    return None

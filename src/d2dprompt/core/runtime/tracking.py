@@ -50,6 +50,7 @@ from d2dprompt.core.runtime.outputs import process_alive
 
 URI_ENV = "D2D_MLFLOW_URI"  # overrides the repository's SQLite store (tests, tracking servers)
 DB_NAME = "mlflow.db"
+MLFLOW_PARENT = "mlflow.parentRunId"  # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID, without importing mlflow
 PARENT_TAG = "d2d_group"  # on the parent run of one DVC experiment's (or one commit's workspace) stage runs
 ARTIFACT_DIR = "mlartifacts"
 DEFAULT_EXPERIMENT = "d2dprompt"
@@ -305,13 +306,36 @@ def close_killed_runs(client: Any, experiment_id: str, stage: str, here: Mapping
     closed = []
     for run in _retry(client.search_runs, [experiment_id], filter_string=query, max_results=1000):
         if process_gone(run.data.tags, here):
-            _retry(client.set_terminated, run.info.run_id, "KILLED")
+            _retry(client.set_terminated, run.info.run_id, "KILLED", end_time=_last_activity(client, run))
             _log.warning(
                 "mlflow run %s (%s) marked KILLED: its process %s on %s is gone",
                 run.info.run_name, run.info.run_id, run.data.tags.get("pid"), run.data.tags.get("host"),
             )
             closed.append(run.info.run_id)
+            if MLFLOW_PARENT in run.data.tags:
+                refresh_parent(client, experiment_id, run.data.tags[MLFLOW_PARENT])
     return closed
+
+
+def _last_activity(client: Any, run: Any) -> int:
+    """When a killed run last logged a metric (ms), else its start: its end, as near as the store can tell."""
+    times = [m.timestamp for key in run.data.metrics for m in _retry(client.get_metric_history, run.info.run_id, key)]
+    return max(times, default=run.info.start_time)
+
+
+def refresh_parent(client: Any, experiment_id: str, parent_id: str) -> None:
+    """Give a parent run its stage runs' span and outcome: RUNNING while one of them runs, else the status of the
+    one that started last (DVC stops an experiment at its first failing stage) and the latest end among them."""
+    query = f"tags.`{MLFLOW_PARENT}` = '{parent_id}'"
+    children = _retry(client.search_runs, [experiment_id], filter_string=query, max_results=1000)
+    if not children:
+        return
+    if any(child.info.status == "RUNNING" for child in children):
+        _retry(client.update_run, parent_id, status="RUNNING")
+        return
+    last = max(children, key=lambda child: child.info.start_time)
+    ended = max(child.info.end_time or child.info.start_time for child in children)
+    _retry(client.set_terminated, parent_id, last.info.status, end_time=ended)
 
 
 def _experiment_id(client: Any, name: str, artifacts: str | None) -> str:
@@ -344,8 +368,7 @@ def parent_run(client: Any, experiment_id: str, group: str, tags: Mapping[str, s
         return found[0].info.run_id
     keep = {k: v for k, v in tags.items() if k in ("git_commit", "dvc_exp_name", "dvc_exp_baseline_rev", "mlflow.source.git.commit")}
     run = _retry(client.create_run, experiment_id, tags={**keep, PARENT_TAG: group}, run_name=group)
-    _retry(client.set_terminated, run.info.run_id, "FINISHED")  # a folder for its stages, not a process
-    return run.info.run_id
+    return run.info.run_id  # RUNNING with its first stage; refresh_parent gives it the stages' span and outcome
 
 
 @contextlib.contextmanager
@@ -364,7 +387,6 @@ def start_run(
     _quiet_mlflow()
     from mlflow import MlflowClient
     from mlflow.utils.mlflow_tags import (
-        MLFLOW_PARENT_RUN_ID,
         MLFLOW_SOURCE_NAME,
         MLFLOW_SOURCE_TYPE,
         MLFLOW_USER,
@@ -385,8 +407,9 @@ def start_run(
     tags.update({MLFLOW_SOURCE_NAME: Path(sys.argv[0]).name or "python", MLFLOW_SOURCE_TYPE: "LOCAL"})
     with contextlib.suppress(Exception):
         tags[MLFLOW_USER] = getpass.getuser()
-    tags[MLFLOW_PARENT_RUN_ID] = parent_run(client, experiment_id, group_of(tags), tags)  # the UI nests the stages under it
+    tags[MLFLOW_PARENT] = parent = parent_run(client, experiment_id, group_of(tags), tags)  # the UI nests the stages under it
     run = _retry(client.create_run, experiment_id, tags=tags, run_name=f"{stage}-{tags['dvc_exp_name']}")
+    refresh_parent(client, experiment_id, parent)
     logger = RunLogger(client, run.info.run_id)
     status = "FAILED"
     try:
@@ -398,3 +421,7 @@ def start_run(
         raise
     finally:
         _retry(client.set_terminated, logger.run_id, status)
+        try:
+            refresh_parent(client, experiment_id, parent)
+        except Exception as error:  # housekeeping: must not hide the stage's own outcome
+            _log.warning("mlflow: could not update the parent run %s (%s)", parent, error)
