@@ -266,3 +266,17 @@ def test_app_under_load_stays_bounded_and_leaves_no_file(checkout, tmp_path):
         uploaded = {image.name for image in images} | {"bomb.png", "large.png"}
         assert [p for p in files_under(scratch_root) if p.name in uploaded] == []  # every upload deleted once scored or refused
     assert files_under(scratch_root) == [] and list(scratch_root.iterdir()) == []  # the scratch folder went with the app
+
+
+def test_readme_api_example_runs_and_its_stricter_threshold_still_shows_a_mask(checkout):
+    """The README's Python API block, run as written in a checkout after training: its `with_thresholds(pixel=...)`
+    line prints a mask that is not empty (maps of the sample lie around 0.3-0.5: a threshold of 0.6 showed nothing)."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(from d2dprompt import Detector\n.*?)```", readme, re.S).group(1)
+    if not (checkout / "sample").exists():
+        (checkout / "sample").symlink_to(ROOT / "sample")
+    done = subprocess.run([sys.executable, "-c", block], cwd=checkout, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    *_, stricter = done.stdout.split()
+    assert int(stricter) > 0 and (checkout / "overlay.png").is_file()
