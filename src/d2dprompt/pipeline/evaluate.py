@@ -32,6 +32,8 @@ from d2dprompt.params import Params, load_params
 from d2dprompt.core.runtime.cli import app_for
 from d2dprompt.core.data.images import ImageError, load_mask, load_rgb, resize_mask
 from d2dprompt.core.eval.metrics import image_metrics, pixel_metrics, summarize
+from d2dprompt.core.eval.uncertainty import aupimo_per_image, category_seed, replicas_of, with_intervals
+from d2dprompt.core.data.evaluated import MAPS_FILE, write_evaluated
 from d2dprompt.core.runtime.outputs import atomic_dir, write_json
 from d2dprompt.core.eval.report import display_range, write_grids, write_metrics, write_plot_data
 from d2dprompt.core.eval.thresholds import Thresholds, binary_masks, f1_at, fit_thresholds
@@ -47,12 +49,13 @@ SCORES_FILE = "scores.csv"  # one row per test image: what predict must reproduc
 VALIDATION_FILE = "validation.csv"  # one row per validation row the thresholds were fitted on: its key, label and score
 
 
-def write_scores(path: Path, rows: list[LatentRow], labels: np.ndarray, scores: np.ndarray, threshold: float) -> None:
+def write_scores(path: Path, rows: list[LatentRow], labels: np.ndarray, scores: np.ndarray, threshold: float, aupimo: np.ndarray) -> None:
+    """One line per test image: its score and decision, and its AUPIMO (anomalous images; empty for normal ones)."""
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["image_path", "category", "defect_type", "label", "score", "predicted"])
-        for row, label, score in zip(rows, labels.tolist(), scores.tolist()):
-            writer.writerow([row.image_path, row.category, row.defect_type, label, repr(float(score)), int(score >= threshold)])
+        writer.writerow(["image_path", "category", "defect_type", "label", "score", "predicted", "aupimo"])
+        for row, label, score, area in zip(rows, labels.tolist(), scores.tolist(), aupimo.tolist()):
+            writer.writerow([row.image_path, row.category, row.defect_type, label, repr(float(score)), int(score >= threshold), "" if area != area else repr(area)])
 
 
 def write_validation(path: Path, rows: list[LatentRow], scores: np.ndarray) -> None:
@@ -89,6 +92,14 @@ def validation_thresholds(labels: np.ndarray, scores: np.ndarray, masks: np.ndar
         f"{int(labels.sum())} synthetic anomalies), never the test split"
     )
     return fit_thresholds(labels, scores, masks, maps, source, ev.opening_kernel, ev.min_area)
+
+
+def bootstrap_note(ev: EvaluateParams) -> str:
+    if not ev.bootstrap:
+        return ""
+    return (f"[lo, hi]: {ev.confidence:.0%} percentile bootstrap interval over the test images ({ev.bootstrap} resamples, "
+            f"stratified by label, seed {ev.bootstrap_seed}); the mean's resamples every category at once. AUPIMO: mean over "
+            f"anomalous images of the recall integrated over FPR {ev.aupimo_fpr[0]:g} to {ev.aupimo_fpr[1]:g} on normal images (log scale).")
 
 
 Scorer = Callable[[list[int], str], tuple[np.ndarray, np.ndarray]]  # row indices, progress label -> (maps, scores)
@@ -177,19 +188,29 @@ def evaluate_dataset(scored: dict[str, tuple[list[int], np.ndarray, np.ndarray]]
     masks = ground_truth(download_dir, test_rows, ev.map_size)
     labels = np.array([r.label for r in test_rows])
     predicted = binary_masks(maps, thresholds.pixel, ev.opening_kernel, ev.min_area)
-    per_category = {}
-    for category in sorted({r.category for r in test_rows}):
+    per_category, replicas, notes = {}, {}, []
+    per_image_aupimo = np.full(len(test_rows), np.nan)
+    for index, category in enumerate(sorted({r.category for r in test_rows})):
         idx = np.array([i for i, r in enumerate(test_rows) if r.category == category])
+        mean_aupimo, per_image_aupimo[idx], why = aupimo_per_image(masks[idx], maps[idx], ev.aupimo_fpr)
+        if why and labels[idx].min() != labels[idx].max():
+            notes.append(f"AUPIMO n/a for {category}: {why}")
         per_category[category] = {
             **image_metrics(labels[idx], scores[idx]),
             **pixel_metrics(masks[idx], maps[idx], fpr_limit=ev.aupro_fpr_limit),
+            "AUPIMO": mean_aupimo,
             "image_F1": f1_at(labels[idx] == 1, scores[idx] >= thresholds.image),
             "pixel_F1": f1_at(masks[idx], predicted[idx]),
         }
+        if ev.bootstrap:  # the seed follows the category, not the method: every method draws the same images
+            replicas[category] = replicas_of(labels[idx], scores[idx], masks[idx], maps[idx], n_resamples=ev.bootstrap,
+                                             seed=category_seed(ev.bootstrap_seed, index), fpr_limit=ev.aupro_fpr_limit,
+                                             fpr_bounds=ev.aupimo_fpr, with_aupimo=why is None)
     validation_rows = [rows[i] for i in scored["validation maps"][0]] if "validation maps" in scored else []
     validation_scores = scored["validation maps"][2] if "validation maps" in scored else np.zeros(0)
-    details = {"validation_rows": validation_rows, "validation_scores": validation_scores, "rows": test_rows, "maps": maps, "masks": masks, "predicted": predicted, "scores": scores, "labels": labels, "validation": validation, "display_range": display}
-    return summarize(per_category), thresholds, details
+    details = {"validation_rows": validation_rows, "validation_scores": validation_scores, "rows": test_rows, "maps": maps, "masks": masks, "predicted": predicted, "scores": scores, "labels": labels, "validation": validation, "display_range": display,
+               "aupimo": per_image_aupimo, "notes": notes}
+    return with_intervals(summarize(per_category), replicas, ev.confidence), thresholds, details
 
 
 def main(
@@ -220,14 +241,15 @@ def main(
                 threshold_record = {**asdict(thresholds), "method": method, "score": chosen.image_score_name(ev.score), "top_percent": ev.top_percent, "map_size": ev.map_size, "sigma": ev.sigma, "opening_kernel": ev.opening_kernel, "min_area": ev.min_area, "display_range": list(details["display_range"])}
                 with atomic_dir(out / dataset) as tmp:
                     write_json(tmp / "thresholds.json", threshold_record)
-                    write_scores(tmp / SCORES_FILE, details["rows"], details["labels"], details["scores"], thresholds.image)
+                    write_scores(tmp / SCORES_FILE, details["rows"], details["labels"], details["scores"], thresholds.image, details["aupimo"])
+                    write_evaluated(tmp / MAPS_FILE, details["rows"], details["labels"], details["scores"], details["maps"], details["masks"])
                     write_validation(tmp / VALIDATION_FILE, details["validation_rows"], details["validation_scores"])
                     write_plot_data(tmp / "plots", details["labels"], details["scores"], details["masks"], details["maps"], summary)
                     write_grids(tmp / "grids", downloads / dataset, details["rows"], details["maps"], details["masks"], details["predicted"], details["scores"], details["labels"], ev.grid_cases,
                                 details["display_range"], thresholds, f"{method} {dataset}")
                 # `validation` (synthetic anomalies on held-out normal images) is where choices such as
                 # evaluate.score are made without looking at the test split
-                write_metrics(metrics, dataset, summary, asdict(thresholds), details["validation"])
+                write_metrics(metrics, dataset, summary, asdict(thresholds), details["validation"], bootstrap_note(ev), details["notes"])
                 log.log_dataset(dataset, latents / dataset / "index.csv", "evaluation")
                 log.log_metrics({f"{method}.{dataset}.{cat}.{name}": v for cat, values in summary.items() for name, v in values.items() if v == v})
                 log.log_artifact(metrics / f"{dataset}.json")

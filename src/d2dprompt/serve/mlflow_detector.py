@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,9 @@ def log_detector(client: Any, run_id: str, trained: Path, params: Path) -> None:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per copied file otherwise
     mlflow.set_tracking_uri(client.tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # the signature is explicit; an input example would copy an image file into every logged model
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
         package = Path(__file__).resolve().parents[1]  # the d2dprompt package: serve/ is one level down
         code = shutil.copytree(package, Path(tmp) / "d2dprompt", ignore=shutil.ignore_patterns("__pycache__"))
         mlflow.pyfunc.log_model(

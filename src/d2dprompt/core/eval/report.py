@@ -10,14 +10,28 @@ import numpy as np
 
 from d2dprompt.core.data.images import load_rgb, resize_rgb
 from d2dprompt.core.eval.metrics import mean_coverage
+from d2dprompt.core.eval.uncertainty import HI, LO
 from d2dprompt.core.runtime.outputs import atomic_file, nan_to_null, write_json
 
 BAR_METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")  # the per-category bars users compare first
 CURVE_POINTS = 400  # points kept per curve: smooth on screen, small in git diffs and DVC caches
 
 
-def markdown_table(dataset: str, summary: dict[str, dict[str, float]], thresholds: dict) -> str:
-    names = list(summary["mean"])
+def is_bound(name: str) -> bool:
+    return name.endswith((LO, HI))
+
+
+def cell(values: dict[str, float], name: str) -> str:
+    """'0.6611 [0.581, 0.742]' with its interval, '0.6611' without one, 'n/a' when undefined."""
+    value = values.get(name, math.nan)
+    if math.isnan(value):
+        return "n/a"
+    lo, hi = values.get(name + LO, math.nan), values.get(name + HI, math.nan)
+    return f"{value:.4f}" if math.isnan(lo) or math.isnan(hi) else f"{value:.4f} [{lo:.3f}, {hi:.3f}]"
+
+
+def markdown_table(dataset: str, summary: dict[str, dict[str, float]], thresholds: dict, notes: list[str] = ()) -> str:
+    names = [n for n in headline_first(summary["mean"]) if not is_bound(n)]
     lines = [
         f"# {dataset}: per-category metrics",
         "",
@@ -25,7 +39,7 @@ def markdown_table(dataset: str, summary: dict[str, dict[str, float]], threshold
         "|---|" + "---:|" * len(names),
     ]
     for category, values in summary.items():
-        cells = ["n/a" if math.isnan(values.get(n, math.nan)) else f"{values[n]:.4f}" for n in names]
+        cells = [cell(values, n) for n in names]
         label = f"**{category}**" if category == "mean" else category
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
@@ -34,7 +48,8 @@ def markdown_table(dataset: str, summary: dict[str, dict[str, float]], threshold
         f"({thresholds['source']}).",
         "",
     ]
-    coverage = mean_coverage(summary)
+    lines += [note + "\n" for note in notes if note]
+    coverage = mean_coverage({cat: {k: v for k, v in values.items() if not is_bound(k)} for cat, values in summary.items()})
     if coverage["undefined"]:
         total = len(summary) - 1
         covered = ", ".join(f"{name} {coverage['mean_over'][name]} of {total}" for name in coverage["undefined"])
@@ -46,26 +61,30 @@ def markdown_table(dataset: str, summary: dict[str, dict[str, float]], threshold
     return "\n".join(lines)
 
 
-HEADLINE = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")  # what papers compare first: the first columns of `dvc exp show`
+HEADLINE = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "AUPIMO")  # what papers compare first: the first columns of `dvc exp show`
 
 
 def headline_first(values: dict[str, float]) -> dict[str, float]:
-    return {**{k: values[k] for k in HEADLINE if k in values}, **{k: v for k, v in values.items() if k not in HEADLINE}}
+    """The headline metrics (each with its interval bounds) first, then the rest in their order."""
+    first = [k + suffix for k in HEADLINE for suffix in ("", LO, HI) if k + suffix in values]
+    return {**{k: values[k] for k in first}, **{k: v for k, v in values.items() if k not in first}}
 
 
-def write_metrics(folder: Path, dataset: str, summary: dict, thresholds: dict, validation: dict) -> list[Path]:
+def write_metrics(folder: Path, dataset: str, summary: dict, thresholds: dict, validation: dict, interval_note: str = "",
+                  notes: list[str] = ()) -> list[Path]:
     """`<folder>/<dataset>.json` (undefined metrics as null, with what each mean covers) and `.md`.
 
     {"mean": ..., "per_category": {category: ...}, ...}: the mean comes first in the file and, since
     DVC sorts flattened keys (mean.* < per_category.*), first in `dvc metrics show` / `dvc exp show`.
     """
     categories = {k: headline_first(v) for k, v in summary.items() if k != "mean"}
-    record = {"mean": headline_first(summary["mean"]), "per_category": categories, **mean_coverage(summary),
-              "thresholds": thresholds, "validation": validation}
+    point = {cat: {k: v for k, v in values.items() if not is_bound(k)} for cat, values in summary.items()}
+    record = {"mean": headline_first(summary["mean"]), "per_category": categories, **mean_coverage(point),
+              "thresholds": thresholds, "validation": validation, "notes": [n for n in (interval_note, *notes) if n]}
     paths = [folder / f"{dataset}.json", folder / f"{dataset}.md"]
     write_json(paths[0], nan_to_null(record))
     with atomic_file(paths[1]) as tmp:
-        tmp.write_text(markdown_table(dataset, summary, thresholds))
+        tmp.write_text(markdown_table(dataset, summary, thresholds, [interval_note, *notes]))
     return paths
 
 

@@ -40,6 +40,7 @@ FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # becomes a folder and a
 MethodName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]  # a key of the method registry (d2dprompt.methods.registry)
 Once = AfterValidator(_once)  # a repeated entry is a slip: a dataset prepared, trained on or scored twice, a level read twice
 AdamBeta = Annotated[float, Field(ge=0, lt=1)]
+Rate = Annotated[float, Field(gt=0, le=1)]
 
 
 class Block(BaseModel):
@@ -216,6 +217,19 @@ class EvaluateParams(Block):
     sensitivity: float = Field(0.5, ge=0, le=1)  # the fixed threshold (maps lie in [0, 1]), used when threshold = fixed
     opening_kernel: int = Field(3, ge=0)  # square kernel of the morphological opening on binary masks (0/1 = none)
     min_area: int = Field(16, ge=0)  # predicted regions smaller than this many map pixels are dropped
+    # AUPIMO (Bertoldo et al., BMVC 2024) integrates each anomalous image's recall over this range of the false-positive
+    # rate on normal images, on a log scale: the paper's and anomalib's default
+    aupimo_fpr: list[Rate] = Field([1.0e-5, 1.0e-4], min_length=2, max_length=2)
+    bootstrap: int = Field(1000, ge=0)  # resamples of the test images behind every interval (percentile); 0 = no intervals
+    confidence: float = Field(0.95, gt=0, lt=1)  # coverage of the intervals
+    bootstrap_seed: int = Field(0, ge=0)  # one seed draws the same images for every method, so their replicas pair up
+
+    @field_validator("aupimo_fpr")
+    @classmethod
+    def _increasing(cls, value: list[float]) -> list[float]:
+        if not value[0] < value[1]:
+            raise ValueError(f"must be [lower, upper] with lower < upper, got {value}")
+        return value
 
 
 class DistributedParams(Block):

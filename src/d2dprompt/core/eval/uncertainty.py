@@ -1,0 +1,93 @@
+"""What evaluate and compare add to each metric: AUPIMO per image, and bootstrap intervals per category and for
+the mean over categories (pure numpy; bootstrap.py and pimo.py hold the statistics).
+
+The mean's interval resamples every category at once (each with its own images, stratified by label as in
+bootstrap.py): replica b of the mean is the mean over categories of their replicas b, so it says how much the
+reported mean moves with the test images, not how much categories differ from each other.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from d2dprompt.core.eval.bootstrap import METRICS, difference_of, interval_of, metric_replicas
+from d2dprompt.core.eval.pimo import aupimo
+
+LO, HI = "_lo", "_hi"  # suffixes of an interval's bounds beside its metric: pixel_AUPRO_lo, pixel_AUPRO_hi
+
+
+def aupimo_per_image(masks: np.ndarray, maps: np.ndarray, fpr_bounds: tuple[float, float]) -> tuple[float, np.ndarray, str | None]:
+    """(mean AUPIMO over anomalous images, per-image AUPIMO (nan for normal images), why it is undefined or None).
+
+    Undefined (nan) without normal or anomalous images, or when the normal pixels are too few to reach the FPR
+    bounds (a few small test images): the reason is returned instead of stopping the evaluation."""
+    try:
+        result = aupimo(masks, maps, tuple(fpr_bounds))
+    except ValueError as err:
+        return float("nan"), np.full(len(maps), np.nan), str(err)
+    return result.mean, result.per_image, None
+
+
+def category_seed(seed: int, index: int) -> int:
+    """Category `index`'s resampling seed: different categories draw independently, every method draws alike."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def replicas_of(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, *, n_resamples: int, seed: int,
+                fpr_limit: float, fpr_bounds: tuple[float, float], with_aupimo: bool) -> dict[str, np.ndarray]:
+    """Bootstrap replicas of image_AUROC, pixel_AUROC, pixel_AUPRO (and AUPIMO when defined) of one category;
+    {} when it has one class only (nothing is defined)."""
+    if np.all(labels == labels[0]):
+        return {}
+    names = METRICS if with_aupimo else tuple(m for m in METRICS if m != "AUPIMO")
+    _, replicas = metric_replicas(labels, scores, masks, maps, n_resamples=n_resamples, seed=seed, fpr_limit=fpr_limit,
+                                  pimo_bounds=tuple(fpr_bounds), metrics=names)
+    return replicas
+
+
+def mean_replicas(per_category: dict[str, dict[str, np.ndarray]], name: str) -> np.ndarray | None:
+    """Replicas of the mean over the categories where `name` has replicas (nan replicas left out per category)."""
+    stacked = [replicas[name] for replicas in per_category.values() if name in replicas]
+    if not stacked:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a replica undefined in every category stays nan
+        return np.nanmean(np.stack(stacked), axis=0)
+
+
+def with_intervals(summary: dict[str, dict[str, float]], replicas: dict[str, dict[str, np.ndarray]], confidence: float) -> dict[str, dict[str, float]]:
+    """`summary` (metrics.summarize: categories + "mean") with `<metric>_lo` / `<metric>_hi` after every metric that
+    has replicas, for each category and for the mean."""
+    out = {}
+    for category, values in summary.items():
+        row = {}
+        for name, value in values.items():
+            row[name] = value
+            reps = mean_replicas(replicas, name) if category == "mean" else replicas.get(category, {}).get(name)
+            if reps is not None:
+                interval = interval_of(value, reps, confidence)
+                row[name + LO], row[name + HI] = interval.lo, interval.hi
+        out[category] = row
+    return out
+
+
+def paired_differences(exact_a: dict[str, dict[str, float]], exact_b: dict[str, dict[str, float]],
+                       reps_a: dict[str, dict[str, np.ndarray]], reps_b: dict[str, dict[str, np.ndarray]], confidence: float) -> dict[str, dict[str, dict]]:
+    """{category or "mean": {metric: {diff, lo, hi, p_value}}} of method a minus method b, from both methods'
+    summaries and replicas on the same images and seeds (so the replicas pair up)."""
+    out: dict[str, dict[str, dict]] = {}
+    for category in exact_a:
+        row = {}
+        for name in METRICS:
+            if category == "mean":
+                ra, rb = mean_replicas(reps_a, name), mean_replicas(reps_b, name)
+            else:
+                ra, rb = reps_a.get(category, {}).get(name), reps_b.get(category, {}).get(name)
+            if ra is None or rb is None or name not in exact_a[category] or name not in exact_b[category]:
+                continue
+            d = difference_of(exact_a[category][name] - exact_b[category][name], ra - rb, confidence)
+            row[name] = {"diff": d.diff, "lo": d.lo, "hi": d.hi, "p_value": d.p_value}
+        out[category] = row
+    return out
