@@ -76,6 +76,24 @@ def test_mean_and_sample_std_over_seeds_match_numpy():
     assert ablate.summarize([0.5])["std"] is None  # one seed has no spread
 
 
+def test_the_seed_table_says_when_a_row_cannot_be_told_apart_from_the_baseline():
+    """Paired over seeds: a row that moves with the baseline seed by seed is told apart by a small steady gain; a
+    row whose seeds scatter around the baseline's is not."""
+    runs = ablate.plan_runs("baseline,no_image,no_dice", 4, [])
+    base = [0.60, 0.70, 0.65, 0.75]
+    values = {"baseline": base, "no_image": [b + 0.02 for b in base], "no_dice": [0.70, 0.60, 0.72, 0.66]}
+    entries = {run.name: ablate.Entry(run.name, f"rev-{run.name}", "success", metrics={"d2dprompt/sample": {
+        "image_AUROC": values[run.experiment][run.seed], "pixel_AUROC": 0.8, "pixel_AUPRO": 0.5, "AUPIMO": 0.1}}) for run in runs}
+    rows = {r["experiment"]: r for r in ablate.aggregate(runs, entries)}
+    steady, scattered = rows["no_image"]["vs_baseline"]["image_AUROC"], rows["no_dice"]["vs_baseline"]["image_AUROC"]
+    assert steady["apart"] and steady["diff"] == pytest.approx(0.02) and steady["p_value"] == 0.0
+    assert not scattered["apart"] and scattered["lo"] < 0 < scattered["hi"]
+    assert rows["no_image"]["vs_baseline"]["pixel_AUROC"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "p_value": 1.0, "seeds": 4, "apart": False}
+    table = ablate.format_markdown(list(rows.values()), "abcdef0", {})
+    assert "| 4 | image_AUROC +0.020 (p=0) |" in table and "| 4 | cannot be told apart (p >= 0.05 on every metric) |" in table
+    assert rows["baseline"]["image_AUROC"]["lo"] < 0.675 < rows["baseline"]["image_AUROC"]["hi"]
+
+
 def test_report_aggregates_seeds_per_experiment_and_file(tmp_path):
     runs = ablate.plan_runs("baseline,no_image", 2, [])
     entries = {}
@@ -88,7 +106,8 @@ def test_report_aggregates_seeds_per_experiment_and_file(tmp_path):
     assert rows[0]["image_AUROC"]["mean"] == pytest.approx(0.55) and rows[0]["image_AUROC"]["std"] == pytest.approx(np.std([0.5, 0.6], ddof=1))
     ablate.write_report(tmp_path, rows, runs, "abcdef0", {"no_image-s1": "failed"}, queued=True)
     table = (tmp_path / "ablation.md").read_text()
-    assert "| baseline | – | d2dprompt/sample | 0.550 ± 0.071 | 0.800 ± 0.000 | 0.575 ± 0.035 | 2 |" in table
+    assert "| baseline | – | d2dprompt/sample | 0.550 ± 0.071 [-0.085, 1.185] | 0.800 ± 0.000 [0.800, 0.800] | 0.575 ± 0.035 [0.257, 0.893] | – | 2 | – |" in table
+    assert "| 1 | n/a (needs 2 seeds of it and of baseline) |" in table  # no_image has one seed left
     assert "`no_image-s1`: failed" in table
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "ablation.json").read_text())["results"][1]["runs"][0]["name"] == "no_image-s0"
@@ -135,3 +154,17 @@ def test_a_dvc_call_that_hangs_is_stopped_and_reported_as_a_failure_to_retry():
 
     with pytest.raises(ablate.AblationError, match="did not answer within 0.5 s"):
         ablate._call([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)
+
+
+def test_a_saved_report_rebuilds_the_same_table_without_dvc(tmp_path):
+    runs = ablate.plan_runs("baseline,no_dice", 2, [])
+    entries = {run.name: ablate.Entry(run.name, f"rev{i}", "success", metrics={"d2dprompt/sample": {
+        "image_AUROC": 0.5 + 0.1 * i, "pixel_AUROC": 0.8 - 0.01 * i, "pixel_AUPRO": 0.6, "AUPIMO": 0.1 * i}}) for i, run in enumerate(runs)}
+    rows = ablate.aggregate(runs, entries)
+    ablate.write_report(tmp_path / "first", rows, runs, "abcdef0", {}, queued=True)
+    again_runs, again_entries, rev = ablate.from_report(tmp_path / "first/ablation.json")
+    assert rev == "abcdef0" and again_runs == runs
+    assert ablate.format_markdown(ablate.aggregate(again_runs, again_entries), rev, {}) == ablate.format_markdown(rows, "abcdef0", {})
+    (tmp_path / "broken.json").write_text("{}")
+    with pytest.raises(ablate.AblationError, match=r"broken.json: not an ablation report \(KeyError"):
+        ablate.from_report(tmp_path / "broken.json")

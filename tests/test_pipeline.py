@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import shutil
 
+import numpy as np
 import pytest
 
+from d2dprompt.core.data.evaluated import read_evaluated
 from tests.conftest import pixel_auroc, stage, write_params  # workspace, trained: session fixtures there
 
 METRICS = ("image_AUROC", "image_AP", "image_F1Max", "pixel_AUROC", "pixel_AP", "pixel_AUPRO")
@@ -37,7 +41,25 @@ def test_training_beats_untrained_prompts_and_writes_every_metric(workspace, tra
         assert all(0.0 <= values[m] <= 1.0 for m in METRICS)
     assert "validation split" in after["thresholds"]["source"] and "test" in after["thresholds"]["source"]
     assert 0.0 <= after["validation"]["image_AUROC"] <= 1.0
-    assert (workspace / "metrics-trained/sample.md").read_text().count("|") > 20
+    table = (workspace / "metrics-trained/sample.md").read_text()
+    assert table.count("|") > 20 and "95% percentile bootstrap interval over the test images (200 resamples" in table
+    for values in categories.values():  # every headline metric with its interval, around it
+        for name in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "AUPIMO"):
+            assert values[f"{name}_lo"] <= values[name] <= values[f"{name}_hi"], (name, values)
+        assert re.search(r"\d\.\d{4} \[\d\.\d{3}, \d\.\d{3}\]", table)
+    with (workspace / "stages/evaluate-trained/sample/scores.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    per_image = np.array([float(r["aupimo"]) for r in rows if r["label"] == "1"])
+    assert all(r["aupimo"] == "" for r in rows if r["label"] == "0") and ((per_image >= 0) & (per_image <= 1)).all()
+    weave = [float(r["aupimo"]) for r in rows if r["label"] == "1" and r["category"] == "weave"]
+    assert np.mean(weave) == pytest.approx(after["per_category"]["weave"]["AUPIMO"], abs=1e-12)  # the mean of its images
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=os.environ["D2D_MLFLOW_URI"])
+    logged = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'evaluate'", max_results=500)
+    assert any("d2dprompt.sample.mean.pixel_AUPRO_lo" in r.data.metrics and "d2dprompt.sample.weave.AUPIMO_hi" in r.data.metrics for r in logged)
+    kept = read_evaluated(workspace / "stages/evaluate-trained/sample/maps.safetensors")  # what compare reads
+    assert kept.image_paths == [r["image_path"] for r in rows] and np.allclose(kept.scores, [float(r["score"]) for r in rows])
     print(f"pixel_AUROC untrained {before['mean']['pixel_AUROC']:.4f} trained {after['mean']['pixel_AUROC']:.4f}")
     assert after["mean"]["pixel_AUROC"] > before["mean"]["pixel_AUROC"] + 0.05
     grids = sorted(p.name for p in (workspace / "stages/evaluate-trained/sample/grids").glob("*.png"))

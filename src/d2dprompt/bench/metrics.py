@@ -123,6 +123,26 @@ def _timed(label: str, fn, *args):
     return value, seconds
 
 
+def time_uncertainty(n: int, size: int, fpr_limit: float, seed: int) -> None:
+    """What evaluate adds per category and method: exact AUPIMO, then the intervals of all four metrics."""
+    from d2dprompt.core.eval.bootstrap import bootstrap_intervals
+    from d2dprompt.core.eval.pimo import aupimo
+
+    ev = EvaluateParams()
+    masks, maps = make_workload(n, size, seed=seed)
+    labels = masks.any(axis=(1, 2))
+    scores = maps.reshape(n, -1).max(axis=1)
+    typer.echo(f"one category: {n} maps {size}x{size} float32, {labels.sum()} anomalous, {(~labels).sum() * size * size} normal pixels")
+    result, _ = _timed("AUPIMO (exact)", aupimo, masks, maps, tuple(ev.aupimo_fpr))
+    typer.echo(f"  AUPIMO {result.mean:.6f} over {result.num_points} thresholds in FPR {ev.aupimo_fpr}")
+    intervals, _ = _timed(f"intervals, 4 metrics x {ev.bootstrap} resamples",
+                          lambda: bootstrap_intervals(labels, scores, masks, maps, n_resamples=ev.bootstrap, seed=ev.bootstrap_seed,
+                                                      confidence=ev.confidence, fpr_limit=fpr_limit, pimo_bounds=tuple(ev.aupimo_fpr)))
+    for name, iv in intervals.items():
+        typer.echo(f"  {name}: {iv.value:.4f} [{iv.lo:.4f}, {iv.hi:.4f}]")
+    typer.echo(f"max RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
+
+
 @app.command()
 def main(
     n: int = typer.Option(1725, help="maps in the workload (MVTec AD test set: 1,725)"),
@@ -133,7 +153,11 @@ def main(
     compare_sort: bool = typer.Option(False, help="also time one global sort / argsort of all pixel scores"),
     compare_sklearn: bool = typer.Option(False, help="also time scikit-learn on the flattened pixels"),
     compare_anomalib: bool = typer.Option(False, help="also time anomalib's AUPRO (needs anomalib importable)"),
+    uncertainty: int = typer.Option(0, help="instead: time AUPIMO and the bootstrap intervals (evaluate.bootstrap resamples) on one category of this many maps (MVTec AD's largest test set: 167)"),
 ) -> None:
+    if uncertainty:
+        time_uncertainty(uncertainty, size, fpr_limit, seed)
+        return
     start = time.perf_counter()
     masks, maps = make_workload(n, size, seed=seed)
     _, n_regions = metrics.label_regions(masks)

@@ -43,7 +43,10 @@ EXPERIMENTS: dict[str, dict[str, str]] = {
     "level0": {"attention.levels": "[0]"},
     "level1": {"attention.levels": "[1]"},
 }
-METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
+METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "AUPIMO")
+BASELINE = "baseline"  # the experiment every other row is compared with, seed by seed
+CONFIDENCE = 0.95  # of the Student-t interval of a mean over seeds
+ALPHA = 0.05  # a row whose paired difference from the baseline has p >= ALPHA on a metric cannot be told apart on it
 SEED_KEYS = ("train.seed", "latents.seed")  # training order + prompt init, and the synthetic anomalies / validation split
 UNFINISHED = ("queued", "running")  # executor states of `dvc exp show --json` (also "success", "failed")
 STD = "sample standard deviation over seeds (n - 1 denominator); undefined (null) for a single seed"
@@ -175,12 +178,32 @@ def parse_exp_show(data: list) -> dict[str, Entry]:
 
 
 def summarize(values: list[float]) -> dict:
-    """mean and sample std (n - 1) of the non-null values; std is None below two values, mean below one."""
+    """mean and sample std (n - 1) of the non-null values, and the mean's Student-t interval (CONFIDENCE); std and
+    the interval are None below two values, the mean below one."""
+    from d2dprompt.core.eval.bootstrap import seed_mean
+
     vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     n = len(vals)
     mean = sum(vals) / n if n else None
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else None
-    return {"mean": mean, "std": std, "n": n, "values": vals}
+    interval = seed_mean(vals, CONFIDENCE) if n > 1 else None
+    return {"mean": mean, "std": std, "lo": interval.lo if interval else None, "hi": interval.hi if interval else None, "n": n, "values": vals}
+
+
+def versus_baseline(row: dict, baseline: dict) -> dict[str, dict]:
+    """Per metric, the row minus the baseline on the seeds both have (paired): mean difference, its Student-t
+    interval and the paired t-test's p; a metric with fewer than two shared seeds is left out."""
+    from d2dprompt.core.eval.bootstrap import seed_difference
+
+    by_seed = {run["seed"]: run for run in baseline["runs"]}
+    out = {}
+    for metric in METRICS:
+        pairs = [(run[metric], by_seed[run["seed"]][metric]) for run in row["runs"]
+                 if run["seed"] in by_seed and run[metric] is not None and by_seed[run["seed"]][metric] is not None]
+        if len(pairs) >= 2:
+            d = seed_difference([a for a, _ in pairs], [b for _, b in pairs], CONFIDENCE)
+            out[metric] = {"diff": d.diff, "lo": d.lo, "hi": d.hi, "p_value": d.p_value, "seeds": d.n_used, "apart": bool(d.p_value < ALPHA)}
+    return out
 
 
 def aggregate(runs: list[Run], entries: dict[str, Entry]) -> list[dict]:
@@ -199,28 +222,47 @@ def aggregate(runs: list[Run], entries: dict[str, Entry]) -> list[dict]:
                 **{m: summarize([e.metrics[label].get(m) for _, e in seeds]) for m in METRICS},
                 "runs": [{"name": r.name, "seed": r.seed, "rev": e.rev, **{m: e.metrics[label].get(m) for m in METRICS}} for r, e in seeds],
             })
+    baselines = {r["metrics_file"]: r for r in rows if r["experiment"] == BASELINE}
+    for row in rows:
+        if row["experiment"] != BASELINE and row["metrics_file"] in baselines:
+            row["vs_baseline"] = versus_baseline(row, baselines[row["metrics_file"]])
     return rows
 
 
 def _cell(stat: dict) -> str:
     if stat["mean"] is None:
         return "–"
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}" if stat["std"] is not None else f"{stat['mean']:.3f}"
+    if stat["std"] is None:
+        return f"{stat['mean']:.3f}"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f} [{stat['lo']:.3f}, {stat['hi']:.3f}]"
+
+
+def _versus(row: dict) -> str:
+    """The baseline column: which metrics tell this row apart from the baseline, or that none does."""
+    if row["experiment"] == BASELINE:
+        return "–"
+    found = row.get("vs_baseline") or {}
+    if not found:
+        return "n/a (needs 2 seeds of it and of baseline)"
+    apart = [f"{m} {d['diff']:+.3f} (p={d['p_value']:.3g})" for m, d in found.items() if d["apart"]]
+    return "; ".join(apart) if apart else f"cannot be told apart (p >= {ALPHA:g} on every metric)"
 
 
 def format_markdown(rows: list[dict], baseline_rev: str, problems: dict[str, str]) -> str:
     lines = [
         "# Ablation",
         "",
-        f"Experiments derived from commit `{baseline_rev[:7]}`. Each cell: mean ± {STD}; n = seeds with a result.",
+        f"Experiments derived from commit `{baseline_rev[:7]}`. Each cell: mean ± {STD} [{CONFIDENCE:.0%} Student-t "
+        "interval of the mean]; n = seeds with a result. \"vs baseline\": the metrics on which a row differs from the "
+        f"baseline in a paired t-test over the seeds both ran (p < {ALPHA:g}); otherwise the two cannot be told apart.",
         "",
-        "| experiment | overrides | metrics | " + " | ".join(METRICS) + " | n |",
-        "|---|---|---|" + "---:|" * len(METRICS) + "---:|",
+        "| experiment | overrides | metrics | " + " | ".join(METRICS) + " | n | vs baseline |",
+        "|---|---|---|" + "---:|" * len(METRICS) + "---:|---|",
     ]
     for row in rows:
         overrides = " ".join(f"`{o}`" for o in row["overrides"]) or "–"
         cells = " | ".join(_cell(row[m]) for m in METRICS)
-        lines.append(f"| {row['experiment']} | {overrides} | {row['metrics_file']} | {cells} | {row['n']} |")
+        lines.append(f"| {row['experiment']} | {overrides} | {row['metrics_file']} | {cells} | {row['n']} | {_versus(row)} |")
     if problems:
         lines += ["", "Runs without a result:", ""] + [f"- `{name}`: {why}" for name, why in problems.items()]
     return "\n".join(lines) + "\n"
@@ -366,6 +408,22 @@ def queue_all(runs: list[Run], jobs: int, rev: str, force: bool) -> None:
             raise AblationError(f"`{shlex.join(start_argv(jobs))}` failed ({started.returncode}): {err.read().strip()}")
 
 
+def from_report(path: Path) -> tuple[list[Run], dict[str, Entry], str]:
+    """The runs, their per-seed results and the baseline rev an earlier report recorded (ablation.json), so the
+    table is rebuilt by this code's aggregation without DVC (a clone without the experiments)."""
+    try:
+        record = json.loads(path.read_text())
+        runs = [Run(name, plan["experiment"], plan["seed"], tuple(plan["overrides"])) for name, plan in record["plan"].items()]
+        entries: dict[str, Entry] = {}
+        for row in record["results"]:
+            for run in row["runs"]:
+                entry = entries.setdefault(run["name"], Entry(run["name"], run["rev"], "success"))
+                entry.metrics[row["metrics_file"]] = {m: run.get(m) for m in METRICS}
+        return runs, entries, record["baseline_rev"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise AblationError(f"{path}: not an ablation report ({type(err).__name__}: {err})") from None
+
+
 def resolve_rev(rev: str) -> str:
     return _call(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"]).stdout.strip()
 
@@ -387,8 +445,15 @@ def main(
     report_only: bool = typer.Option(False, "--report-only", help="run nothing; report the existing experiments of these names"),
     force: bool = typer.Option(False, "--force", help="remove existing experiments of these names, then run them again"),
     poll: float = typer.Option(10.0, min=0.1, help="seconds between `dvc exp show` polls; each costs ~2 s of CPU, a run takes minutes"),
+    from_json: Path | None = typer.Option(None, "--from-json", help="run nothing, ask DVC nothing: rebuild the report from an earlier ablation.json's per-seed values"),
 ) -> None:
     try:
+        if from_json is not None:
+            runs, entries, baseline = from_report(from_json)
+            rows = aggregate(runs, entries)
+            write_report(out, rows, runs, baseline, {}, queued=False)
+            print(format_markdown(rows, baseline, {}))
+            return
         runs = plan_runs(only, seeds, sets)
         if dry_run:
             for run in runs:

@@ -91,7 +91,7 @@ def markdown(dataset: str, summaries: dict[str, dict], pairs: dict[str, dict], e
         for pair, rows in pairs.items():
             lines.append(f"| {pair} | " + " | ".join(difference_cell(rows.get(category, {}).get(m)) for m in METRICS) + " |")
         lines.append("")
-    lines += [f"{ev.bootstrap} resamples of the test images, stratified by label, seed {ev.bootstrap_seed}; the mean's resample every "
+    lines += [f"{ev.bootstrap} resamples of the test images, stratified by label, seed {ev.bootstrap_seed}; the mean's interval resamples every "
               "category at once. AUPIMO: mean over anomalous images of the recall integrated over FPR "
               f"{ev.aupimo_fpr[0]:g} to {ev.aupimo_fpr[1]:g} on normal images (log scale).", ""]
     return "\n".join(lines)

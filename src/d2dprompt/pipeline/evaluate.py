@@ -98,7 +98,7 @@ def bootstrap_note(ev: EvaluateParams) -> str:
     if not ev.bootstrap:
         return ""
     return (f"[lo, hi]: {ev.confidence:.0%} percentile bootstrap interval over the test images ({ev.bootstrap} resamples, "
-            f"stratified by label, seed {ev.bootstrap_seed}); the mean's resamples every category at once. AUPIMO: mean over "
+            f"stratified by label, seed {ev.bootstrap_seed}); the mean's interval resamples every category at once. AUPIMO: mean over "
             f"anomalous images of the recall integrated over FPR {ev.aupimo_fpr[0]:g} to {ev.aupimo_fpr[1]:g} on normal images (log scale).")
 
 

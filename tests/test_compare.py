@@ -1,0 +1,96 @@
+"""The compare stage (pipeline/compare.py) on evaluate outputs built here: a method that separates perfectly beats a
+random one with p < 0.01, two identical methods differ by 0 with p = 1, and rows that differ are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import yaml
+
+from d2dprompt.core.data.evaluated import MAPS_FILE, write_evaluated
+from tests.conftest import stage, write_params
+
+SIDE = 64  # 10 normal images per category: 40960 normal pixels reach the FPR range set below
+PER_CLASS = 10
+
+
+def synthetic_rows(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    rows, labels, masks = [], [], []
+    for category in ("disc", "tile"):
+        for i in range(2 * PER_CLASS):
+            anomalous = i >= PER_CLASS
+            mask = np.zeros((SIDE, SIDE), dtype=bool)
+            if anomalous:
+                y, x = rng.integers(8, SIDE - 16, 2)
+                mask[y : y + 8 + i, x : x + 8] = True
+            rows.append(SimpleNamespace(image_path=f"{category}/test/{'crack' if anomalous else 'good'}/{i:03d}.png", category=category))
+            labels.append(int(anomalous))
+            masks.append(mask)
+    return rows, np.array(labels), np.stack(masks), rng
+
+
+def write_method(root: Path, name: str, rows, labels, scores, maps, masks) -> Path:
+    folder = root / "stages/evaluate" / name / "sample"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_evaluated(folder / MAPS_FILE, rows, labels, scores, maps, masks)
+    return folder / MAPS_FILE
+
+
+def params(root: Path, methods: list[str]) -> None:
+    path = write_params(root, evaluate={"aupimo_fpr": [1.0e-3, 1.0e-2], "bootstrap": 500})
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "methods": methods}))
+
+
+def test_compare_pairs_methods_with_paired_intervals_and_p_values(tmp_path):
+    rows, labels, masks, rng = synthetic_rows()
+    perfect_maps = (masks + 0.2 * rng.random(masks.shape)).astype(np.float32)
+    perfect_scores = perfect_maps.reshape(len(rows), -1).max(axis=1)
+    write_method(tmp_path, "d2dprompt", rows, labels, perfect_scores, perfect_maps, masks)
+    write_method(tmp_path, "d2d", rows, labels, rng.random(len(rows)), rng.random(masks.shape).astype(np.float32), masks)
+    write_method(tmp_path, "anomalyclip", rows, labels, perfect_scores, perfect_maps, masks)  # the same as d2dprompt
+    params(tmp_path, ["d2dprompt", "d2d", "anomalyclip"])
+
+    done = stage("compare", "sample", cwd=tmp_path)
+    record = json.loads((tmp_path / "metrics/compare/sample.json").read_text())
+    assert record["methods"] == ["d2dprompt", "d2d", "anomalyclip"] and record["resamples"] == 500
+    assert set(record["pairs"]) == {"d2dprompt - d2d", "d2dprompt - anomalyclip", "d2d - anomalyclip"}
+    metrics = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "AUPIMO")
+    for category in ("disc", "tile", "mean"):
+        better = record["pairs"]["d2dprompt - d2d"][category]
+        same = record["pairs"]["d2dprompt - anomalyclip"][category]
+        for name in metrics:  # per category 20 images; the mean stands on both categories' images
+            assert better[name]["diff"] > 0 and better[name]["lo"] > 0 and better[name]["p_value"] < (0.01 if category == "mean" else 0.05), (category, name, better[name])
+            assert same[name] == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "p_value": 1.0}, (category, name)
+    assert record["means"]["d2dprompt"]["image_AUROC"] == 1.0
+    table = (tmp_path / "metrics/compare/sample.md").read_text()
+    assert "cannot tell the two methods apart" in table and "| d2dprompt - anomalyclip | +0.000 [+0.000, +0.000] p=1.000 (=)" in table
+    assert "d2dprompt - d2d: image_AUROC +" in done.stdout
+
+    plots = tmp_path / "stages/compare/sample"
+    per_image = (plots / "aupimo.csv").read_text().splitlines()
+    assert per_image[0] == "method,category,image_path,aupimo" and len(per_image) == 1 + 3 * 2 * PER_CLASS  # anomalous images only
+    differences = (plots / "differences.csv").read_text().splitlines()
+    assert differences[0] == "pair,metric,diff,lo,hi,p_value" and len(differences) == 1 + 3 * len(metrics)
+
+
+def test_compare_refuses_methods_scored_on_other_rows_and_says_when_there_is_one_method(tmp_path):
+    rows, labels, masks, rng = synthetic_rows()
+    maps = rng.random(masks.shape).astype(np.float32)
+    first = write_method(tmp_path, "d2dprompt", rows, labels, rng.random(len(rows)), maps, masks)
+    order = list(range(len(rows)))[::-1]
+    second = write_method(tmp_path, "draem", [rows[i] for i in order], labels[order], rng.random(len(rows)), maps[order], masks[order])
+    params(tmp_path, ["d2dprompt", "draem"])
+    failed = stage("compare", "sample", cwd=tmp_path, check=False)
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines()[-1] == f"error: {second.relative_to(tmp_path)} and {first.relative_to(tmp_path)}: scored different test rows; rerun both evaluate stages on the same latents"
+
+    params(tmp_path, ["d2dprompt"])
+    alone = stage("compare", "sample", cwd=tmp_path)
+    assert "one method listed (d2dprompt), nothing to compare" in alone.stdout
+    assert "nothing to compare" in (tmp_path / "metrics/compare/sample.md").read_text()
+    assert json.loads((tmp_path / "metrics/compare/sample.json").read_text())["pairs"] == {}
