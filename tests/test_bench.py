@@ -70,3 +70,17 @@ def test_gpu_targets_judge_memory_at_batch_8_and_latency_on_an_h100_only():
     assert any(line.startswith("FAIL") and "30.0 ms" in line for line in h100)  # 240 ms / 8 images
     other = bench.evaluate_targets(rows, cuda, "NVIDIA A100-SXM4-80GB", "fp32")
     assert sum(line.startswith("N.A.") for line in other) == 2  # fp32 is not mixed precision; not an H100
+
+
+@pytest.mark.parametrize("cache", ["resident", "streamed"])
+def test_the_step_profile_times_every_part_of_a_cached_step(cache):
+    from typer.testing import CliRunner
+
+    from d2dprompt.bench import profile_step
+
+    app = profile_step.app_for(profile_step.main, profile_step.__doc__)
+    result = CliRunner().invoke(app, ["--arch", "tiny", "--steps", "1", "--rows", "8", "--batch", "4", "--cache", cache])
+    assert result.exit_code == 0, result.output
+    parts = {line.split("|")[1].strip() for line in result.output.splitlines() if line.startswith("| ")}
+    assert set(profile_step.PARTS) <= parts and f"query cache {cache} (8 rows" in result.output
+    assert "Self CPU" in result.output  # the profiler's table of the whole step

@@ -23,12 +23,12 @@ from tests.conftest import ROOT
 EPOCHS = 4
 
 
-def config(mode: str):
+def config(mode: str, resident_gb: float = 8.0):
     return params_from_dict(
         {
             "download": {"categories": ["tile"]},
             "model": {"image_size": 64},
-            "attention": {"mode": mode, "prompts": "joint", "recache_every": 2},
+            "attention": {"mode": mode, "prompts": "joint", "recache_every": 2, "cache_resident_gb": resident_gb},
             "latents": {"synthetic_per_image": 1},
             "train": {"epochs": EPOCHS, "batch_size": 8},
         }
@@ -67,9 +67,9 @@ class KillAfter:
             raise Kill
 
 
-def trained(mode, latents_root, queries_root, out: Path, checkpoint: Path, kill_after: int | None = None, code: str = "v1"):
+def trained(mode, latents_root, queries_root, out: Path, checkpoint: Path, kill_after: int | None = None, code: str = "v1", resident_gb: float = 8.0):
     log = KillAfter(kill_after) if kill_after is not None else None
-    registry.get("d2dprompt").train(config(mode), TrainJob(latents_root, latents_root, queries_root, out, checkpoint, log, code))
+    registry.get("d2dprompt").train(config(mode, resident_gb), TrainJob(latents_root, latents_root, queries_root, out, checkpoint, log, code))
     return load_file(out / "model.safetensors")
 
 
@@ -93,6 +93,31 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, capsys, latents_root, querie
     assert resumed.keys() == uninterrupted[mode].keys()
     for name, value in resumed.items():
         assert torch.equal(value, uninterrupted[mode][name]), name
+
+
+def test_a_streamed_query_cache_trains_to_the_same_bits_as_a_resident_one(tmp_path, latents_root, queries_root, uninterrupted):
+    """attention.cache_resident_gb: 0 streams the rows with prefetching (and keeps re-cached queries in host memory);
+    the default reads the small cache whole. The prompts come out identical."""
+    streamed = trained("cached", latents_root, queries_root, tmp_path / "out", tmp_path / "ckpt", resident_gb=0)
+    assert streamed.keys() == uninterrupted["cached"].keys()
+    assert all(torch.equal(streamed[k], uninterrupted["cached"][k]) for k in streamed)
+
+
+def test_query_cache_rows_are_the_same_resident_streamed_and_prefetched(queries_root):
+    from d2dprompt.methods.d2dprompt.query_cache import QueryCache
+
+    streamed = QueryCache(path=queries_root / "queries.safetensors")
+    resident = streamed.resident(torch.device("cpu"))
+    assert resident.nbytes == streamed.nbytes > 0
+    n = next(iter(resident._tensors.values())).shape[0]
+    plan = [torch.randperm(n, generator=torch.Generator().manual_seed(i))[:5] for i in range(4)]
+    streamed.prefetch(plan)
+    other = torch.tensor([0, 1])
+    asked = [plan[0], other, plan[1], plan[2], plan[3]]  # a call off the plan (cache_drift) reads for itself
+    for rows in asked:
+        got, want = streamed.batch(rows, torch.device("cpu")), resident.batch(rows, torch.device("cpu"))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert not streamed._ahead and not streamed._plan  # every planned batch was handed over
 
 
 def test_a_finished_run_leaves_no_checkpoint(tmp_path, latents_root, queries_root):

@@ -3,10 +3,16 @@
 On disk (`stages/queries/`): `queries.safetensors` holds, per captured layer, a fp16 tensor
 (N, passes, heads, HW, d) (row-major in N so one row is one contiguous read), and `keys.txt` the
 training-row keys in the same order, checked against the training set before use.
+
+Training reads it one of two ways (attention.cache_resident_gb): resident, the whole file read once onto the
+training device so that a batch is an index there, or streamed, each batch's rows read from the file, the next
+batches' in a background thread while the current step runs (`prefetch`). Both hand over the same fp16 values.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -19,27 +25,72 @@ from d2dprompt.core.runtime.outputs import atomic_file
 from d2dprompt.methods.d2dprompt.model import D2DSegmenter
 
 QUERIES_FILE, KEYS_FILE = "queries.safetensors", "keys.txt"
+PREFETCH_DEPTH = 2  # batches read ahead of the step: one in flight while the next waits; more only holds memory
 
 
 class QueryCache:
-    """Rows of queries, held in memory (fresh) or read row by row from a safetensors file (stage output)."""
+    """Rows of queries, held in memory (fresh, or `resident`) or read row by row from a safetensors file."""
 
     def __init__(self, tensors: dict[str, torch.Tensor] | None = None, path: Path | None = None):
         self._tensors = tensors
         self._file = safe_open(str(path), framework="pt") if path is not None else None
         self.names = list(tensors) if tensors is not None else list(self._file.keys())
+        self._plan: deque[torch.Tensor] = deque()
+        self._ahead: deque = deque()  # (rows, future of their host tensors), in plan order
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        if self._tensors is not None:
+            return sum(t.numel() * t.element_size() for t in self._tensors.values())
+        total = 0
+        for name in self.names:
+            sliced = self._file.get_slice(name)
+            count = 1
+            for side in sliced.get_shape():
+                count *= side
+            total += count * torch.finfo(torch.float16).bits // 8  # the queries stage stores fp16
+        return total
+
+    def resident(self, device: torch.device) -> QueryCache:
+        """Every row on `device` (fp16, as stored), read in one pass."""
+        tensors = self._tensors if self._tensors is not None else {name: self._file.get_tensor(name) for name in self.names}
+        return QueryCache({name: t.to(device) for name, t in tensors.items()})
+
+    def prefetch(self, batches: list[torch.Tensor]) -> None:
+        """Read the rows of `batches`, in this order, in a background thread ahead of the `batch` calls that ask for
+        them (streamed caches only; a resident one has nothing to read). A call for other rows reads them itself."""
+        if self._file is None:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="query-prefetch")
+        self._plan, self._ahead = deque(batches), deque()
+        self._fill()
+
+    def _fill(self) -> None:
+        while self._plan and len(self._ahead) < PREFETCH_DEPTH:
+            rows = self._plan.popleft()
+            self._ahead.append((rows, self._pool.submit(self._read, rows)))
+
+    def _read(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """name -> (B, passes, heads, HW, d) fp16 on the host, pinned when a GPU will take it."""
+        out = {}
+        for name in self.names:
+            sliced = self._file.get_slice(name)
+            q = torch.stack([sliced[int(r) : int(r) + 1][0] for r in rows])
+            out[name] = q.pin_memory() if torch.cuda.is_available() else q
+        return out
 
     def batch(self, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         """name -> (passes, B, heads, HW, d) float32 on `device`."""
-        out = {}
-        for name in self.names:
-            if self._tensors is not None:
-                q = self._tensors[name][rows]
-            else:
-                sliced = self._file.get_slice(name)
-                q = torch.stack([sliced[int(r) : int(r) + 1][0] for r in rows])
-            out[name] = q.to(device).float().transpose(0, 1)
-        return out
+        if self._tensors is not None:
+            held = {name: t[rows.to(t.device)] for name, t in self._tensors.items()}
+        elif self._ahead and torch.equal(self._ahead[0][0], rows):
+            held = self._ahead.popleft()[1].result()
+            self._fill()
+        else:
+            held = self._read(rows)
+        return {name: q.to(device, non_blocking=True).float().transpose(0, 1) for name, q in held.items()}
 
 
 @torch.no_grad()

@@ -79,6 +79,8 @@ def train_epoch(
                           cfg.loss.image_top_percent, data.labels[batch])
 
     batches = epoch_batches(len(data.keys), cfg.train.batch_size, cfg.train.seed, epoch)
+    if queries is not None:  # a streamed cache reads each process's rows of the coming batches ahead of the steps
+        queries.prefetch([b[(part := distributed.shard(len(b))).start : part.stop] for b in batches])
     desc = f"epoch {epoch + 1}/{cfg.train.epochs}"
     if distributed.world_size() == 1:
         return optimise(batches, loss_of, optimizer, desc)
@@ -100,6 +102,11 @@ def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
+def placed(queries: QueryCache, cfg: Params, device: torch.device) -> QueryCache:
+    """`queries` read whole onto the training device when they fit attention.cache_resident_gb, else streamed."""
+    return queries.resident(device) if queries.nbytes <= cfg.attention.cache_resident_gb * 2**30 else queries
+
+
 def refreshed_queries(segmenter: D2DSegmenter, prompts: dict[str, torch.Tensor], data: Batches, cfg: Params, device: torch.device) -> QueryCache:
     """The query cache as computed with `prompts`; the segmenter's own prompts are left as they were."""
     from d2dprompt.methods.d2dprompt.query_cache import QueryCache, compute_queries_shared
@@ -107,7 +114,8 @@ def refreshed_queries(segmenter: D2DSegmenter, prompts: dict[str, torch.Tensor],
     current = _clone(segmenter.prompts.state_dict())
     segmenter.prompts.load_state_dict(prompts)
     try:  # shared out over the processes (every one needs every row)
-        return QueryCache(compute_queries_shared(segmenter, data.latents, data.noise, cfg.train.batch_size, device, "re-cache", to_all=True))
+        fresh = QueryCache(compute_queries_shared(segmenter, data.latents, data.noise, cfg.train.batch_size, device, "re-cache", to_all=True))
+        return placed(fresh, cfg, device)
     finally:
         segmenter.prompts.load_state_dict(current)
 
@@ -133,7 +141,7 @@ def run(method: Method, cfg: Params, job: TrainJob) -> list[dict[str, float]]:
     if device.type == "cuda":  # the training rows fit on the GPU (MVTec AD at 512 px: ~0.7 GB): no loader to wait for
         latents, masks, labels, noise = (t.to(device) for t in (latents, masks, labels, noise))
     data = Batches(latents, masks, labels, noise, keys)
-    queries = open_queries(job.queries, keys) if cfg.attention.mode == "cached" else None
+    queries = placed(open_queries(job.queries, keys), cfg, device) if cfg.attention.mode == "cached" else None
     sd = load_frozen(cfg.model.pretrained, cfg.model.tiny_seed)
     torch.manual_seed(cfg.train.seed)
     segmenter = method.place(build_segmenter(sd, cfg.prompt, cfg.attention, cfg.model), device)
