@@ -1,9 +1,10 @@
 """python -m d2dprompt.bench.methods [--scale paper] [--images 240] [--device auto] [--json PATH]
 
 One training step, an epoch of `--images` images and the per-image inference of every registered method that has a
-benchmark (methods/<name>/bench.py: today DRAEM and DeCo-Diff, the methods trained from scratch), on random inputs,
-at the papers' settings (`--scale paper`: 256 px; DRAEM widths 128 / 64, batch 8; DeCo-Diff on SD's VAE latents
-32x32, batch 128) or at the embedded defaults (`--scale tiny`). Prints a table; times are wall clock after warm-up
+benchmark (methods/<name>/bench.py: AnomalyCLIP, DRAEM and DeCo-Diff; D2D-Prompt's and D2D's live in bench.steps),
+on random inputs, at the papers' settings (`--scale paper`: AnomalyCLIP on CLIP ViT-L/14@336's architecture at
+518 px, batch 8; DRAEM at 256 px, widths 128 / 64, batch 8; DeCo-Diff on SD's VAE latents 32x32, batch 128) or at
+the embedded defaults (`--scale tiny`). Prints a table; times are wall clock after warm-up
 steps, CUDA synchronised.
 
 What an epoch is here: ceil(images / batch) optimiser steps at the median step time, on inputs already prepared

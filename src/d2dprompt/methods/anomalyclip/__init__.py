@@ -48,6 +48,11 @@ class AnomalyCLIPMethod(Method):
         clip, tokenizer = load_clip(a.pretrained, a.tiny_seed, a.image_size)
         return AnomalyCLIP(clip, tokenizer, p.n_ctx, p.t_n_ctx, p.depth, p.object_word, p.abnormal_word, p.init_std, a.dpam_layers, a.feature_layers)
 
+    def benchmark(self, scale: str, device: torch.device, precision: str, steps: int) -> dict:
+        from d2dprompt.methods.anomalyclip.bench import benchmark
+
+        return benchmark(scale, device, precision, steps)
+
     def load_weights(self, model: AnomalyCLIP, weights: dict[str, torch.Tensor], record: dict) -> AnomalyCLIP:
         model.prompts.load_state_dict(weights)
         return model.eval()
