@@ -93,11 +93,13 @@ def check_narrow_view(repo: Path, column: str, methods: int) -> None:
     lines = run_cmd(table_argv, repo).stdout.splitlines()
     header = next(line for line in lines if "Experiment" in line)
     assert column in header.split(), header
+    assert not [name for name in header.split() if name.endswith(("_lo", "_hi"))], header  # the value, not its interval bounds
     experiments = [line for line in lines if re.search(r"\[[^\]]+\]", line)]  # "├── d6f74a4 [no_image-s1]  0.46637 ..."
     assert experiments and all(re.search(r"\s0\.\d+\s", line) for line in experiments), lines
     assert max(len(line.rstrip()) for line in lines) <= 120, max(len(line) for line in lines)
     header = run_cmd(csv_argv, repo).stdout.splitlines()[0].split(",")
     assert sum(name.endswith(("mean.image_AUROC", "mean.pixel_AUROC", "mean.pixel_AUPRO")) for name in header) == 3 * methods, header
+    assert len(header) == 1 + 3 * methods, header  # nothing else: no interval bounds
 
 
 def test_the_narrow_commands_are_the_table_and_the_csv():
