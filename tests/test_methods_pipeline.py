@@ -31,7 +31,8 @@ def test_dvc_metrics_show_lists_every_method_side_by_side(every_method):
     for method in METHODS:
         shown_file = files[f"metrics/{method}/sample.json"]["data"]
         written = json.loads((every_method / f"metrics/{method}/sample.json").read_text())
-        assert shown_file["mean"] == written["mean"] and list(shown_file["mean"])[:3] == HEADLINE  # what evaluate wrote, headline first
+        headline = [m + bound for m in HEADLINE for bound in ("", "_lo", "_hi")]  # each headline metric, then its interval
+        assert shown_file["mean"] == written["mean"] and list(shown_file["mean"])[: len(headline)] == headline  # as evaluate wrote it
         for m in HEADLINE:  # each mean is the mean over the categories, and a category's value is computed, not a default
             values = [c[m] for c in written["per_category"].values()]
             assert abs(written["mean"][m] - sum(values) / len(values)) < 1e-12 and len(set(values)) > 1, (method, m, values)
@@ -40,6 +41,8 @@ def test_dvc_metrics_show_lists_every_method_side_by_side(every_method):
     header = table.splitlines()[0].split()
     assert header[0] == "Path" and header[1].startswith("mean."), header[:3]  # the means, not a category, come first
     check_narrow_view(every_method, "metrics/d2dprompt/sample.json:mean.pixel_AUPRO", methods=len(METHODS))  # README's commands
+    compared = json.loads((every_method / "metrics/compare/sample.json").read_text())  # compare@sample ran after them all
+    assert compared["methods"] == list(METHODS) and len(compared["pairs"]) == len(METHODS) * (len(METHODS) - 1) // 2
 
 
 def test_each_method_is_trained_only_where_it_learns(every_method):
