@@ -94,3 +94,20 @@ def test_compare_refuses_methods_scored_on_other_rows_and_says_when_there_is_one
     assert "one method listed (d2dprompt), nothing to compare" in alone.stdout
     assert "nothing to compare" in (tmp_path / "metrics/compare/sample.md").read_text()
     assert json.loads((tmp_path / "metrics/compare/sample.json").read_text())["pairs"] == {}
+
+
+def test_compare_needs_resamples_and_its_maps_files(tmp_path):
+    rows, labels, masks, rng = synthetic_rows()
+    write_method(tmp_path, "d2dprompt", rows, labels, rng.random(len(rows)), rng.random(masks.shape).astype(np.float32), masks)
+    path = write_params(tmp_path, evaluate={"bootstrap": 0})
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "methods": ["d2dprompt", "draem"]}))
+    failed = stage("compare", "sample", cwd=tmp_path, check=False)
+    assert failed.returncode == 1 and "evaluate.bootstrap: 0 gives no intervals to compare with" in failed.stderr
+    params(tmp_path, ["d2dprompt", "draem"])
+    failed = stage("compare", "sample", cwd=tmp_path, check=False)
+    assert failed.returncode == 1 and failed.stderr.strip().splitlines()[-1] == (
+        "error: stages/evaluate/draem/sample/maps.safetensors: not found; run the evaluate stage of this method and dataset first")
+    (tmp_path / "stages/evaluate/draem/sample").mkdir(parents=True)
+    (tmp_path / "stages/evaluate/draem/sample/maps.safetensors").write_bytes(b"not safetensors")
+    failed = stage("compare", "sample", cwd=tmp_path, check=False)
+    assert failed.returncode == 1 and "maps.safetensors: not an evaluate maps file" in failed.stderr and "Traceback" not in failed.stderr
