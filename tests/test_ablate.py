@@ -28,6 +28,17 @@ def test_plan_gives_one_run_per_experiment_and_seed_with_the_experiments_overrid
     assert "loss.dice=1" in runs[0].overrides  # --set applies where the experiment says nothing
 
 
+def test_the_few_shot_protocol_varies_only_the_draw_of_the_reference_images():
+    runs = ablate.plan_runs("fewshot_k1,fewshot_k4", 3, ["train.epochs=3"])
+    assert [r.name for r in runs] == [f"fewshot_k{k}-s{s}" for k in (1, 4) for s in range(3)]
+    assert ablate.queue_argv(runs[5]) == [
+        "dvc", "exp", "run", "--queue", "-S", "train.epochs=3", "-S", "fewshot.k=4", "-S", "methods=[d2dprompt,patchknn]",
+        "-S", "fewshot.seed=2", "--name", "fewshot_k4-s2",
+    ]  # training and the validation split stay as params.yaml has them: three draws of the same model
+    with pytest.raises(ablate.AblationError, match="fewshot.seed is set per run by --seeds"):
+        ablate.plan_runs("fewshot_k1", 1, ["fewshot.seed=4"])
+
+
 def test_dvcs_add_and_remove_key_forms_pass_through_to_every_run():
     (run,) = ablate.plan_runs("baseline", 1, ["~download.folders.sample", "+download.folders.bottles=/data/bottles"])
     assert ablate.queue_argv(run)[4:8] == ["-S", "~download.folders.sample", "-S", "+download.folders.bottles=/data/bottles"]

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 TODAYS = ("device", "precision")  # model keys that today's params.yaml chooses, not the record
 NOT_REBUILT = ("loss", "train", "latents")  # recorded for the checkpoint key, not needed to rebuild the model
+ADDED_LATER = ("fewshot",)  # blocks a record written before they existed lacks: their defaults (k 0, no memory) held
 
 
 def method_of(record: dict) -> str:
@@ -43,6 +44,8 @@ def read_record(folder: str | Path) -> tuple[dict, Params, Method]:
     except (registry.UnknownMethod, TypeError) as err:
         raise ParamsError(f"{path}: {err}") from None
     for block in method.record_blocks:
+        if block in ADDED_LATER and block not in record:
+            record[block] = {}
         if not isinstance(record.get(block), dict):
             raise ParamsError(f"{path}: {block}: must be a mapping of keys (the params block {method.name} was trained with), "
                               f"got {json.dumps(record.get(block))}")

@@ -11,7 +11,7 @@ from d2dprompt.methods.base import Method, place, tensors_of
 from d2dprompt.params import params_from_dict
 
 # what train writes into model.json beyond the params blocks, for the methods that learn per category or on latents
-RECORDS = {"draem": {"categories": ["sample/tile", "sample/weave"]}, "decodiff": {"categories": ["sample/tile"], "latent_shape": [4, 16, 16]}}
+RECORDS = {"draem": {"categories": ["sample/tile", "sample/weave"]}, "patchknn": {"categories": ["sample/tile"], "memory_shapes": {"sample/tile": [32, 36]}}, "decodiff": {"categories": ["sample/tile"], "latent_shape": [4, 16, 16]}}
 
 
 @pytest.mark.parametrize("name", [m.name for m in registry.BUILT_IN])

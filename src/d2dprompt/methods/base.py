@@ -94,6 +94,10 @@ class Method:
         """Move everything the model computes with to `device` (see `place`)."""
         return place(model, device)
 
+    def inputs(self, record: dict) -> Literal["latents", "pixels"]:
+        """What a trained model's scorer reads: `reads`, unless its record chooses (patchknn's features)."""
+        return self.reads
+
     def input_size(self, record: dict) -> int:
         """The side, in pixels, the trained model reads images at."""
         return record["model"]["image_size"]

@@ -19,8 +19,9 @@ from d2dprompt.methods.d2d import D2DMethod
 from d2dprompt.methods.d2dprompt import D2DPromptMethod
 from d2dprompt.methods.decodiff import DecoDiffMethod
 from d2dprompt.methods.draem import DraemMethod
+from d2dprompt.methods.patchknn import PatchKNNMethod
 
-BUILT_IN: tuple[Method, ...] = (D2DPromptMethod(), D2DMethod(), AnomalyCLIPMethod(), DraemMethod(), DecoDiffMethod())
+BUILT_IN: tuple[Method, ...] = (D2DPromptMethod(), D2DMethod(), AnomalyCLIPMethod(), DraemMethod(), DecoDiffMethod(), PatchKNNMethod())
 PLUGINS_ENV = "D2D_METHODS"  # modules that register methods of their own when imported
 
 _methods: dict[str, Method] = {m.name: m for m in BUILT_IN}

@@ -2,7 +2,8 @@
 
 Ablation study through DVC experiments: each named experiment of EXPERIMENTS (a set of `-S`
 overrides) is queued once per seed as `dvc exp run --queue -S ... --name <experiment>-s<seed>`
-(seed s sets train.seed and latents.seed), `dvc queue start -j <jobs>` runs the queue, and this
+(seed s sets train.seed and latents.seed; in the few-shot protocol fewshot_k1 / _k2 / _k4 only fewshot.seed, the
+draw of the k reference images), `dvc queue start -j <jobs>` runs the queue, and this
 command polls `dvc exp show --json` until every run has succeeded or failed. Results are read only
 through `dvc exp show --json`, so `--report-only` reports runs made any other way (`dvc exp run
 --temp -n baseline-s0 ...`, `dvc queue start -j 2`) as long as they carry these names.
@@ -42,12 +43,17 @@ EXPERIMENTS: dict[str, dict[str, str]] = {
     "full": {"attention.mode": "full"},
     "level0": {"attention.levels": "[0]"},
     "level1": {"attention.levels": "[1]"},
+    # the field's few-shot protocol: k normal images per category, beside the patch-kNN floor on the same draws
+    **{f"fewshot_k{k}": {"fewshot.k": str(k), "methods": "[d2dprompt,patchknn]"} for k in (1, 2, 4)},
 }
 METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "AUPIMO")
 BASELINE = "baseline"  # the experiment every other row is compared with, seed by seed
 CONFIDENCE = 0.95  # of the Student-t interval of a mean over seeds
 ALPHA = 0.05  # a row whose paired difference from the baseline has p >= ALPHA on a metric cannot be told apart on it
 SEED_KEYS = ("train.seed", "latents.seed")  # training order + prompt init, and the synthetic anomalies / validation split
+# what a seed varies per experiment when not SEED_KEYS: few-shot runs vary only the draw of the k reference images
+SEEDED_BY = {name: ("fewshot.seed",) for name in EXPERIMENTS if name.startswith("fewshot_")}
+ALL_SEED_KEYS = (*SEED_KEYS, "fewshot.seed")
 UNFINISHED = ("queued", "running")  # executor states of `dvc exp show --json` (also "success", "failed")
 STD = "sample standard deviation over seeds (n - 1 denominator); undefined (null) for a single seed"
 
@@ -89,7 +95,7 @@ def parse_sets(items: list[str]) -> dict[str, str | None]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise AblationError(f"--set {item!r}: expected key=value, e.g. train.epochs=3")
-        if key.strip() in SEED_KEYS:
+        if key.strip() in ALL_SEED_KEYS:
             raise AblationError(f"--set {item!r}: {key.strip()} is set per run by --seeds")
         sets[key.strip()] = value
     return sets
@@ -111,7 +117,7 @@ def plan_runs(only: str | None, seeds: int, sets: list[str]) -> list[Run]:
     runs = []
     for name in names:
         for seed in range(seeds):
-            values = {**common, **EXPERIMENTS[name], **{key: str(seed) for key in SEED_KEYS}}
+            values = {**common, **EXPERIMENTS[name], **{key: str(seed) for key in SEEDED_BY.get(name, SEED_KEYS)}}
             runs.append(Run(f"{name}-s{seed}", name, seed, tuple(k if v is None else f"{k}={v}" for k, v in values.items())))
     return runs
 
@@ -216,7 +222,7 @@ def aggregate(runs: list[Run], entries: dict[str, Entry]) -> list[dict]:
             seeds = [(r, e) for r, e in done if label in e.metrics]
             rows.append({
                 "experiment": experiment,
-                "overrides": [o for o in seeds[0][0].overrides if o.split("=")[0] not in SEED_KEYS],
+                "overrides": [o for o in seeds[0][0].overrides if o.split("=")[0] not in ALL_SEED_KEYS],
                 "metrics_file": label,
                 "n": len(seeds),
                 **{m: summarize([e.metrics[label].get(m) for _, e in seeds]) for m in METRICS},
@@ -436,7 +442,7 @@ app = typer.Typer(add_completion=False, help="Queue, run and report an ablation 
 @app.command(help=summary(__doc__))
 def main(
     only: str | None = typer.Option(None, help=f"comma list of experiments; default all: {', '.join(EXPERIMENTS)}"),
-    seeds: int = typer.Option(3, min=1, help="seeds 0..N-1 per experiment (train.seed, latents.seed); 3, the field's usual count, is the fewest that gives a std"),
+    seeds: int = typer.Option(3, min=1, help="seeds 0..N-1 per experiment (train.seed, latents.seed; fewshot_*: fewshot.seed, the draw); 3, the field's usual count, is the fewest that gives a std"),
     sets: list[str] = typer.Option([], "--set", "-S", help="key=value for every run (repeatable); an experiment's own overrides win"),
     jobs: int = typer.Option(1, min=1, help="`dvc queue start -j`; 1 because a CPU run already uses every core"),
     out: Path = typer.Option(Path("ablation"), help="report folder: ablation.md, ablation.json, ablation.png"),

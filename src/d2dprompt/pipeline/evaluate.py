@@ -119,7 +119,7 @@ def method_scorer(method: Method, model, record: dict, latents_dir: Path, downlo
     tensors, rows = read_latents(latents_dir)  # the validation masks come from here for every method
     keys = [category_key(latents_dir.name, row.category) for row in rows]
     batch_score = method.scorer(model, record, Scoring.of(cfg.evaluate, cfg.loss, cfg.model), device)
-    if method.reads == "pixels":
+    if method.inputs(record) == "pixels":
         data = RowImages([download_dir] * len(rows), rows, cfg.latents, cfg.model.image_size, method.input_size(record))
         inputs = lambda chunk: data.batch(chunk)[0]  # noqa: E731
     else:

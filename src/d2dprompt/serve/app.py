@@ -249,7 +249,7 @@ def build_page(runs: dict[str, Path], samples: Path | None, params: Path | None,
         names_state, scored_state = gr.State([], time_to_live=STATE_TTL_S), gr.State([], time_to_live=STATE_TTL_S)
         with gr.Row():
             run = gr.Dropdown(list(runs), value=next(iter(runs)), label="trained run", elem_id="run")
-            category = gr.Dropdown([], label="category (draem, decodiff)", visible=False, elem_id="category")
+            category = gr.Dropdown([], label="category (runs that know their categories)", visible=False, elem_id="category")
         run_info = gr.Markdown(elem_id="run-info")
         with gr.Row():
             uploads = gr.File(file_count="multiple", label=f"upload images (at most {limits.max_images}, {limits.max_mb:g} MB each)", elem_id="uploads")

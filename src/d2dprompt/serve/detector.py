@@ -303,7 +303,8 @@ class Detector:
         thresholds: "auto" (evaluate's file for this run, when there is one), a thresholds.json path, or None for
         `evaluate.sensitivity`; image_threshold / pixel_threshold override either. params: a params.yaml whose
         evaluate and model blocks apply (default: the ones the thresholds were fitted with). category: which of a
-        draem or decodiff run's '<dataset>/<category>' models (may be left out when it trained one). device: cpu,
+        run's '<dataset>/<category>' (draem: its model, decodiff: its class label, patchknn and few-shot d2dprompt: its
+        memory; may be left out when the run knows one). device: cpu,
         cuda, cuda:N (default: the params' model.device).
         """
         from d2dprompt.core.models import pick_device
@@ -356,7 +357,7 @@ class Detector:
         return results
 
     def for_category(self, category: str | None) -> Detector:
-        """The same run scoring as `category` (draem: that category's model; decodiff: its class label)."""
+        """The same run scoring as `category` (draem: its model; decodiff: its class label; patchknn, few-shot d2dprompt: its memory)."""
         return Detector(self.model, self.record, self.cfg, self.thresholds, self.display, self.device, category, self.folder)
 
     @staticmethod

@@ -19,7 +19,7 @@ from d2dprompt.core.runtime.params_yaml import read_yaml
 from d2dprompt.core.vae_factor import TINY, vae_factor
 
 __all__ = [
-    "AttentionParams", "Block", "CoreParams", "DistributedParams", "DownloadParams", "EvaluateParams", "Invalid", "LatentsParams", "LossParams",
+    "AttentionParams", "Block", "CoreParams", "DistributedParams", "DownloadParams", "EvaluateParams", "FewshotParams", "Invalid", "LatentsParams", "LossParams",
     "ModelParams", "ParamsError", "PromptParams", "TrainParams", "flatten", "read_params", "validate_params",
 ]
 
@@ -236,6 +236,18 @@ class EvaluateParams(Block):
         return value
 
 
+class FewshotParams(Block):
+    """Few normal images per category: the memory of patch features that D2D-Prompt fuses with its prompt maps and
+    that patchknn scores with (methods/patch_memory.py). The field's protocol: k in {1, 2, 4}, three draws (seeds)."""
+
+    k: int = Field(0, ge=0)  # normal reference images per category; 0 = no memory for d2dprompt, every image for patchknn
+    seed: int = Field(0, ge=0)  # which k images: a draw per (seed, category) from the normal training split
+    # weight of the memory map in the fused map, each map normalised on the validation split's normal images first:
+    # 0 = the prompt map alone (today's D2D-Prompt), 1 = the memory map alone, between = their weighted mean
+    fusion: float = Field(0.5, ge=0, le=1)
+    memory_mb: float = Field(256.0, gt=0)  # per category: a memory above it keeps a PatchCore coreset of this size (fp32 rows)
+
+
 class DistributedParams(Block):
     """Processes of the queries, train and evaluate stages: dvc.yaml starts `nproc` of them with torchrun (distributed.py)."""
 
@@ -259,6 +271,7 @@ class CoreParams(Block):
     latents: LatentsParams = LatentsParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    fewshot: FewshotParams = FewshotParams()
     distributed: DistributedParams = DistributedParams()
 
     @model_validator(mode="before")

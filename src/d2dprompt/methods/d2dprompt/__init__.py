@@ -1,8 +1,9 @@
 """D2D-Prompt, this project's method: learnable prompts read through a frozen Stable Diffusion UNet's cross-attention.
 
 model.py (the segmenter: frozen SD + prompts -> maps), attention.py (capturing cross-attention in the graph),
-loss.py (the loss terms), query_cache.py (cached-query training), train.py (train@d2dprompt). It reads the shared
-model / prompt / attention / loss / train blocks and has no block of its own.
+loss.py (the loss terms), query_cache.py (cached-query training), train.py (train@d2dprompt), memory.py (few-shot: a
+memory of the UNet's features of `fewshot.k` normal images per category, fused with the prompt maps). It reads the
+shared model / prompt / attention / loss / train / fewshot blocks and has no block of its own.
 """
 
 from __future__ import annotations
@@ -21,9 +22,17 @@ if TYPE_CHECKING:
 
 class D2DPromptMethod(Method):
     name = "d2dprompt"
-    record_blocks = ("model", "prompt", "attention", "loss", "train")
+    record_blocks = ("model", "prompt", "attention", "loss", "train", "fewshot")
     reads = "latents"
     multi_process = True
+
+    def check(self, params: CoreParams) -> None:
+        """A memory map is a feature distance, not a share in [0, 1]: a fixed threshold on the map scale would misread it."""
+        from d2dprompt.core.runtime.config import Invalid
+
+        if params.fewshot.k and params.fewshot.fusion and params.evaluate.threshold == "fixed":
+            raise Invalid("evaluate.threshold", f"fewshot.k={params.fewshot.k} reads memory maps (feature distances, not in [0, 1]); "
+                          "fit thresholds on the validation split (f1) or set fewshot.fusion: 0")
 
     def train(self, params: CoreParams, job: TrainJob) -> list[dict[str, float]]:
         from d2dprompt.methods.d2dprompt.train import run
@@ -38,7 +47,14 @@ class D2DPromptMethod(Method):
         return build_segmenter(sd, params.prompt, params.attention, params.model)
 
     def load_weights(self, model: D2DSegmenter, weights: dict[str, torch.Tensor], record: dict) -> D2DSegmenter:
-        model.prompts.load_state_dict(weights)
+        """The prompt vectors, and the few-shot memory when model.json has one (a plain attribute: not learned)."""
+        from d2dprompt.methods.d2dprompt.memory import split_weights
+
+        prompts, memory = split_weights(weights)
+        model.prompts.load_state_dict(prompts)
+        if set(memory) != set(record.get("memory", {})):
+            raise KeyError(f"the memory's categories {sorted(memory)} are not model.json's {sorted(record.get('memory', {}))}")
+        model.__dict__["memory"] = memory
         return model.eval()
 
     def encode(self, model: D2DSegmenter, images: list[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -52,4 +68,32 @@ class D2DPromptMethod(Method):
         from d2dprompt.methods.d2dprompt.model import latent_maps
 
         noise_seed = record["model"]["noise_seed"]
-        return lambda latents, categories: latent_maps(model, latents, noise_seed, scoring, device)
+        memory = getattr(model, "memory", None)
+        if not memory:
+            return lambda latents, categories: latent_maps(model, latents, noise_seed, scoring, device)
+        return self.memory_scorer(model, record, memory, scoring, device)
+
+    def memory_scorer(self, model: D2DSegmenter, record: dict, memory: dict, scoring: Scoring, device: torch.device):
+        """Few-shot scoring: each row's prompt map fused with its category's memory map (memory.py), then finished as
+        every map is. The memory moves to `device` once, here."""
+        import torch
+
+        from d2dprompt.core.eval.maps import finish_maps
+        from d2dprompt.core.models import autocast
+        from d2dprompt.methods.base import category_index
+        from d2dprompt.methods.d2dprompt.memory import category_maps
+        from d2dprompt.methods.d2dprompt.model import fixed_noise
+
+        placed = {c: {layer: t.to(device) for layer, t in layers.items()} for c, layers in memory.items()}
+        noise_seed, weight = record["model"]["noise_seed"], record["fewshot"]["fusion"]
+
+        def score(latents: torch.Tensor, categories: list) -> tuple[torch.Tensor, torch.Tensor]:
+            chosen = [record["categories"][category_index(record, c, self.name)] for c in categories]
+            batch = latents.float().to(device)
+            noise = fixed_noise(batch.shape[0], tuple(batch.shape[1:]), noise_seed).to(device)
+            with torch.no_grad(), autocast(device, scoring.precision):
+                fused = category_maps(model, placed, record["memory"], weight, batch, noise, chosen)
+            maps, scores = finish_maps(fused, scoring.map_size, scoring.sigma, scoring.score, scoring.top_percent, scoring.image_top_percent)
+            return maps.cpu(), scores.cpu()
+
+        return score

@@ -173,7 +173,14 @@ def run(method: Method, cfg: Params, job: TrainJob) -> list[dict[str, float]]:
         if job.log is not None:
             job.log.log_metrics({f"loss_{k}": v for k, v in losses.items()}, step=epoch + 1)
     if main:
-        write_trained(job.out, segmenter.prompts.state_dict(), record, history)
+        weights = segmenter.prompts.state_dict()
+        if cfg.fewshot.k:  # few-shot: the memory of the trained prompts' UNet features (memory.py)
+            from d2dprompt.methods.d2dprompt.memory import build_memory
+
+            tensors, record["memory"] = build_memory(segmenter.eval(), cfg, job.latents, device, echo)
+            record["categories"] = list(record["memory"])  # predict, Detector and the app then ask which one an image is
+            weights = {**weights, **tensors}
+        write_trained(job.out, weights, record, history)
         shutil.rmtree(job.checkpoint, ignore_errors=True)  # finished: nothing for a later run to pick up
     distributed.barrier()  # every process leaves with the outputs written
     return history

@@ -1,0 +1,130 @@
+"""Few-shot D2D-Prompt: a memory of the frozen UNet's features of k normal images per category, read beside the prompts.
+
+The features are the queries of the captured cross-attention layers (to_q of the hidden states the maps are read
+from), taken in the same UNet pass that gives the attention maps, so the memory costs no extra forward at test time.
+A test image's memory map is each cell's distance to its nearest memory feature (patch_memory.distance_map), fused
+with the prompt map by `fewshot.fusion` after each is normalised on the validation split's normal images. Built once
+at the end of train@d2dprompt from the trained prompts (the queries of later layers depend on them), stored in
+model.safetensors as `memory/<dataset>/<category>/<layer>` and in model.json as the reference images and statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from d2dprompt.methods.patch_memory import coreset, distance_map, draw_references, fuse, map_statistics, rows_within
+
+if TYPE_CHECKING:
+    from d2dprompt.core.runtime.config import CoreParams, FewshotParams
+    from d2dprompt.methods.d2dprompt.model import D2DSegmenter
+
+PREFIX = "memory/"  # model.safetensors keys of the memory; the rest are the prompt vectors
+
+
+@torch.no_grad()
+def maps_and_features(segmenter: D2DSegmenter, latents: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One UNet pass -> (the prompt anomaly map (B, h, w), per captured layer its features (B, HW, heads x d)).
+    With paired prompts the first pass (the normal prompt's) gives the features."""
+    segmenter.recorder.keep_queries = True
+    try:
+        segmenter.run_unet(*segmenter._unet_batch(latents, noise, segmenter.prompt_states()))
+    finally:
+        segmenter.recorder.keep_queries = False
+    batch = latents.shape[0]
+    features = {name: q[:batch].transpose(1, 2).reshape(batch, q.shape[2], -1) for name, q in segmenter.recorder.queries.items()}
+    return segmenter._maps(segmenter.recorder.probs, tuple(latents.shape[-2:]))["anomaly"].float(), features
+
+
+def split_weights(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """model.safetensors -> (the prompts' state, category -> layer -> memory rows)."""
+    prompts = {k: v for k, v in weights.items() if not k.startswith(PREFIX)}
+    memory: dict[str, dict[str, torch.Tensor]] = {}
+    for key, rows in weights.items():
+        if key.startswith(PREFIX):
+            category, _, layer = key.removeprefix(PREFIX).rpartition("/")
+            memory.setdefault(category, {})[layer] = rows
+    return prompts, memory
+
+
+def category_maps(segmenter: D2DSegmenter, memory: dict[str, dict[str, torch.Tensor]], stats: dict[str, dict], weight: float,
+                  latents: torch.Tensor, noise: torch.Tensor, categories: list[str]) -> torch.Tensor:
+    """(B, h, w) fused maps of a batch; row i is read against the memory of categories[i]."""
+    prompt_map, features = maps_and_features(segmenter, latents, noise)
+    fused = torch.empty_like(prompt_map)
+    for category in dict.fromkeys(categories):
+        rows = torch.tensor([i for i, c in enumerate(categories) if c == category], device=latents.device)
+        mem = distance_map({n: f[rows] for n, f in features.items()}, memory[category], segmenter.captured, tuple(latents.shape[-2:]))
+        fused[rows] = fuse(prompt_map[rows], mem, weight, stats[category]["prompt_stats"], stats[category]["memory_stats"])
+    return fused
+
+
+def in_batches(run: Callable[[torch.Tensor, torch.Tensor], object], latents: torch.Tensor, noise_seed: int, batch_size: int, device: torch.device) -> list:
+    from d2dprompt.methods.d2dprompt.model import fixed_noise
+
+    out = []
+    for start in range(0, len(latents), batch_size):
+        batch = latents[start : start + batch_size].float().to(device)
+        out.append(run(batch, fixed_noise(batch.shape[0], tuple(batch.shape[1:]), noise_seed).to(device)))
+    return out
+
+
+def build_memory(segmenter: D2DSegmenter, cfg: CoreParams, latents_root: Path, device: torch.device,
+                 echo: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The memory of every category of evaluate.datasets: (tensors keyed PREFIX + '<dataset>/<category>/<layer>',
+    model.json's `memory`: per category its reference images, memory rows and the fusion's normalisation)."""
+    from d2dprompt.core.data.latent_store import category_key, is_normal_training, read_latents
+    from d2dprompt.core.models import autocast
+
+    fs, batch_size, noise_seed = cfg.fewshot, cfg.evaluate.batch_size, cfg.model.noise_seed
+    tensors, record = {}, {}
+    for dataset in cfg.evaluate.datasets:
+        stored, rows = read_latents(latents_root / dataset)
+        for category in sorted({r.category for r in rows}):
+            name = category_key(dataset, category)
+            normal = [i for i, r in enumerate(rows) if r.category == category and is_normal_training(r)]
+            picked = [normal[i] for i in draw_references(len(normal), fs.k, fs.seed, name)]
+            with autocast(device, cfg.model.precision):
+                parts = in_batches(lambda z, n: maps_and_features(segmenter, z, n)[1], stored["latents"][picked], noise_seed, batch_size, device)
+            layers = {layer: torch.cat([p[layer] for p in parts]).flatten(0, 1).float().cpu() for layer in segmenter.captured}
+            layers = within_budget(layers, fs, name)
+            tensors.update({f"{PREFIX}{name}/{layer}": rows_ for layer, rows_ in layers.items()})
+            stats = validation_statistics(segmenter, layers, stored["latents"], [i for i, r in enumerate(rows) if r.category == category and r.split == "val" and r.label == 0],
+                                          fs, name, cfg, device) if 0 < fs.fusion < 1 else {}
+            record[name] = {"references": [rows[i].image_path for i in picked], "rows": sum(len(t) for t in layers.values()), **stats}
+            echo(f"fewshot memory {name}: {len(picked)} reference images, {record[name]['rows']} feature rows")
+    return tensors, record
+
+
+def within_budget(layers: dict[str, torch.Tensor], fs: FewshotParams, name: str) -> dict[str, torch.Tensor]:
+    """Each layer's rows, or a coreset of them when the whole memory exceeds fewshot.memory_mb (every layer keeps the
+    same share of its rows)."""
+    total = sum(t.numel() * 4 for t in layers.values())
+    budget = fs.memory_mb * 2**20
+    if total <= budget:
+        return layers
+    share = budget / total
+    return {layer: t[coreset(t, rows_within(share * t.numel() * 4, t.shape[1] * 4, len(t)), fs.seed)] for layer, t in layers.items()}
+
+
+def validation_statistics(segmenter: D2DSegmenter, memory: dict[str, torch.Tensor], latents: torch.Tensor, val: list[int],
+                          fs: FewshotParams, name: str, cfg: CoreParams, device: torch.device) -> dict[str, list[float]]:
+    """[mean, std] of the prompt maps and of the memory maps over the category's normal validation images."""
+    from d2dprompt.core.models import autocast
+
+    if not val:
+        raise ValueError(f"fewshot.fusion={fs.fusion}: {name} has no normal validation image to put the prompt and memory maps on "
+                         "one scale; raise latents.val_fraction or set fewshot.fusion to 0 or 1")
+    on_device = {layer: t.to(device) for layer, t in memory.items()}
+    hw = tuple(latents.shape[-2:])
+
+    def both(z: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prompt_map, features = maps_and_features(segmenter, z, noise)
+        return prompt_map.cpu(), distance_map(features, on_device, segmenter.captured, hw).cpu()
+
+    with autocast(device, cfg.model.precision):
+        parts = in_batches(both, latents[val], cfg.model.noise_seed, cfg.evaluate.batch_size, device)
+    return {"prompt_stats": map_statistics(torch.cat([p for p, _ in parts])), "memory_stats": map_statistics(torch.cat([m for _, m in parts]))}

@@ -1,0 +1,80 @@
+"""The few-shot memory's core (methods/patch_memory.py) against brute force and by its definitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from d2dprompt.methods.patch_memory import coreset, distance_map, draw_references, fuse, map_statistics, nearest_distances
+
+
+def brute_force(queries: np.ndarray, memory: np.ndarray) -> np.ndarray:
+    """Every pairwise distance in float64, the smallest per query."""
+    return np.sqrt(((queries[:, None, :].astype(np.float64) - memory[None].astype(np.float64)) ** 2).sum(-1)).min(1)
+
+
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_nearest_distances_match_a_brute_force_numpy_reference(chunk):
+    rng = np.random.default_rng(0)
+    queries, memory = rng.normal(size=(300, 36)).astype(np.float32), rng.normal(size=(500, 36)).astype(np.float32)
+    got = nearest_distances(torch.from_numpy(queries), torch.from_numpy(memory), chunk=chunk).numpy()
+    np.testing.assert_allclose(got, brute_force(queries, memory), rtol=1e-5, atol=1e-5)
+
+
+def test_a_feature_that_is_in_the_memory_is_exactly_zero_away():
+    rng = np.random.default_rng(1)
+    memory = torch.from_numpy(rng.normal(100, 50, size=(400, 320)).astype(np.float32))  # large norms: |q|^2 + |m|^2 - 2qm rounds
+    queries = torch.cat([memory[::7], memory[::7] + 1.0])
+    got = nearest_distances(queries, memory)
+    assert torch.equal(got[: len(memory[::7])], torch.zeros(len(memory[::7])))
+    assert (got[len(memory[::7]) :] > 0).all()
+
+
+def test_the_distance_map_of_an_image_in_the_memory_is_zero_and_levels_average_like_the_attention_maps():
+    torch.manual_seed(0)
+    features = {"fine": torch.randn(2, 16, 5), "coarse": torch.randn(2, 4, 3)}  # 4x4 cells at level 0, 2x2 at level 1
+    levels = {"fine": 0, "coarse": 1}
+    memory = {name: f[0] for name, f in features.items()}  # image 0 is the reference
+    maps = distance_map(features, memory, levels, (4, 4))
+    assert maps.shape == (2, 4, 4) and torch.equal(maps[0], torch.zeros(4, 4)) and (maps[1] > 0).all()
+    fine = torch.from_numpy(brute_force(features["fine"][1].numpy(), memory["fine"].numpy())).float().view(4, 4)
+    coarse = torch.from_numpy(brute_force(features["coarse"][1].numpy(), memory["coarse"].numpy())).float().view(1, 1, 2, 2)
+    coarse = torch.nn.functional.interpolate(coarse, size=(4, 4), mode="bilinear", align_corners=False)[0, 0]
+    torch.testing.assert_close(maps[1], (fine + coarse) / 2, rtol=1e-5, atol=1e-5)
+
+
+def test_fusion_is_the_prompt_map_at_weight_0_the_memory_map_at_1_and_normalised_between():
+    prompt, memory = torch.rand(3, 8, 8), 40 * torch.rand(3, 8, 8) + 7
+    p_stats, m_stats = map_statistics(prompt[:1]), map_statistics(memory[:1])
+    assert torch.equal(fuse(prompt, memory, 0.0, p_stats, m_stats), prompt)
+    assert torch.equal(fuse(prompt, memory, 1.0, p_stats, m_stats), memory)
+    half = fuse(prompt, memory, 0.5, p_stats, m_stats)
+    expected = 0.5 * (prompt - p_stats[0]) / p_stats[1] + 0.5 * (memory - m_stats[0]) / m_stats[1]
+    torch.testing.assert_close(half, expected)
+    assert abs(map_statistics(memory[:1])[0] - float(memory[:1].double().mean())) < 1e-9
+
+
+def test_reference_draws_are_seeded_per_category_and_k_0_takes_all():
+    first = draw_references(20, 4, 0, "sample/disc")
+    assert first == draw_references(20, 4, 0, "sample/disc") and len(set(first)) == 4 and first == sorted(first)
+    assert len({tuple(draw_references(20, 4, seed, "sample/disc")) for seed in range(3)}) == 3  # three draws, three sets
+    assert first != draw_references(20, 4, 0, "sample/tile")
+    assert draw_references(5, 0, 0, "x/y") == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="fewshot.k=6: x/y has only 5 normal training images"):
+        draw_references(5, 6, 0, "x/y")
+
+
+def test_the_coreset_is_the_greedy_k_center_and_covers_better_than_a_random_subset():
+    rng = np.random.default_rng(2)
+    points = torch.from_numpy(np.concatenate([rng.normal(c, 0.1, size=(100, 2)) for c in (0, 5, 10, 15)]).astype(np.float32))
+    picked = coreset(points, 4, seed=0)
+    assert len(picked) == 4 and sorted({int(i) // 100 for i in picked}) == [0, 1, 2, 3]  # one point in each cluster
+    radius = nearest_distances(points, points[picked]).max()
+    random_radius = nearest_distances(points, points[torch.randperm(400, generator=torch.Generator().manual_seed(0))[:4]]).max()
+    assert radius < 1.0 < random_radius
+    assert torch.equal(coreset(points, 400, seed=0), torch.arange(400))
+    # the greedy step by hand: each pick is the point farthest from those already chosen
+    start = int(torch.randint(400, (1,), generator=torch.Generator().manual_seed(0)))
+    far = int(torch.cdist(points, points[[start]]).argmax())
+    assert {start, far} <= set(picked.tolist())
