@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tests.conftest import run_cmd
 from tests.test_readme import check_narrow_view
 
-METHODS = ("d2dprompt", "d2d", "anomalyclip", "draem", "decodiff")
+METHODS = ("d2dprompt", "d2d", "anomalyclip", "draem", "decodiff", "patchknn")
 HEADLINE = ["image_AUROC", "pixel_AUROC", "pixel_AUPRO"]
 pytestmark = pytest.mark.e2e
 
@@ -50,13 +50,17 @@ def test_each_method_is_trained_only_where_it_learns(every_method):
     records = {m: json.loads((stages / m / "model.json").read_text()) for m in METHODS}
     assert {m: r["method"] for m, r in records.items()} == {m: m for m in METHODS}
     assert load_file(stages / "d2d/model.safetensors") == {}  # d2d learns nothing
-    assert (stages / "d2d/history.csv").read_text().strip() == "epoch"
+    for method in ("d2d", "patchknn"):  # nothing is optimised: no epochs
+        assert (stages / method / "history.csv").read_text().strip() == "epoch"
     for method in ("d2dprompt", "anomalyclip", "draem", "decodiff"):
         assert load_file(stages / method / "model.safetensors")
         assert len((stages / method / "history.csv").read_text().splitlines()) == 1 + 2
     assert "anomalyclip" in records["anomalyclip"] and "attention" not in records["anomalyclip"]
     categories = ["sample/disc", "sample/tile", "sample/weave"]
-    assert records["draem"]["categories"] == records["decodiff"]["categories"] == categories  # from scratch, per category
+    assert records["draem"]["categories"] == records["decodiff"]["categories"] == records["patchknn"]["categories"] == categories  # per category
+    assert "memory" not in records["d2dprompt"] and records["d2dprompt"]["fewshot"]["k"] == 0  # fewshot.k 0: the prompts alone
+    assert records["patchknn"]["references"]["sample/disc"] == sorted(records["patchknn"]["references"]["sample/disc"])
+    assert len(records["patchknn"]["references"]["sample/disc"]) > 4  # k 0: every normal training image of the category
     draem = load_file(stages / "draem/model.safetensors")
     assert {"/".join(k.split("/")[:2]) for k in draem} == set(categories)  # one DRAEM per category in one file
 
@@ -73,13 +77,13 @@ def test_every_method_fits_thresholds_on_the_same_validation_rows(every_method):
     index = (every_method / "stages/latents/sample/index.csv").read_text().splitlines()
     assert len(fitted_on["d2dprompt"]) == sum(",val," in line for line in index)
     assert thresholds["anomalyclip"]["score"] == "anomalyclip" and thresholds["d2d"]["score"] == "fused"
-    assert thresholds["draem"]["score"] == "draem" and thresholds["decodiff"]["score"] == "decodiff"
+    assert thresholds["draem"]["score"] == "draem" and thresholds["decodiff"]["score"] == "decodiff" and thresholds["patchknn"]["score"] == "patchknn"
     scores = {m: (every_method / f"stages/evaluate/{m}/sample/scores.csv").read_text().splitlines() for m in METHODS}
     keys = {m: [line.split(",")[:4] for line in rows] for m, rows in scores.items()}
     assert all(keys[m] == keys["d2dprompt"] for m in METHODS)  # the same test images, in the same order
 
 
-@pytest.mark.parametrize("method", ["d2d", "anomalyclip", "draem", "decodiff"])
+@pytest.mark.parametrize("method", ["d2d", "anomalyclip", "draem", "decodiff", "patchknn"])
 def test_predict_scores_a_test_image_as_evaluate_did_for_every_method(every_method, method, tmp_path):
     import csv
     import shutil
@@ -88,7 +92,7 @@ def test_predict_scores_a_test_image_as_evaluate_did_for_every_method(every_meth
         row = next(r for r in csv.DictReader(fh) if r["label"] == "1")
     renamed = tmp_path / "renamed.png"
     shutil.copy(every_method / "stages/download/sample" / row["image_path"], renamed)
-    category = ["--category", f"sample/{row['category']}"] if method in ("draem", "decodiff") else []  # models per category / class labels
+    category = ["--category", f"sample/{row['category']}"] if method in ("draem", "decodiff", "patchknn") else []  # models / class labels / memories per category
     run_cmd(["python", "-m", "d2dprompt.pipeline.predict", str(renamed), "--trained", f"stages/train/{method}", "--out", str(tmp_path / "out"),
              "--thresholds", f"stages/evaluate/{method}/sample/thresholds.json", *category], every_method)
     (record,) = [json.loads(line) for line in (tmp_path / "out/predictions.jsonl").read_text().splitlines()]
@@ -118,5 +122,55 @@ def test_dvc_plots_show_writes_a_page_that_needs_no_network(every_method, tmp_pa
     assert page.count("<script data-package=") == 3
     for method in METHODS:
         assert f"{method} sample image ROC" in page
-        assert (f"{method} training loss terms per epoch" in page) == (method != "d2d")  # d2d learns nothing: no curve
+        assert (f"{method} training loss terms per epoch" in page) == (method not in ("d2d", "patchknn"))  # nothing optimised: no curve
     assert "AUROC" in page and '"term"' in page  # the legend carries each curve's area; every loss term is a series
+
+
+@pytest.fixture(scope="session")
+def few_shot(every_method, tmp_path_factory):
+    """README's few-shot command in a copy of the repository above (its DVC cache restores latents and queries):
+    D2D-Prompt with a memory of 4 normal images per category beside patchknn on the same draw."""
+    import shutil
+
+    repo = tmp_path_factory.mktemp("fewshot") / "d2dprompt"
+    shutil.copytree(every_method, repo, symlinks=True)
+    run_cmd(["dvc", "exp", "run", "-S", "methods=[d2dprompt,patchknn]", "-S", "fewshot.k=4", "-S", "train.epochs=2"], repo)
+    return repo
+
+
+def test_few_shot_runs_end_to_end_and_dvc_metrics_show_lists_both(few_shot):
+    shown = json.loads(run_cmd(["dvc", "metrics", "show", "--json"], few_shot).stdout)
+    (workspace,) = shown.values()
+    assert {"metrics/d2dprompt/sample.json", "metrics/patchknn/sample.json"} <= set(workspace["data"])
+    records = {m: json.loads((few_shot / f"stages/train/{m}/model.json").read_text()) for m in ("d2dprompt", "patchknn")}
+    memory = records["d2dprompt"]["memory"]
+    assert records["d2dprompt"]["categories"] == list(memory) == ["sample/disc", "sample/tile", "sample/weave"]
+    for category, entry in memory.items():  # the same 4 reference images for both methods: one draw per (seed, category)
+        assert len(entry["references"]) == 4 and entry["references"] == records["patchknn"]["references"][category]
+        assert entry["memory_stats"][1] > 0 and entry["prompt_stats"][1] > 0  # normalised on the validation split
+    weights = load_file(few_shot / "stages/train/d2dprompt/model.safetensors")
+    assert any(k.startswith("memory/") for k in weights) and any(not k.startswith("memory/") for k in weights)
+
+
+@pytest.mark.parametrize("method", ["d2dprompt", "patchknn"])
+def test_predict_and_the_detector_score_with_the_memory_as_evaluate_did(few_shot, method, tmp_path):
+    import csv
+    import shutil
+
+    from d2dprompt.serve.detector import Detector
+
+    with (few_shot / f"stages/evaluate/{method}/sample/scores.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh)]
+    row = next(r for r in rows if r["label"] == "1")
+    renamed = tmp_path / "renamed.png"
+    shutil.copy(few_shot / "stages/download/sample" / row["image_path"], renamed)
+    run_cmd(["python", "-m", "d2dprompt.pipeline.predict", str(renamed), "--trained", f"stages/train/{method}", "--out", str(tmp_path / "out"),
+             "--thresholds", f"stages/evaluate/{method}/sample/thresholds.json", "--category", f"sample/{row['category']}"], few_shot)
+    (record,) = [json.loads(line) for line in (tmp_path / "out/predictions.jsonl").read_text().splitlines()]
+    assert abs(record["score"] - float(row["score"])) < 1e-5, (row, record)
+    detector = Detector.load(few_shot / f"stages/train/{method}", thresholds=few_shot / f"stages/evaluate/{method}/sample/thresholds.json",
+                             category=f"sample/{row['category']}")
+    result = detector.predict(renamed)
+    assert abs(result.score - float(row["score"])) < 1e-5 and result.label == int(row["predicted"])
+    with pytest.raises(ValueError, match="choose --category from sample/disc"):
+        Detector.load(few_shot / f"stages/train/{method}", thresholds=None)
