@@ -66,3 +66,13 @@ def test_the_weights_file_splits_into_prompts_and_per_category_memories():
     prompts, memory = split_weights(weights)
     assert list(prompts) == ["ctx"]
     assert {c: list(m) for c, m in memory.items()} == {"sample/disc": ["down_blocks.0.attn2.processor"], "sample/tile": ["up.attn2.processor"]}
+
+
+def test_a_fixed_threshold_is_refused_for_memory_maps_but_not_for_the_prompt_map_alone():
+    from d2dprompt.core.runtime.config import ParamsError
+    from d2dprompt.params import params_from_dict
+
+    with pytest.raises(ParamsError, match=r"^evaluate\.threshold: fewshot\.k=4 reads memory maps \(feature distances, not in \[0, 1\]\)"):
+        params_from_dict({"fewshot": {"k": 4}, "evaluate": {"threshold": "fixed"}})
+    params_from_dict({"fewshot": {"k": 4, "fusion": 0.0}, "evaluate": {"threshold": "fixed"}})
+    params_from_dict({"evaluate": {"threshold": "fixed"}})  # k 0: today's maps in [0, 1]

@@ -78,3 +78,27 @@ def test_the_coreset_is_the_greedy_k_center_and_covers_better_than_a_random_subs
     start = int(torch.randint(400, (1,), generator=torch.Generator().manual_seed(0)))
     far = int(torch.cdist(points, points[[start]]).argmax())
     assert {start, far} <= set(picked.tolist())
+
+
+def test_mutual_scoring_is_musc_interval_average_against_a_brute_force_reference():
+    from d2dprompt.methods.patch_memory import mutual_distances
+
+    rng = np.random.default_rng(3)
+    cells = rng.normal(size=(11, 9, 6)).astype(np.float32)
+    got = mutual_distances(torch.from_numpy(cells), 0.3).numpy()
+    for i in range(11):
+        per_image = np.stack([brute_force(cells[i], cells[j]) for j in range(11) if j != i])  # (10, 9)
+        expected = np.sort(per_image, axis=0)[:3].mean(0)  # int(0.3 x 10) = 3 smallest, as MuSc's topmin_max
+        np.testing.assert_allclose(got[i], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_defect_that_no_other_image_shares_scores_high_and_one_image_alone_is_refused():
+    from d2dprompt.methods.patch_memory import mutual_distances
+
+    normal = torch.zeros(6, 16, 3) + torch.linspace(0, 1, 16)[None, :, None]  # six identical normal images
+    normal[2, 5] += 4.0  # a defect in one cell of image 2
+    scores = mutual_distances(normal, 0.3)
+    assert scores[2, 5] > 3.9 and scores[2].argmax() == 5
+    assert torch.equal(scores[[0, 1, 3, 4, 5]], torch.zeros(5, 16))  # the others all find their twin
+    with pytest.raises(ValueError, match="at least 2 images"):
+        mutual_distances(normal[:1], 0.3)

@@ -98,6 +98,11 @@ class Method:
         """What a trained model's scorer reads: `reads`, unless its record chooses (patchknn's features)."""
         return self.reads
 
+    def scores_together(self, record: dict) -> bool:
+        """True = its scorer needs a category's images in one call (batch zero-shot: each scored against the others);
+        evaluate then gives it every image of a category of a split at once, and predict refuses it."""
+        return False
+
     def input_size(self, record: dict) -> int:
         """The side, in pixels, the trained model reads images at."""
         return record["model"]["image_size"]

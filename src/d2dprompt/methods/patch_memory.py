@@ -5,6 +5,7 @@ features) and the patchknn method (VAE latents or pixels) share. Pure torch, no 
 - `nearest_distances`: each feature's exact L2 distance to its nearest memory row;
 - `coreset`: PatchCore's greedy k-center subsampling, for a memory over its budget;
 - `distance_map`: per layer nearest distances -> latent-size map, layers and levels averaged as the attention maps;
+- `mutual_map`: batch zero-shot (MuSc): each image against the other images of its batch, no memory at all;
 - `fuse`: the prompt map and the memory map, each normalised on the validation split, weighted.
 """
 
@@ -70,22 +71,50 @@ def rows_within(budget_bytes: float, per_row_bytes: int, total_rows: int) -> int
     return max(1, min(total_rows, int(budget_bytes // per_row_bytes)))
 
 
-def distance_map(features: dict[str, torch.Tensor], memory: dict[str, torch.Tensor], levels: dict[str, int],
-                 latent_hw: tuple[int, int]) -> torch.Tensor:
-    """Per layer (name -> (B, HW, D) at latent side / 2**level) the nearest distance of each cell to that layer's
-    memory (M, D) -> (B, h, w): upsampled bilinearly to the latent size, averaged within a level, then over levels
-    (as attention.aggregate_maps averages the attention maps)."""
+def level_average(cell_maps: dict[str, torch.Tensor], levels: dict[str, int], latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Per layer (B, HW) values at latent side / 2**level -> (B, h, w): upsampled bilinearly to the latent size,
+    averaged within a level, then over levels (as attention.aggregate_maps averages the attention maps)."""
     height, width = latent_hw
     per_level: dict[int, list[torch.Tensor]] = {}
     for name, level in levels.items():
-        cells = features[name]
-        batch = cells.shape[0]
-        side_h, side_w = height >> level, width >> level
-        dist = nearest_distances(cells.reshape(-1, cells.shape[-1]), memory[name].to(cells.device)).view(batch, 1, side_h, side_w)
+        values = cell_maps[name].view(-1, 1, height >> level, width >> level)
         if level:
-            dist = F.interpolate(dist, size=(height, width), mode="bilinear", align_corners=False)
-        per_level.setdefault(level, []).append(dist[:, 0])
+            values = F.interpolate(values, size=(height, width), mode="bilinear", align_corners=False)
+        per_level.setdefault(level, []).append(values[:, 0])
     return torch.stack([torch.stack(maps).mean(0) for maps in per_level.values()]).mean(0)
+
+
+def distance_map(features: dict[str, torch.Tensor], memory: dict[str, torch.Tensor], levels: dict[str, int],
+                 latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Per layer (name -> (B, HW, D)) the nearest distance of each cell to that layer's memory (M, D), as a
+    (B, h, w) map (level_average)."""
+    dists = {}
+    for name in levels:
+        cells = features[name]
+        dists[name] = nearest_distances(cells.reshape(-1, cells.shape[-1]), memory[name].to(cells.device)).view(cells.shape[0], -1)
+    return level_average(dists, levels, latent_hw)
+
+
+def mutual_distances(cells: torch.Tensor, interval: float) -> torch.Tensor:
+    """MuSc's mutual scoring (Li et al., ICLR 2024) of N images' cells (N, HW, D) -> (N, HW): for a cell of image i,
+    its nearest distance to each other image j, sorted over j, and the mean of the smallest `interval` share of them
+    (at least one). A defect rarely repeats at the same place in the other images, so its distances stay large, while
+    a normal cell finds a close match in most of them; averaging the smallest share, not taking the minimum, keeps one
+    other image with the same defect from hiding it."""
+    n = cells.shape[0]
+    if n < 2:
+        raise ValueError("mutual scoring needs at least 2 images of a category scored together")
+    keep = max(1, int(interval * (n - 1)))  # MuSc's interval [0, 0.3) of the N - 1 sorted distances, floored
+    out = torch.empty(cells.shape[:2], device=cells.device)
+    for i in range(n):
+        others = torch.stack([nearest_distances(cells[i], cells[j]) for j in range(n) if j != i])  # (N - 1, HW)
+        out[i] = others.sort(dim=0).values[:keep].mean(0)
+    return out
+
+
+def mutual_map(features: dict[str, torch.Tensor], levels: dict[str, int], latent_hw: tuple[int, int], interval: float) -> torch.Tensor:
+    """`distance_map` with each image's memory being the other images of the batch (mutual_distances)."""
+    return level_average({name: mutual_distances(features[name], interval) for name in levels}, levels, latent_hw)
 
 
 def map_statistics(maps: torch.Tensor) -> list[float]:

@@ -108,7 +108,8 @@ Scorer = Callable[[list[int], str], tuple[np.ndarray, np.ndarray]]  # row indice
 def method_scorer(method: Method, model, record: dict, latents_dir: Path, download_dir: Path, cfg: Params, device: torch.device) -> tuple[Scorer, list[LatentRow], dict]:
     """The rows of the dataset and a function scoring any of them with the trained method: its inputs (stored latents,
     or the rows' pixels at the size it was trained at) in batches of evaluate.batch_size, one category per batch for a
-    method with a model per category; results in the order asked."""
+    method with a model per category, a whole category per call for one that scores images together; results in the
+    order asked."""
     import torch
     from tqdm import tqdm
 
@@ -127,13 +128,15 @@ def method_scorer(method: Method, model, record: dict, latents_dir: Path, downlo
 
     def score(idx: list[int], desc: str) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = torch.zeros(len(idx), ev.map_size, ev.map_size), torch.zeros(len(idx))
+        together = method.scores_together(record)  # batch zero-shot: a category's images are each other's reference
         groups: dict[str | None, list[int]] = {}
         for position, row in enumerate(idx):
-            groups.setdefault(keys[row] if method.per_category else None, []).append(position)
+            groups.setdefault(keys[row] if method.per_category or together else None, []).append(position)
         bar = tqdm(total=len(idx), desc=desc, unit="img", disable=not distributed.is_main())
         for where in groups.values():
-            for start in range(0, len(where), ev.batch_size):
-                chunk = where[start : start + ev.batch_size]
+            step = len(where) if together else ev.batch_size
+            for start in range(0, len(where), step):
+                chunk = where[start : start + step]
                 chosen = [idx[p] for p in chunk]
                 maps[chunk], scores[chunk] = batch_score(inputs(chosen), [keys[i] for i in chosen])
                 bar.update(len(chunk))

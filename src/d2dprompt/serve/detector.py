@@ -271,6 +271,9 @@ class Detector:
         self._method = registry.get(method_of(record))
         self.method = self._method.name
         self.image_size = self._method.input_size(record)
+        if self._method.scores_together(record):
+            raise ValueError(f"{folder}: scores a category's test images against each other (fewshot.mutual: true), which evaluate "
+                             "runs; predict and the app score images one by one: train with fewshot.k > 0 for a memory instead")
         self.categories: list[str] = list(record.get("categories", []))
         self.category = category
         if self.categories:  # a run with a model or a class label per category: which one scores

@@ -246,6 +246,16 @@ class FewshotParams(Block):
     # 0 = the prompt map alone (today's D2D-Prompt), 1 = the memory map alone, between = their weighted mean
     fusion: float = Field(0.5, ge=0, le=1)
     memory_mb: float = Field(256.0, gt=0)  # per category: a memory above it keeps a PatchCore coreset of this size (fp32 rows)
+    # batch zero-shot (MuSc, Li et al. ICLR 2024): no reference image; each test image is scored against the other test
+    # images of its category, unlabeled, as evaluate scores them together. It reads the whole unlabeled test set
+    mutual: bool = False
+    interval: float = Field(0.3, gt=0, le=1)  # mutual: the share of smallest per-image distances averaged (MuSc's 0.3)
+
+    @model_validator(mode="after")
+    def _memory_or_mutual(self) -> FewshotParams:
+        if self.mutual and self.k:
+            raise Invalid("mutual", f"scores test images against each other, with no reference image; set fewshot.k: 0 (got {self.k})")
+        return self
 
 
 class DistributedParams(Block):
@@ -295,6 +305,8 @@ class CoreParams(Block):
         _latents_fit_levels(self.model, self.attention.levels)
         if self.distributed.backend == "nccl" and self.model.device == "cpu":
             raise Invalid("distributed.backend", "nccl joins GPUs, and model.device=cpu uses none; use gloo or auto (gloo on CPU)")
+        if self.fewshot.mutual and self.distributed.nproc > 1:
+            raise Invalid("fewshot.mutual", "scores a category's test images together, in one process; set distributed.nproc: 1")
         if self.evaluate.threshold == "f1" and self.latents.val_fraction == 0:
             raise Invalid("evaluate.threshold", "f1 fits thresholds on the validation split, which latents.val_fraction=0 leaves empty; "
                           "raise latents.val_fraction or set evaluate.threshold: fixed")

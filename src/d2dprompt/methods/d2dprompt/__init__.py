@@ -30,9 +30,14 @@ class D2DPromptMethod(Method):
         """A memory map is a feature distance, not a share in [0, 1]: a fixed threshold on the map scale would misread it."""
         from d2dprompt.core.runtime.config import Invalid
 
-        if params.fewshot.k and params.fewshot.fusion and params.evaluate.threshold == "fixed":
-            raise Invalid("evaluate.threshold", f"fewshot.k={params.fewshot.k} reads memory maps (feature distances, not in [0, 1]); "
+        fs = params.fewshot
+        if (fs.k or fs.mutual) and fs.fusion and params.evaluate.threshold == "fixed":
+            setting = f"fewshot.k={fs.k}" if fs.k else "fewshot.mutual"
+            raise Invalid("evaluate.threshold", f"{setting} reads memory maps (feature distances, not in [0, 1]); "
                           "fit thresholds on the validation split (f1) or set fewshot.fusion: 0")
+
+    def scores_together(self, record: dict) -> bool:
+        return bool(record.get("fewshot", {}).get("mutual"))
 
     def train(self, params: CoreParams, job: TrainJob) -> list[dict[str, float]]:
         from d2dprompt.methods.d2dprompt.train import run
@@ -52,7 +57,7 @@ class D2DPromptMethod(Method):
 
         prompts, memory = split_weights(weights)
         model.prompts.load_state_dict(prompts)
-        if set(memory) != set(record.get("memory", {})):
+        if not self.scores_together(record) and set(memory) != set(record.get("memory", {})):
             raise KeyError(f"the memory's categories {sorted(memory)} are not model.json's {sorted(record.get('memory', {}))}")
         model.__dict__["memory"] = memory
         return model.eval()
@@ -69,19 +74,19 @@ class D2DPromptMethod(Method):
 
         noise_seed = record["model"]["noise_seed"]
         memory = getattr(model, "memory", None)
-        if not memory:
+        if not memory and not self.scores_together(record):
             return lambda latents, categories: latent_maps(model, latents, noise_seed, scoring, device)
         return self.memory_scorer(model, record, memory, scoring, device)
 
     def memory_scorer(self, model: D2DSegmenter, record: dict, memory: dict, scoring: Scoring, device: torch.device):
         """Few-shot scoring: each row's prompt map fused with its category's memory map (memory.py), then finished as
-        every map is. The memory moves to `device` once, here."""
+        every map is. The memory moves to `device` once, here. Mutual scoring gets one category's images at once."""
         import torch
 
         from d2dprompt.core.eval.maps import finish_maps
         from d2dprompt.core.models import autocast
         from d2dprompt.methods.base import category_index
-        from d2dprompt.methods.d2dprompt.memory import category_maps
+        from d2dprompt.methods.d2dprompt.memory import category_maps, mutual_maps
         from d2dprompt.methods.d2dprompt.model import fixed_noise
 
         placed = {c: {layer: t.to(device) for layer, t in layers.items()} for c, layers in memory.items()}
@@ -90,9 +95,12 @@ class D2DPromptMethod(Method):
         def score(latents: torch.Tensor, categories: list) -> tuple[torch.Tensor, torch.Tensor]:
             chosen = [record["categories"][category_index(record, c, self.name)] for c in categories]
             batch = latents.float().to(device)
-            noise = fixed_noise(batch.shape[0], tuple(batch.shape[1:]), noise_seed).to(device)
             with torch.no_grad(), autocast(device, scoring.precision):
-                fused = category_maps(model, placed, record["memory"], weight, batch, noise, chosen)
+                if self.scores_together(record):  # evaluate gives one category's images at once
+                    fused = mutual_maps(model, record["memory"][chosen[0]], weight, record["fewshot"]["interval"], batch, noise_seed, scoring.batch_size, device)
+                else:
+                    noise = fixed_noise(batch.shape[0], tuple(batch.shape[1:]), noise_seed).to(device)
+                    fused = category_maps(model, placed, record["memory"], weight, batch, noise, chosen)
             maps, scores = finish_maps(fused, scoring.map_size, scoring.sigma, scoring.score, scoring.top_percent, scoring.image_top_percent)
             return maps.cpu(), scores.cpu()
 

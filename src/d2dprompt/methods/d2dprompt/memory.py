@@ -6,6 +6,8 @@ A test image's memory map is each cell's distance to its nearest memory feature 
 with the prompt map by `fewshot.fusion` after each is normalised on the validation split's normal images. Built once
 at the end of train@d2dprompt from the trained prompts (the queries of later layers depend on them), stored in
 model.safetensors as `memory/<dataset>/<category>/<layer>` and in model.json as the reference images and statistics.
+Batch zero-shot (`fewshot.mutual`) keeps no memory: a category's test images, scored together, are each other's
+(patch_memory.mutual_map, MuSc's mutual scoring).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from d2dprompt.methods.patch_memory import coreset, distance_map, draw_references, fuse, map_statistics, rows_within
+from d2dprompt.methods.patch_memory import coreset, distance_map, draw_references, fuse, map_statistics, mutual_map, rows_within
 
 if TYPE_CHECKING:
     from d2dprompt.core.runtime.config import CoreParams, FewshotParams
@@ -62,6 +64,17 @@ def category_maps(segmenter: D2DSegmenter, memory: dict[str, dict[str, torch.Ten
     return fused
 
 
+def mutual_maps(segmenter: D2DSegmenter, stats: dict, weight: float, interval: float, latents: torch.Tensor, noise_seed: int,
+                batch_size: int, device: torch.device) -> torch.Tensor:
+    """(N, h, w) fused maps of one category's N images scored together: the memory map of each is its mutual map
+    against the others. The UNet runs in batches of `batch_size`; the features of all N stay on `device`."""
+    parts = in_batches(lambda z, n: maps_and_features(segmenter, z, n), latents, noise_seed, batch_size, device)
+    prompt_map = torch.cat([p for p, _ in parts])
+    features = {name: torch.cat([f[name] for _, f in parts]) for name in segmenter.captured}
+    mutual = mutual_map(features, segmenter.captured, tuple(latents.shape[-2:]), interval)
+    return fuse(prompt_map, mutual, weight, stats.get("prompt_stats", [0.0, 1.0]), stats.get("memory_stats", [0.0, 1.0]))
+
+
 def in_batches(run: Callable[[torch.Tensor, torch.Tensor], object], latents: torch.Tensor, noise_seed: int, batch_size: int, device: torch.device) -> list:
     from d2dprompt.methods.d2dprompt.model import fixed_noise
 
@@ -75,31 +88,34 @@ def in_batches(run: Callable[[torch.Tensor, torch.Tensor], object], latents: tor
 def build_memory(segmenter: D2DSegmenter, cfg: CoreParams, latents_root: Path, device: torch.device,
                  echo: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], dict]:
     """The memory of every category of evaluate.datasets: (tensors keyed PREFIX + '<dataset>/<category>/<layer>',
-    model.json's `memory`: per category its reference images, memory rows and the fusion's normalisation)."""
+    model.json's `memory`: per category its reference images, memory rows and the fusion's normalisation). Mutual
+    scoring keeps no tensor, only the normalisation."""
     from d2dprompt.core.data.latent_store import category_key, is_normal_training, read_latents
     from d2dprompt.core.models import autocast
 
-    fs, batch_size, noise_seed = cfg.fewshot, cfg.evaluate.batch_size, cfg.model.noise_seed
+    fs = cfg.fewshot
     tensors, record = {}, {}
     for dataset in cfg.evaluate.datasets:
         stored, rows = read_latents(latents_root / dataset)
         for category in sorted({r.category for r in rows}):
             name = category_key(dataset, category)
-            normal = [i for i, r in enumerate(rows) if r.category == category and is_normal_training(r)]
-            picked = [normal[i] for i in draw_references(len(normal), fs.k, fs.seed, name)]
-            with autocast(device, cfg.model.precision):
-                parts = in_batches(lambda z, n: maps_and_features(segmenter, z, n)[1], stored["latents"][picked], noise_seed, batch_size, device)
-            layers = {layer: torch.cat([p[layer] for p in parts]).flatten(0, 1).float().cpu() for layer in segmenter.captured}
-            layers = within_budget(layers, fs, name)
-            tensors.update({f"{PREFIX}{name}/{layer}": rows_ for layer, rows_ in layers.items()})
-            stats = validation_statistics(segmenter, layers, stored["latents"], [i for i, r in enumerate(rows) if r.category == category and r.split == "val" and r.label == 0],
-                                          fs, name, cfg, device) if 0 < fs.fusion < 1 else {}
-            record[name] = {"references": [rows[i].image_path for i in picked], "rows": sum(len(t) for t in layers.values()), **stats}
-            echo(f"fewshot memory {name}: {len(picked)} reference images, {record[name]['rows']} feature rows")
+            layers, picked = None, []
+            if not fs.mutual:
+                normal = [i for i, r in enumerate(rows) if r.category == category and is_normal_training(r)]
+                picked = [normal[i] for i in draw_references(len(normal), fs.k, fs.seed, name)]
+                with autocast(device, cfg.model.precision):
+                    parts = in_batches(lambda z, n: maps_and_features(segmenter, z, n)[1], stored["latents"][picked], cfg.model.noise_seed,
+                                       cfg.evaluate.batch_size, device)
+                layers = within_budget({layer: torch.cat([p[layer] for p in parts]).flatten(0, 1).float().cpu() for layer in segmenter.captured}, fs)
+                tensors.update({f"{PREFIX}{name}/{layer}": values for layer, values in layers.items()})
+            val = [i for i, r in enumerate(rows) if r.category == category and r.split == "val" and r.label == 0]
+            stats = validation_statistics(segmenter, layers, stored["latents"][val], name, cfg, device) if 0 < fs.fusion < 1 else {}
+            record[name] = {"references": [rows[i].image_path for i in picked], "rows": sum(len(t) for t in (layers or {}).values()), **stats}
+            echo(f"fewshot {name}: " + ("mutual scoring, no memory" if fs.mutual else f"{len(picked)} reference images, {record[name]['rows']} feature rows"))
     return tensors, record
 
 
-def within_budget(layers: dict[str, torch.Tensor], fs: FewshotParams, name: str) -> dict[str, torch.Tensor]:
+def within_budget(layers: dict[str, torch.Tensor], fs: FewshotParams) -> dict[str, torch.Tensor]:
     """Each layer's rows, or a coreset of them when the whole memory exceeds fewshot.memory_mb (every layer keeps the
     same share of its rows)."""
     total = sum(t.numel() * 4 for t in layers.values())
@@ -110,21 +126,23 @@ def within_budget(layers: dict[str, torch.Tensor], fs: FewshotParams, name: str)
     return {layer: t[coreset(t, rows_within(share * t.numel() * 4, t.shape[1] * 4, len(t)), fs.seed)] for layer, t in layers.items()}
 
 
-def validation_statistics(segmenter: D2DSegmenter, memory: dict[str, torch.Tensor], latents: torch.Tensor, val: list[int],
-                          fs: FewshotParams, name: str, cfg: CoreParams, device: torch.device) -> dict[str, list[float]]:
-    """[mean, std] of the prompt maps and of the memory maps over the category's normal validation images."""
+def validation_statistics(segmenter: D2DSegmenter, memory: dict[str, torch.Tensor] | None, latents: torch.Tensor, name: str,
+                          cfg: CoreParams, device: torch.device) -> dict[str, list[float]]:
+    """[mean, std] of the prompt maps and of the memory maps (mutual maps among them, without a memory) over the
+    category's normal validation images `latents`."""
     from d2dprompt.core.models import autocast
 
-    if not val:
-        raise ValueError(f"fewshot.fusion={fs.fusion}: {name} has no normal validation image to put the prompt and memory maps on "
-                         "one scale; raise latents.val_fraction or set fewshot.fusion to 0 or 1")
-    on_device = {layer: t.to(device) for layer, t in memory.items()}
-    hw = tuple(latents.shape[-2:])
-
-    def both(z: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        prompt_map, features = maps_and_features(segmenter, z, noise)
-        return prompt_map.cpu(), distance_map(features, on_device, segmenter.captured, hw).cpu()
-
+    fs = cfg.fewshot
+    if len(latents) < (2 if memory is None else 1):
+        raise ValueError(f"fewshot.fusion={fs.fusion}: {name} has too few normal validation images ({len(latents)}) to put the prompt and "
+                         "memory maps on one scale; raise latents.val_fraction or set fewshot.fusion to 0 or 1")
     with autocast(device, cfg.model.precision):
-        parts = in_batches(both, latents[val], cfg.model.noise_seed, cfg.evaluate.batch_size, device)
-    return {"prompt_stats": map_statistics(torch.cat([p for p, _ in parts])), "memory_stats": map_statistics(torch.cat([m for _, m in parts]))}
+        parts = in_batches(lambda z, n: maps_and_features(segmenter, z, n), latents, cfg.model.noise_seed, cfg.evaluate.batch_size, device)
+    prompt_map = torch.cat([p for p, _ in parts])
+    features = {layer: torch.cat([f[layer] for _, f in parts]) for layer in segmenter.captured}
+    hw = tuple(latents.shape[-2:])
+    if memory is None:
+        memory_map = mutual_map(features, segmenter.captured, hw, fs.interval)
+    else:
+        memory_map = distance_map(features, {layer: t.to(device) for layer, t in memory.items()}, segmenter.captured, hw)
+    return {"prompt_stats": map_statistics(prompt_map.cpu()), "memory_stats": map_statistics(memory_map.cpu())}

@@ -174,7 +174,7 @@ def run(method: Method, cfg: Params, job: TrainJob) -> list[dict[str, float]]:
             job.log.log_metrics({f"loss_{k}": v for k, v in losses.items()}, step=epoch + 1)
     if main:
         weights = segmenter.prompts.state_dict()
-        if cfg.fewshot.k:  # few-shot: the memory of the trained prompts' UNet features (memory.py)
+        if cfg.fewshot.k or cfg.fewshot.mutual:  # few-shot: the memory of the trained prompts' UNet features (memory.py)
             from d2dprompt.methods.d2dprompt.memory import build_memory
 
             tensors, record["memory"] = build_memory(segmenter.eval(), cfg, job.latents, device, echo)

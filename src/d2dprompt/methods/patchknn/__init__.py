@@ -1,6 +1,7 @@
 """patchknn: the floor every learned method has to beat. Patch nearest neighbours, no learning: a category's memory
 holds the patch features of `fewshot.k` normal training images (all of them at k 0, a PatchCore coreset above
-`fewshot.memory_mb`), and a test patch scores its distance to the nearest one. model.py (features, distances),
+`fewshot.memory_mb`), and a test patch scores its distance to the nearest one; with `fewshot.mutual` a category's
+test images are each other's memory (MuSc). model.py (features, distances),
 train.py (train@patchknn: the memories). Features (`patchknn.features`): the latents stage's VAE latents (each cell
 with its neighbourhood), or raw pixel patches at model.image_size."""
 
@@ -47,6 +48,9 @@ class PatchKNNMethod(Method):
         if params.evaluate.threshold == "fixed":
             raise Invalid("evaluate.threshold", "patchknn's maps are feature distances, not in [0, 1]: fit thresholds on the validation split (f1)")
 
+    def scores_together(self, record: dict) -> bool:
+        return bool(record["fewshot"].get("mutual"))
+
     def inputs(self, record: dict) -> str:
         return record["patchknn"]["features"]
 
@@ -84,9 +88,12 @@ class PatchKNNMethod(Method):
     def scorer(self, model: PatchKNN, record: dict, scoring: Scoring, device: torch.device):
         from d2dprompt.core.eval.maps import to_image_size
 
+        together, interval = self.scores_together(record), record["fewshot"].get("interval", 0.3)
+
         def score(inputs: torch.Tensor, categories: list) -> tuple[torch.Tensor, torch.Tensor]:
-            name = model.names[category_index(record, categories[0], self.name)]  # evaluate and predict give one category per batch
-            maps = to_image_size(model(inputs.float().to(device), name), scoring.map_size, scoring.sigma)
+            name = record["categories"][category_index(record, categories[0], self.name)]  # evaluate and predict give one category per batch
+            distances = model.mutual(inputs.float().to(device), interval) if together else model(inputs.float().to(device), name)
+            maps = to_image_size(distances, scoring.map_size, scoring.sigma)
             return maps.cpu(), maps.flatten(1).amax(1).cpu()
 
         return score

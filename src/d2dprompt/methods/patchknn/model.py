@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2dprompt.methods.patch_memory import distance_map
+from d2dprompt.methods.patch_memory import distance_map, mutual_map
 
 LAYER = "features"  # the one "layer" of patch_memory.distance_map
 
@@ -46,3 +46,9 @@ class PatchKNN(nn.Module):
         """(B, C, H, W) of one category -> (B, h, w) nearest distances at the feature grid."""
         features, grid = patch_features(inputs, self.kind, self.neighbourhood, self.patch)
         return distance_map({LAYER: features}, {LAYER: self.memory(category)}, {LAYER: 0}, grid)
+
+    @torch.no_grad()
+    def mutual(self, inputs: torch.Tensor, interval: float) -> torch.Tensor:
+        """(N, C, H, W) of one category scored against each other (MuSc) -> (N, h, w)."""
+        features, grid = patch_features(inputs, self.kind, self.neighbourhood, self.patch)
+        return mutual_map({LAYER: features}, {LAYER: 0}, grid, interval)

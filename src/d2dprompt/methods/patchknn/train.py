@@ -5,7 +5,8 @@ A category's reference images are `fewshot.k` of its normal training images (spl
 (fewshot.seed, category) as D2D-Prompt's memory draws them; k 0 takes all of them (the full-shot PatchCore setting).
 Their patch features (model.py) form the memory; above `fewshot.memory_mb` a PatchCore coreset of that size is kept.
 Each finished category is checkpointed (`<checkpoint>/<index>/`): a killed run keeps the finished ones and redoes the
-rest, the same bits as an uninterrupted run.
+rest, the same bits as an uninterrupted run. With `fewshot.mutual` no memory is kept: evaluate scores a category's
+test images against each other.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def reference_inputs(cfg: CoreParams, job: TrainJob, dataset: str, kind: str) ->
         normal = [i for i, r in enumerate(rows) if r.category == category and is_normal_training(r)]
         if not normal:
             raise ValueError(f"{job.latents / dataset}: {category} has no normal training image")
-        picked = [normal[i] for i in draw_references(len(normal), cfg.fewshot.k, cfg.fewshot.seed, name)]
+        picked = [] if cfg.fewshot.mutual else [normal[i] for i in draw_references(len(normal), cfg.fewshot.k, cfg.fewshot.seed, name)]
         out[name] = ([rows[i].image_path for i in picked], lambda picked=picked: load(picked))
     return out
 
@@ -77,6 +78,8 @@ def run(method: Method, cfg: CoreParams, job: TrainJob) -> list[dict[str, float]
         if state is not None:
             job.echo(f"patchknn {name}: memory resumed from {folder}")
             memories[name] = state.weights["memory"]
+            continue
+        if cfg.fewshot.mutual:  # the test images are each other's memory: nothing to keep
             continue
         memories[name] = category_memory(inputs(), cfg, device)
         save_state(TrainState(run_id, {"memory": memories[name]}, {"state": {}, "param_groups": []}), folder)
