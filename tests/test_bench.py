@@ -84,3 +84,19 @@ def test_the_step_profile_times_every_part_of_a_cached_step(cache):
     parts = {line.split("|")[1].strip() for line in result.output.splitlines() if line.startswith("| ")}
     assert set(profile_step.PARTS) <= parts and f"query cache {cache} (8 rows" in result.output
     assert "Self CPU" in result.output  # the profiler's table of the whole step
+
+
+def test_the_few_shot_benchmark_sizes_the_memory_from_the_captured_features_and_times_the_knn():
+    import re
+
+    from typer.testing import CliRunner
+
+    from d2dprompt.bench import fewshot
+
+    app = fewshot.app_for(fewshot.main, fewshot.__doc__)
+    result = CliRunner().invoke(app, ["--arch", "tiny", "--shots", "1,4", "--references", "20", "--memory-mb", "2", "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    per_image = float(re.search(r"features of one image: ([\d.]+) MiB", result.output).group(1))
+    rows = {int(line.split("|")[1]): line.split("|")[2:] for line in result.output.splitlines() if re.match(r"\| \d+ \|", line)}
+    assert set(rows) == {1, 4} and abs(float(rows[4][0]) - round(4 * per_image)) <= 1 and float(rows[4][1]) > 0
+    assert "keeps a coreset of" in result.output and "coreset of the largest layer" in result.output  # 20 images exceed 2 MiB

@@ -120,3 +120,27 @@ def test_settings_that_cannot_work_are_refused(block, message):
     raw = {"methods": ["patchknn"], "model": {"image_size": 64}, **block}
     with pytest.raises(ParamsError, match=message):
         params_from_dict(raw)
+
+
+def test_mutual_scoring_keeps_no_memory_and_scores_a_category_against_itself(latents_root, tmp_path):
+    from d2dprompt.core.eval.maps import to_image_size
+    from d2dprompt.methods.patch_memory import mutual_map
+    from d2dprompt.methods.patchknn.model import LAYER, patch_features
+    from d2dprompt.serve.detector import Detector
+
+    out = train(latents_root, tmp_path, config({"k": 0, "mutual": True}))
+    record = json.loads((out / "model.json").read_text())
+    assert record["memory_shapes"] == {} and load_file(out / "model.safetensors") == {}
+    tensors, rows = read_latents(latents_root / "sample")
+    test = [i for i, r in enumerate(rows) if r.category == "weave" and r.split == "test"]
+    maps, scores = scores_of(out, latents_root, "weave", test, tensors["latents"])
+    features, grid = patch_features(tensors["latents"][test], "latents", 3, 8)
+    expected = to_image_size(mutual_map({LAYER: features}, {LAYER: 0}, grid, 0.3), SCORING.map_size, SCORING.sigma)
+    torch.testing.assert_close(maps, expected)
+    assert torch.equal(scores, maps.flatten(1).amax(1))
+    labels = torch.tensor([rows[i].label for i in test])
+    assert scores[labels == 1].mean() > scores[labels == 0].mean()  # the defects are what the other images lack
+    with pytest.raises(ValueError, match="scores a category's test images against each other"):
+        Detector.load(out, thresholds=None, category="sample/weave")
+    with pytest.raises(Exception, match="mutual: scores test images against each other, with no reference image; set fewshot.k: 0"):
+        config({"k": 2, "mutual": True})

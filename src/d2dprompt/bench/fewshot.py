@@ -1,4 +1,4 @@
-"""python -m d2dprompt.bench.fewshot [--arch sd21] [--shots 1,4] [--references 200] [--threads 1] [--device auto]
+"""python -m d2dprompt.bench.fewshot [--arch sd21] [--shots 1,4] [--references 200] [--memory-mb 256] [--threads 1] [--device auto]
 
 What few-shot D2D-Prompt costs at an architecture's size (`sd21`: SD-2.1-base's published configs with random weights,
 512 px; speed and memory do not depend on the weights), per category and per test image:
@@ -27,24 +27,23 @@ def main(
     levels: str = typer.Option("0,1", help="attention levels (params.yaml's default)"),
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
     repeats: int = typer.Option(3, min=1, help="timed repeats (after one warm-up)"),
+    memory_mb: float = typer.Option(0.0, min=0, help="the budget per category; 0 = fewshot.memory_mb's default"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ) -> None:
-    from d2dprompt.bench.steps import ARCHS, describe_device
+    from d2dprompt.bench.steps import ARCHS, arch_segmenter, describe_device
     from d2dprompt.core.models import pick_device
-    from d2dprompt.core.runtime.config import AttentionParams, FewshotParams, ModelParams, PromptParams
+    from d2dprompt.core.runtime.config import FewshotParams
     from d2dprompt.core.runtime.timing import sync
     from d2dprompt.methods.d2dprompt.memory import maps_and_features
-    from d2dprompt.methods.d2dprompt.model import build_segmenter, fixed_noise
+    from d2dprompt.methods.d2dprompt.model import fixed_noise
     from d2dprompt.methods.patch_memory import coreset, distance_map, rows_within
 
     torch.set_num_threads(threads)
     dev = pick_device(device)
     spec = ARCHS[arch]
-    sd = spec.build(0)
-    side = spec.image_size // sd.vae_scale
-    torch.manual_seed(0)
-    seg = build_segmenter(sd, PromptParams(), AttentionParams(levels=[int(v) for v in levels.split(",")]), ModelParams(image_size=spec.image_size)).to(dev).eval()
-    latent = torch.randn(1, sd.unet.config.in_channels, side, side, device=dev)
+    seg, side = arch_segmenter(arch, [int(v) for v in levels.split(",")], dev)
+    seg.eval()
+    latent = torch.randn(1, seg.sd.unet.config.in_channels, side, side, device=dev)
     noise = fixed_noise(1, tuple(latent.shape[1:]), 0).to(dev)
 
     def timed(fn) -> tuple[object, float]:
@@ -67,9 +66,9 @@ def main(
         memory = {name: (f + 0.01 * torch.randn(k, *f.shape, device=dev)).flatten(0, 1) for name, f in per_image.items()}  # k images' worth
         _, knn_ms = timed(lambda: distance_map(features, memory, seg.captured, (side, side)))
         print(f"| {k} | {k * image_mib:.0f} | {knn_ms:.0f} | {unet_ms + knn_ms:.0f} |")
-    budget = FewshotParams().memory_mb
+    budget = memory_mb or FewshotParams().memory_mb
     full = references * image_mib
-    print(f"full shot, {references} images: {full:.0f} MiB; fewshot.memory_mb {budget:.0f}: "
+    print(f"full shot, {references} images: {full:.0f} MiB; fewshot.memory_mb {budget:g}: "
           + ("fits" if full <= budget else f"keeps a coreset of {budget / full:.1%} of the rows"))
     if full > budget:  # the coreset's cost on the largest layer, the one that dominates
         name, f = max(per_image.items(), key=lambda kv: kv[1].numel())

@@ -43,23 +43,20 @@ def main(
 ) -> None:
     from safetensors.torch import save_file
 
-    from d2dprompt.bench.steps import ARCHS, blob_masks, describe_device
+    from d2dprompt.bench.steps import ARCHS, arch_segmenter, blob_masks, describe_device
     from d2dprompt.core.models import pick_device
-    from d2dprompt.core.runtime.config import AttentionParams, LossParams, ModelParams, PromptParams
+    from d2dprompt.core.runtime.config import LossParams
     from d2dprompt.core.runtime.timing import sync
     from d2dprompt.methods.d2dprompt.loss import total_loss
-    from d2dprompt.methods.d2dprompt.model import build_segmenter, fixed_noise
+    from d2dprompt.methods.d2dprompt.model import fixed_noise
     from d2dprompt.methods.d2dprompt.query_cache import QueryCache
 
     if arch not in ARCHS or cache not in ("resident", "streamed"):
         raise typer.BadParameter(f"--arch {' | '.join(ARCHS)}, --cache resident | streamed; got {arch!r}, {cache!r}")
     torch.set_num_threads(threads)
     dev = pick_device(device)
-    spec = ARCHS[arch]
-    sd = spec.build(0)
-    side = spec.image_size // sd.vae_scale
-    torch.manual_seed(0)
-    seg = build_segmenter(sd, PromptParams(), AttentionParams(levels=list(spec.levels), prompts="joint"), ModelParams(image_size=spec.image_size)).to(dev)
+    seg, side = arch_segmenter(arch, list(ARCHS[arch].levels), dev)
+    sd = seg.sd
     latent = torch.randn(1, sd.unet.config.in_channels, side, side).to(dev)
     with torch.no_grad():  # one image through the real UNet: the cache's row shape
         one = {name: q.transpose(0, 1).half().cpu() for name, q in seg.compute_queries(latent, fixed_noise(1, tuple(latent.shape[1:]), 0).to(dev)).items()}
@@ -115,7 +112,7 @@ def main(
         step(times)
     medians = {part: statistics.median(v) for part, v in times.items()}
     total = sum(medians.values())
-    typer.echo(f"{arch}: {describe_device(dev)}, {threads} thread(s), batch {batch}, latents {side}x{side}, levels {list(spec.levels)}, "
+    typer.echo(f"{arch}: {describe_device(dev)}, {threads} thread(s), batch {batch}, latents {side}x{side}, levels {list(ARCHS[arch].levels)}, "
                f"{len(seg.captured)} captured layers, query cache {cache} ({rows} rows x {per_row_mib:.1f} MiB)")
     typer.echo("| part | median ms | share |\n|---|---:|---:|")
     for part, ms in medians.items():

@@ -73,6 +73,19 @@ ARCHS = {
     "sd21": Arch(build_sd21_architecture, 512, (0, 1, 2), 1, (1, 1, 1, 2)),
 }
 GPU_SCHEDULE = (3, 10, 3, 10)
+
+
+def arch_segmenter(arch: str, levels: list[int], device: torch.device, prompts: str = "joint"):
+    """(a D2D-Prompt segmenter reading `levels` of the architecture's SD with random weights, on `device`, its latent
+    side): what the benchmarks that time one part of D2D-Prompt start from."""
+    from d2dprompt.core.runtime.config import AttentionParams, ModelParams, PromptParams
+    from d2dprompt.methods.d2dprompt.model import build_segmenter
+
+    spec = ARCHS[arch]
+    sd = spec.build(0)
+    torch.manual_seed(0)
+    seg = build_segmenter(sd, PromptParams(), AttentionParams(levels=levels, prompts=prompts), ModelParams(image_size=spec.image_size)).to(device)
+    return seg, spec.image_size // sd.vae_scale
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # fp16 too: a speed measurement needs no gradient scaler
 
 

@@ -31,14 +31,10 @@ PREFIX = "memory/"  # model.safetensors keys of the memory; the rest are the pro
 def maps_and_features(segmenter: D2DSegmenter, latents: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One UNet pass -> (the prompt anomaly map (B, h, w), per captured layer its features (B, HW, heads x d)).
     With paired prompts the first pass (the normal prompt's) gives the features."""
-    segmenter.recorder.keep_queries = True
-    try:
-        segmenter.run_unet(*segmenter._unet_batch(latents, noise, segmenter.prompt_states()))
-    finally:
-        segmenter.recorder.keep_queries = False
+    maps, queries = segmenter.maps_and_queries(latents, noise)
     batch = latents.shape[0]
-    features = {name: q[:batch].transpose(1, 2).reshape(batch, q.shape[2], -1) for name, q in segmenter.recorder.queries.items()}
-    return segmenter._maps(segmenter.recorder.probs, tuple(latents.shape[-2:]))["anomaly"].float(), features
+    features = {name: q[:batch].transpose(1, 2).reshape(batch, q.shape[2], -1) for name, q in queries.items()}
+    return maps["anomaly"].float(), features
 
 
 def split_weights(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:

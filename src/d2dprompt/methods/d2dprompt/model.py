@@ -78,13 +78,19 @@ class D2DSegmenter(nn.Module):
 
         With the prompts fixed they depend on the image alone, so cached-query training can reuse them.
         """
+        _, queries = self.maps_and_queries(latents, noise)
+        batch = latents.shape[0]
+        return {name: q.reshape(self.passes, batch, *q.shape[1:]) for name, q in queries.items()}
+
+    @torch.no_grad()
+    def maps_and_queries(self, latents: torch.Tensor, noise: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One UNet pass -> (the maps `forward` gives, the queries of each captured layer (passes x B, heads, HW, d))."""
         self.recorder.keep_queries = True
         try:
             self.run_unet(*self._unet_batch(latents, noise, self.prompt_states()))
         finally:
             self.recorder.keep_queries = False
-        batch = latents.shape[0]
-        return {name: q.reshape(self.passes, batch, *q.shape[1:]) for name, q in self.recorder.queries.items()}
+        return self._maps(self.recorder.probs, tuple(latents.shape[-2:])), self.recorder.queries
 
     def forward_cached(self, queries: dict[str, torch.Tensor], latent_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Cached mode: only the text encoder, `to_k` of each captured layer and the softmax run.
