@@ -144,3 +144,27 @@ def test_mutual_scoring_keeps_no_memory_and_scores_a_category_against_itself(lat
         Detector.load(out, thresholds=None, category="sample/weave")
     with pytest.raises(Exception, match="mutual: scores test images against each other, with no reference image; set fewshot.k: 0"):
         config({"k": 2, "mutual": True})
+
+
+def test_the_mlflow_model_of_a_run_with_several_categories_loads_and_asks_which_one_scores(latents_root, tmp_path):
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from d2dprompt.serve.detector import Detector
+    from d2dprompt.serve.mlflow_model import DetectorModel
+
+    out = train(latents_root, tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"methods": ["patchknn"], "model": {"image_size": 64}, "fewshot": {"k": 2}}))  # JSON is YAML
+    context = SimpleNamespace(artifacts={"trained": str(out), "params": str(params)})
+    model = DetectorModel()
+    model.load_context(context)  # before: "patchknn knows its categories: choose --category from ..." at load
+    image = ROOT / "sample/tile/test/good/000.png"
+    frame = pd.DataFrame({"image": [image.read_bytes()]})
+    with pytest.raises(ValueError, match=r"pass params=\{'category': \.\.\.\}, one of sample/tile \| sample/weave"):
+        model.predict(context, frame)
+    for category in ("sample/weave", "sample/tile"):
+        scored = model.predict(context, frame, {"category": category})
+        expected = Detector.load(out, params=params, thresholds=None, category=category).predict(image).score
+        assert scored.loc[0, "score"] == pytest.approx(expected, abs=1e-6)

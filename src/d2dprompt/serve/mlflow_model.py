@@ -7,7 +7,8 @@
 
 Input: a column `image` of encoded image files (PNG, JPEG, ...; base64 in a REST request). Output per image: score,
 label, the thresholds and their source, and the anomaly map and predicted mask at evaluate.map_size. Optional
-params: image_threshold, pixel_threshold (override the model's), category (draem, decodiff: '<dataset>/<category>').
+params: image_threshold, pixel_threshold (override the model's), category ('<dataset>/<category>': required by a run
+that knows several, as draem, decodiff, patchknn and few-shot d2dprompt).
 `mlflow models serve -m runs:/<id>/detector --env-manager local` serves it over REST.
 
 This file is the model's code (MLflow's models-from-code: nothing is pickled): MLflow runs it when it loads the model,
@@ -29,14 +30,21 @@ class DetectorModel(PythonModel):
     def load_context(self, context) -> None:
         from d2dprompt.serve.detector import Detector
 
+        from d2dprompt.trained import read_record
+
         thresholds = context.artifacts.get("thresholds")
-        self.detector = Detector.load(context.artifacts["trained"], params=context.artifacts["params"], thresholds=thresholds)
-        self.by_category: dict[str | None, Detector] = {self.detector.category: self.detector}
+        self.categories = read_record(context.artifacts["trained"])[0].get("categories", [])
+        # a run with a model, class label or memory per category loads with its first; `category` picks the one that scores
+        first = self.categories[0] if len(self.categories) > 1 else None
+        self.detector = Detector.load(context.artifacts["trained"], params=context.artifacts["params"], thresholds=thresholds, category=first)
+        self.by_category: dict[str | None, Detector] = {first: self.detector}
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         # pd.DataFrame: a hint MLflow accepts without inferring a schema; the logged model carries an explicit signature
         params = params or {}
         category = params.get("category")
+        if category is None and len(self.categories) > 1:
+            raise ValueError(f"this run knows its categories: pass params={{'category': ...}}, one of {' | '.join(self.categories)}")
         if category not in self.by_category:
             self.by_category[category] = self.detector.for_category(category)
         detector = self.by_category[category]
