@@ -56,13 +56,15 @@ def test_fusion_is_the_prompt_map_at_weight_0_the_memory_map_at_1_and_normalised
 
 
 def test_reference_draws_are_seeded_per_category_and_k_0_takes_all():
-    first = draw_references(20, 4, 0, "sample/disc")
-    assert first == draw_references(20, 4, 0, "sample/disc") and len(set(first)) == 4 and first == sorted(first)
-    assert len({tuple(draw_references(20, 4, seed, "sample/disc")) for seed in range(3)}) == 3  # three draws, three sets
-    assert first != draw_references(20, 4, 0, "sample/tile")
-    assert draw_references(5, 0, 0, "x/y") == [0, 1, 2, 3, 4]
+    twenty = list(range(20))
+    first = draw_references(twenty, 4, 0, "sample/disc")
+    assert first == draw_references(twenty, 4, 0, "sample/disc") and len(set(first)) == 4 and first == sorted(first)
+    assert len({tuple(draw_references(twenty, 4, seed, "sample/disc")) for seed in range(3)}) == 3  # three draws, three sets
+    assert first != draw_references(twenty, 4, 0, "sample/tile")
+    assert draw_references([100 + i for i in twenty], 4, 0, "sample/disc") == [100 + i for i in first]  # the same draw of other rows
+    assert draw_references(list(range(5)), 0, 0, "x/y") == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="fewshot.k=6: x/y has only 5 normal training images"):
-        draw_references(5, 6, 0, "x/y")
+        draw_references(list(range(5)), 6, 0, "x/y")
 
 
 def test_the_coreset_is_the_greedy_k_center_and_covers_better_than_a_random_subset():

@@ -3,7 +3,7 @@ features) and the patchknn method (VAE latents or pixels) share. Pure torch, no 
 
 - `draw_references`: the k normal reference images of a category, a pure function of (seed, category);
 - `nearest_distances`: each feature's exact L2 distance to its nearest memory row;
-- `coreset`: PatchCore's greedy k-center subsampling, for a memory over its budget;
+- `coreset`, `within_budget`: PatchCore's greedy k-center subsampling, for a memory over its budget;
 - `distance_map`: per layer nearest distances -> latent-size map, layers and levels averaged as the attention maps;
 - `mutual_map`: batch zero-shot (MuSc): each image against the other images of its batch, no memory at all;
 - `fuse`: the prompt map and the memory map, each normalised on the validation split, weighted.
@@ -20,15 +20,15 @@ CHUNK = 2048  # query rows per distance matrix: 2048 x 16384 fp32 is 128 MB, bou
 PROJECTION = 128  # PatchCore's random projection for the coreset's distances (its default, sparse in theirs, dense here)
 
 
-def draw_references(available: int, k: int, seed: int, category: str) -> list[int]:
-    """Indices of `k` of a category's `available` normal training images, sorted; k 0 = all of them. The draw depends
-    on (seed, category) only, so every method given the same fewshot.seed reads the very same images."""
+def draw_references(candidates: list[int], k: int, seed: int, category: str) -> list[int]:
+    """`k` of a category's normal training images (`candidates`, their row indices), in row order; k 0 = all of them.
+    The draw depends on (seed, category) only, so every method given the same fewshot.seed reads the very same images."""
     if k == 0:
-        return list(range(available))
-    if k > available:
-        raise ValueError(f"fewshot.k={k}: {category} has only {available} normal training images")
+        return list(candidates)
+    if k > len(candidates):
+        raise ValueError(f"fewshot.k={k}: {category} has only {len(candidates)} normal training images")
     generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(category.encode()))
-    return sorted(torch.randperm(available, generator=generator)[:k].tolist())
+    return [candidates[i] for i in sorted(torch.randperm(len(candidates), generator=generator)[:k].tolist())]
 
 
 def nearest_distances(queries: torch.Tensor, memory: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
@@ -69,6 +69,17 @@ def coreset(features: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
 def rows_within(budget_bytes: float, per_row_bytes: int, total_rows: int) -> int:
     """How many memory rows fit `budget_bytes` (at least one)."""
     return max(1, min(total_rows, int(budget_bytes // per_row_bytes)))
+
+
+def within_budget(layers: dict[str, torch.Tensor], memory_mb: float, seed: int) -> dict[str, torch.Tensor]:
+    """Each layer's (rows, D) memory as it is, or a coreset of it when the whole memory (fp32) exceeds `memory_mb`:
+    every layer keeps the same share of its rows."""
+    total = sum(t.numel() * 4 for t in layers.values())
+    budget = memory_mb * 2**20
+    if total <= budget:
+        return layers
+    share = budget / total
+    return {layer: t[coreset(t, rows_within(share * t.numel() * 4, t.shape[1] * 4, len(t)), seed).to(t.device)] for layer, t in layers.items()}
 
 
 def level_average(cell_maps: dict[str, torch.Tensor], levels: dict[str, int], latent_hw: tuple[int, int]) -> torch.Tensor:

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from d2dprompt.methods.patch_memory import coreset, distance_map, draw_references, fuse, map_statistics, mutual_map, rows_within
+from d2dprompt.methods.patch_memory import distance_map, draw_references, fuse, map_statistics, mutual_map, within_budget
 
 if TYPE_CHECKING:
-    from d2dprompt.core.runtime.config import CoreParams, FewshotParams
+    from d2dprompt.core.runtime.config import CoreParams
     from d2dprompt.methods.d2dprompt.model import D2DSegmenter
 
 PREFIX = "memory/"  # model.safetensors keys of the memory; the rest are the prompt vectors
@@ -64,21 +64,22 @@ def mutual_maps(segmenter: D2DSegmenter, stats: dict, weight: float, interval: f
                 batch_size: int, device: torch.device) -> torch.Tensor:
     """(N, h, w) fused maps of one category's N images scored together: the memory map of each is its mutual map
     against the others. The UNet runs in batches of `batch_size`; the features of all N stay on `device`."""
-    parts = in_batches(lambda z, n: maps_and_features(segmenter, z, n), latents, noise_seed, batch_size, device)
-    prompt_map = torch.cat([p for p, _ in parts])
-    features = {name: torch.cat([f[name] for _, f in parts]) for name in segmenter.captured}
+    prompt_map, features = batched_features(segmenter, latents, noise_seed, batch_size, device)
     mutual = mutual_map(features, segmenter.captured, tuple(latents.shape[-2:]), interval)
     return fuse(prompt_map, mutual, weight, stats.get("prompt_stats", [0.0, 1.0]), stats.get("memory_stats", [0.0, 1.0]))
 
 
-def in_batches(run: Callable[[torch.Tensor, torch.Tensor], object], latents: torch.Tensor, noise_seed: int, batch_size: int, device: torch.device) -> list:
+def batched_features(segmenter: D2DSegmenter, latents: torch.Tensor, noise_seed: int, batch_size: int,
+                     device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`maps_and_features` of many stored latents, the UNet run `batch_size` at a time with each image's fixed noise:
+    (prompt maps (N, h, w), per layer features (N, HW, D)), on `device`."""
     from d2dprompt.methods.d2dprompt.model import fixed_noise
 
-    out = []
+    parts = []
     for start in range(0, len(latents), batch_size):
         batch = latents[start : start + batch_size].float().to(device)
-        out.append(run(batch, fixed_noise(batch.shape[0], tuple(batch.shape[1:]), noise_seed).to(device)))
-    return out
+        parts.append(maps_and_features(segmenter, batch, fixed_noise(batch.shape[0], tuple(batch.shape[1:]), noise_seed).to(device)))
+    return torch.cat([p for p, _ in parts]), {name: torch.cat([f[name] for _, f in parts]) for name in segmenter.captured}
 
 
 def build_memory(segmenter: D2DSegmenter, cfg: CoreParams, latents_root: Path, device: torch.device,
@@ -98,28 +99,16 @@ def build_memory(segmenter: D2DSegmenter, cfg: CoreParams, latents_root: Path, d
             layers, picked = None, []
             if not fs.mutual:
                 normal = [i for i, r in enumerate(rows) if r.category == category and is_normal_training(r)]
-                picked = [normal[i] for i in draw_references(len(normal), fs.k, fs.seed, name)]
+                picked = draw_references(normal, fs.k, fs.seed, name)
                 with autocast(device, cfg.model.precision):
-                    parts = in_batches(lambda z, n: maps_and_features(segmenter, z, n)[1], stored["latents"][picked], cfg.model.noise_seed,
-                                       cfg.evaluate.batch_size, device)
-                layers = within_budget({layer: torch.cat([p[layer] for p in parts]).flatten(0, 1).float().cpu() for layer in segmenter.captured}, fs)
+                    _, features = batched_features(segmenter, stored["latents"][picked], cfg.model.noise_seed, cfg.evaluate.batch_size, device)
+                layers = within_budget({layer: f.flatten(0, 1).float().cpu() for layer, f in features.items()}, fs.memory_mb, fs.seed)
                 tensors.update({f"{PREFIX}{name}/{layer}": values for layer, values in layers.items()})
             val = [i for i, r in enumerate(rows) if r.category == category and r.split == "val" and r.label == 0]
             stats = validation_statistics(segmenter, layers, stored["latents"][val], name, cfg, device) if 0 < fs.fusion < 1 else {}
             record[name] = {"references": [rows[i].image_path for i in picked], "rows": sum(len(t) for t in (layers or {}).values()), **stats}
             echo(f"fewshot {name}: " + ("mutual scoring, no memory" if fs.mutual else f"{len(picked)} reference images, {record[name]['rows']} feature rows"))
     return tensors, record
-
-
-def within_budget(layers: dict[str, torch.Tensor], fs: FewshotParams) -> dict[str, torch.Tensor]:
-    """Each layer's rows, or a coreset of them when the whole memory exceeds fewshot.memory_mb (every layer keeps the
-    same share of its rows)."""
-    total = sum(t.numel() * 4 for t in layers.values())
-    budget = fs.memory_mb * 2**20
-    if total <= budget:
-        return layers
-    share = budget / total
-    return {layer: t[coreset(t, rows_within(share * t.numel() * 4, t.shape[1] * 4, len(t)), fs.seed)] for layer, t in layers.items()}
 
 
 def validation_statistics(segmenter: D2DSegmenter, memory: dict[str, torch.Tensor] | None, latents: torch.Tensor, name: str,
@@ -133,9 +122,7 @@ def validation_statistics(segmenter: D2DSegmenter, memory: dict[str, torch.Tenso
         raise ValueError(f"fewshot.fusion={fs.fusion}: {name} has too few normal validation images ({len(latents)}) to put the prompt and "
                          "memory maps on one scale; raise latents.val_fraction or set fewshot.fusion to 0 or 1")
     with autocast(device, cfg.model.precision):
-        parts = in_batches(lambda z, n: maps_and_features(segmenter, z, n), latents, cfg.model.noise_seed, cfg.evaluate.batch_size, device)
-    prompt_map = torch.cat([p for p, _ in parts])
-    features = {layer: torch.cat([f[layer] for _, f in parts]) for layer in segmenter.captured}
+        prompt_map, features = batched_features(segmenter, latents, cfg.model.noise_seed, cfg.evaluate.batch_size, device)
     hw = tuple(latents.shape[-2:])
     if memory is None:
         memory_map = mutual_map(features, segmenter.captured, hw, fs.interval)

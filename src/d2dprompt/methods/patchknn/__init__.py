@@ -88,7 +88,7 @@ class PatchKNNMethod(Method):
     def scorer(self, model: PatchKNN, record: dict, scoring: Scoring, device: torch.device):
         from d2dprompt.core.eval.maps import to_image_size
 
-        together, interval = self.scores_together(record), record["fewshot"].get("interval", 0.3)
+        together, interval = self.scores_together(record), record["fewshot"]["interval"]
 
         def score(inputs: torch.Tensor, categories: list) -> tuple[torch.Tensor, torch.Tensor]:
             name = record["categories"][category_index(record, categories[0], self.name)]  # evaluate and predict give one category per batch

@@ -22,8 +22,8 @@ from d2dprompt.core.models import pick_device
 from d2dprompt.core.runtime.checkpoints import TrainState, code_digest, fingerprint, save_state
 from d2dprompt.core.training import resume, write_trained
 from d2dprompt.methods.base import TrainJob, config_record
-from d2dprompt.methods.patch_memory import coreset, draw_references, rows_within
-from d2dprompt.methods.patchknn.model import patch_features
+from d2dprompt.methods.patch_memory import draw_references, within_budget
+from d2dprompt.methods.patchknn.model import LAYER, patch_features
 
 if TYPE_CHECKING:
     from d2dprompt.core.runtime.config import CoreParams
@@ -48,7 +48,7 @@ def reference_inputs(cfg: CoreParams, job: TrainJob, dataset: str, kind: str) ->
         normal = [i for i, r in enumerate(rows) if r.category == category and is_normal_training(r)]
         if not normal:
             raise ValueError(f"{job.latents / dataset}: {category} has no normal training image")
-        picked = [] if cfg.fewshot.mutual else [normal[i] for i in draw_references(len(normal), cfg.fewshot.k, cfg.fewshot.seed, name)]
+        picked = [] if cfg.fewshot.mutual else draw_references(normal, cfg.fewshot.k, cfg.fewshot.seed, name)
         out[name] = ([rows[i].image_path for i in picked], lambda picked=picked: load(picked))
     return out
 
@@ -58,9 +58,7 @@ def category_memory(inputs: torch.Tensor, cfg: CoreParams, device: torch.device)
     knn, batch = cfg.patchknn, cfg.evaluate.batch_size
     parts = [patch_features(inputs[i : i + batch].to(device), knn.features, knn.neighbourhood, knn.patch)[0].flatten(0, 1).cpu()
              for i in range(0, len(inputs), batch)]
-    rows = torch.cat(parts)
-    keep = rows_within(cfg.fewshot.memory_mb * 2**20, rows.shape[1] * 4, len(rows))
-    return rows[coreset(rows.to(device), keep, cfg.fewshot.seed)].contiguous() if keep < len(rows) else rows
+    return within_budget({LAYER: torch.cat(parts).to(device)}, cfg.fewshot.memory_mb, cfg.fewshot.seed)[LAYER].cpu()
 
 
 def run(method: Method, cfg: CoreParams, job: TrainJob) -> list[dict[str, float]]:
