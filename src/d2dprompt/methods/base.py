@@ -117,6 +117,21 @@ class Method:
         """A function scoring one batch of inputs (see BatchScorer)."""
         raise NotImplementedError
 
+    def graph_inputs(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """`encode` in torch alone, for an exported graph: (B, 3, S, S) float32 pixels in [0, 1] -> what `scorer` reads."""
+        return pixels
+
+    def export_graph(self, model: nn.Module, record: dict, scoring: Scoring, category: str | None) -> nn.Module:
+        """The module export.py traces to ONNX: pixels (B, 3, S, S) in [0, 1] at `input_size` -> (maps (B, map_size,
+        map_size), image scores (B,)), as `encode` + `scorer` compute them for `category`. Raise graph.NotExportable
+        (one line: why) when a trained run has no such graph."""
+        from d2dprompt.methods.graph import NotExportable, ScorerGraph
+
+        if self.scores_together(record):
+            raise NotExportable(f"{self.name}: this run scores a category's images against each other (fewshot.mutual: true): "
+                                "a graph scores images one by one; train with fewshot.k > 0 for a memory instead")
+        return ScorerGraph(self, model, record, scoring, category)
+
     def benchmark(self, scale: str, device: torch.device, precision: str, steps: int) -> dict | None:
         """Timings of one training step and of inference on random inputs, at the paper's size (`scale` "paper") or
         the embedded default's ("tiny"): train_step_ms, infer_ms_per_image, batch, image_size, parameters_M, and the

@@ -1,6 +1,6 @@
 """python -m d2dprompt.pipeline.predict IMAGE_OR_FOLDER [--trained stages/train/d2dprompt] [--out predictions] [--params params.yaml]
        [--thresholds stages/evaluate/<method>/<dataset>/thresholds.json] [--image-threshold X] [--pixel-threshold Y] [--batch-size N]
-       [--workers 2]
+       [--workers 2] [--backend auto|torch|onnx]
 
 Runs a trained method (`--trained stages/train/<method>`) on one image or on every image under a folder (recursive,
 sorted), through the Python API's scoring (detector.Detector). Per image it writes `<out>/<relative stem>_overlay.png`
@@ -14,6 +14,9 @@ model's input side (`model.image_size` of the trained run; upscaling would inven
 the model judges). The exit status is 1 only when no image could be predicted. Outside a checkout
 (no params.yaml where it runs) the trained folder and its thresholds.json are enough: the map scale comes
 from the thresholds file, the rest from the defaults.
+
+`--trained` may also be a folder `python -m d2dprompt.export` wrote: its ONNX graphs then score with onnxruntime
+(`--backend onnx` insists on one), on a machine with neither torch nor diffusers, and give the scores PyTorch gives.
 
 A folder of any size streams: `--workers` DataLoader processes decode the images, so memory holds a few batches.
 Each finished image's line is appended to `<out>/predictions.partial-<rank>.jsonl` as it lands; a run killed midway
@@ -42,7 +45,7 @@ from tqdm import tqdm
 
 from d2dprompt.core.runtime.config import ParamsError
 from d2dprompt.core.runtime.cli import app_for
-from d2dprompt.serve.detector import ThresholdsError, check_size
+from d2dprompt.serve.detector import THRESHOLDS_FILE, ThresholdsError, check_size
 from d2dprompt.core.data.images import ImageError, load_rgb, resize_rgb
 from d2dprompt.core.runtime.outputs import atomic_file
 from d2dprompt.core.eval.overlays import render_overlay
@@ -111,10 +114,12 @@ def run_identity(detector: Detector) -> str:
     """What a prediction depends on besides the image: the trained folder, the thresholds, the evaluate settings,
     the category. A resumed run reuses only lines written under the same identity."""
     from d2dprompt.core.training import CONFIG_FILE, WEIGHTS_FILE
+    from d2dprompt.serve.onnx_backend import MANIFEST
 
-    weights = (detector.folder / WEIGHTS_FILE).stat()
+    weights = (detector.folder / (MANIFEST if detector.exported else WEIGHTS_FILE)).stat()  # an export's manifest holds its graphs' sha256
     facts = {
         "record": (detector.folder / CONFIG_FILE).read_text(),
+        "backend": "onnx" if detector.exported else "torch",
         "weights": [weights.st_size, weights.st_mtime_ns],  # a hash of a DRAEM folder would read gigabytes
         "thresholds": [detector.thresholds.image, detector.thresholds.pixel, detector.thresholds.source],
         "evaluate": detector.cfg.evaluate.model_dump(exclude={"batch_size", "datasets", "grid_cases"}),
@@ -157,6 +162,29 @@ def die_with_parent(_worker: int) -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def decoded_batches(files: ImageFiles, batch_size: int, workers: int):
+    """Batches of `files` (lists of its items), decoded by `workers` processes: torch's DataLoader, which decodes ahead
+    while a batch is scored; where torch is not installed (an exported folder's machine), a process pool per batch."""
+    try:
+        from torch.utils.data import DataLoader
+    except ImportError:
+        return _pool_batches(files, batch_size, workers)
+    return DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=list,
+                      prefetch_factor=2 if workers else None, worker_init_fn=die_with_parent if workers else None)
+
+
+def _pool_batches(files: ImageFiles, batch_size: int, workers: int):
+    import multiprocessing
+
+    starts = range(0, len(files), batch_size)
+    if not workers:
+        yield from ([files[i] for i in range(start, min(start + batch_size, len(files)))] for start in starts)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=die_with_parent, initargs=(0,)) as pool:
+        for start in starts:
+            yield pool.map(files.__getitem__, range(start, min(start + batch_size, len(files))))
+
+
 class ImageFiles:
     """Map-style dataset for torch's DataLoader: decoding (and the size check) runs in its worker processes."""
 
@@ -191,8 +219,6 @@ def predict_images(
     world-th image from rank and appends to its own partial file. The caller writes the whole files
     (`write_results`). Returns (records of every image done so far, this process's error lines, images resumed).
     """
-    from torch.utils.data import DataLoader
-
     ev, thresholds = detector.cfg.evaluate, detector.thresholds
     identity = run_identity(detector)
     stems = output_stems([item.key for item in inputs])
@@ -201,8 +227,7 @@ def predict_images(
     todo = [item for item in inputs[rank::world] if item.key not in done]
     errors: list[str] = []
     partial = out / PARTIAL_GLOB.replace("*", str(rank))
-    loader = DataLoader(ImageFiles(todo, detector.image_size), batch_size=batch_size, num_workers=workers, collate_fn=list,
-                        prefetch_factor=2 if workers else None, worker_init_fn=die_with_parent if workers else None)
+    loader = decoded_batches(ImageFiles(todo, detector.image_size), batch_size, workers)
     bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress)
     out.mkdir(parents=True, exist_ok=True)
     with partial.open("a") as lines:
@@ -289,12 +314,14 @@ def main(
     out: Path = typer.Option(Path("predictions"), help="where masks, overlays and predictions.jsonl go"),
     params: Path | None = typer.Option(None, help="params file (evaluate block, model.device) [default: ./params.yaml; "
                                         "outside a checkout: the defaults with the map scale --thresholds records]"),
-    thresholds: Path | None = typer.Option(None, help="thresholds.json written by the evaluate stage"),
+    thresholds: Path | None = typer.Option(None, help="thresholds.json written by the evaluate stage [default: the one beside --trained's model.json, as an exported folder has]"),
     image_threshold: float | None = typer.Option(None, help="overrides the image threshold"),
     pixel_threshold: float | None = typer.Option(None, help="overrides the pixel threshold"),
     batch_size: int | None = typer.Option(None, min=1, help="images per forward (default: evaluate.batch_size)"),
     workers: int = typer.Option(2, min=0, help="DataLoader processes decoding images (0: in this process)"),
     category: str | None = typer.Option(None, help="draem (a model per category) and decodiff (a class label per category): which, as <dataset>/<category>"),
+    backend: str = typer.Option("auto", help="torch (a trained folder), onnx (a folder python -m d2dprompt.export wrote; "
+                                "runs with onnxruntime alone), or auto: by the folder"),
 ) -> None:
     from d2dprompt.core.runtime import distributed
     from d2dprompt.params import load_params, params_from_dict
@@ -302,6 +329,8 @@ def main(
 
     try:
         check_out(out)
+        if thresholds is None and (trained / THRESHOLDS_FILE).is_file():  # an exported folder's own (or one put beside model.json)
+            thresholds = trained / THRESHOLDS_FILE
         inputs, skipped = find_inputs(target, exclude=out)
         if params is None and Path("params.yaml").is_file():
             params = Path("params.yaml")
@@ -309,7 +338,7 @@ def main(
             typer.echo(f"no params.yaml here: default settings{f', map scale from {thresholds}' if thresholds else ''}", err=True)
         cfg = load_params(params) if params is not None else params_from_dict({})  # the process count and device first
         with distributed.process_group(cfg.distributed, cfg.model.device):
-            detector = Detector.load(trained, thresholds=thresholds, params=params, category=category,
+            detector = Detector.load(trained, thresholds=thresholds, params=params, category=category, backend=backend,
                                      image_threshold=image_threshold, pixel_threshold=pixel_threshold,
                                      device=str(distributed.device(cfg.model.device)) if distributed.world_size() > 1 else None)
             chosen, main = detector.thresholds, distributed.is_main()

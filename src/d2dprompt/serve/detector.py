@@ -10,7 +10,8 @@
 
 `Detector.load` reads a trained folder (model.json + model.safetensors), a folder of them (`stages/train`,
 naming `method=` when it holds several), an MLflow model folder or any MLflow artifact URI (`runs:/<id>/detector`,
-`models:/<name>/<version>`). Thresholds come from evaluate's thresholds.json: `thresholds=` a file, or by default the
+`models:/<name>/<version>`), or a folder `python -m d2dprompt.export` wrote, which onnxruntime scores without torch
+(onnx_backend.py; `backend="onnx"` insists on one). Thresholds come from evaluate's thresholds.json: `thresholds=` a file, or by default the
 one evaluate wrote for this run (`stages/evaluate/<method>/<dataset>/thresholds.json`, naming `dataset=` when there are
 several; one bundled in an MLflow model); without one, `evaluate.sensitivity` on the [0, 1] map scale, and every
 result says which. The predict CLI and the web app score through `Detector.predict_arrays`, which runs the method's
@@ -258,19 +259,56 @@ class Prediction:
         }
 
 
-class Detector:
-    """A trained run, its thresholds and its evaluate settings, ready to score images (see the module docstring)."""
+class TorchScorer:
+    """A trained run's model on a device: (uint8 images at `image_size`, category) -> (maps, scores) as numpy, through
+    the method's own encode and scorer, the scorer evaluate runs on its stored rows."""
 
-    def __init__(self, model, record: dict, cfg: Params, thresholds: Thresholds, display: tuple[float, float], device, category: str | None, folder: Path):
-        from d2dprompt.methods import registry
+    def __init__(self, method, model, record: dict, cfg: Params, device):
         from d2dprompt.methods.base import Scoring
+
+        self.method, self.model, self.device = method, model, device
+        self.image_size = method.input_size(record)
+        self._batch_score = method.scorer(model, record, Scoring.of(cfg.evaluate, cfg.loss, cfg.model), device)
+
+    def __call__(self, images: list[np.ndarray], category: str | None) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = self._batch_score(self.method.encode(self.model, images, self.device), [category] * len(images))
+        return maps.numpy(), scores.numpy()
+
+
+def exported_settings(manifest: dict, given: Params | None, folder: Path) -> Params:
+    """An exported folder's settings: the evaluate block it was exported with, or `given` when it agrees with the keys
+    its graphs compute with (a map scale cannot change without exporting again)."""
+    from d2dprompt.serve.onnx_backend import BAKED_KEYS
+
+    if given is None:
+        try:
+            return params_from_dict({"evaluate": manifest["evaluate"], "loss": manifest["loss"]})
+        except ParamsError as err:
+            raise ParamsError(f"{folder}: manifest.json: {err}") from None
+    baked = {f"evaluate.{k}": (manifest["evaluate"][k], getattr(given.evaluate, k)) for k in BAKED_KEYS}
+    baked["loss.image_top_percent"] = (manifest["loss"]["image_top_percent"], given.loss.image_top_percent)
+    for key, (exported, asked) in baked.items():
+        if exported != asked:
+            raise ParamsError(f"{folder}: its graphs compute maps with {key}={exported!r}, the params file says {asked!r}; "
+                              "export again with these params (python -m d2dprompt.export ... --params)")
+    return given
+
+
+class Detector:
+    """A trained run (or its exported graphs), its thresholds and its evaluate settings, ready to score images (see the
+    module docstring). `backend` scores uint8 images at `image_size`: a TorchScorer, or onnx_backend.OnnxGraphs."""
+
+    def __init__(self, backend, record: dict, cfg: Params, thresholds: Thresholds, display: tuple[float, float], category: str | None,
+                 folder: Path, thresholds_file: Path | None = None):
+        from d2dprompt.methods import registry
         from d2dprompt.trained import method_of
 
-        self.model, self.record, self.cfg, self.folder = model, record, cfg, folder
-        self.thresholds, self.display, self.device = thresholds, display, device
+        self.backend, self.record, self.cfg, self.folder = backend, record, cfg, folder
+        self.thresholds, self.display, self.thresholds_file = thresholds, display, thresholds_file
+        self.device = backend.device
         self._method = registry.get(method_of(record))
         self.method = self._method.name
-        self.image_size = self._method.input_size(record)
+        self.image_size = backend.image_size
         if self._method.scores_together(record):
             raise ValueError(f"{folder}: scores a category's test images against each other (fewshot.mutual: true), which evaluate "
                              "runs; predict and the app score images one by one: train with fewshot.k > 0 for a memory instead")
@@ -280,12 +318,22 @@ class Detector:
             from d2dprompt.methods.base import category_index
 
             category_index(record, category, self.method)
-        self._batch_score = self._method.scorer(model, record, Scoring.of(cfg.evaluate, cfg.loss, cfg.model), device)
+
+    @property
+    def method_object(self):
+        """The registry's Method of this run."""
+        return self._method
+
+    @property
+    def exported(self) -> bool:
+        """True when the graphs of an exported folder score (onnxruntime), False for the trained model (PyTorch)."""
+        from d2dprompt.serve.onnx_backend import OnnxGraphs
+
+        return isinstance(self.backend, OnnxGraphs)
 
     def _score(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images at `image_size` -> (maps, scores), as evaluate scores its rows (the method's own inputs)."""
-        maps, scores = self._batch_score(self._method.encode(self.model, images, self.device), [self.category] * len(images))
-        return maps.numpy(), scores.numpy()
+        return self.backend(images, self.category)
 
     @classmethod
     def load(
@@ -300,32 +348,52 @@ class Detector:
         device: str | None = None,
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
+        backend: str = "auto",
+        threads: int | None = None,
     ) -> Detector:
-        """Load a trained run (see the module docstring for `source`).
+        """Load a trained run or an exported folder (see the module docstring for `source`).
 
         thresholds: "auto" (evaluate's file for this run, when there is one), a thresholds.json path, or None for
         `evaluate.sensitivity`; image_threshold / pixel_threshold override either. params: a params.yaml whose
         evaluate and model blocks apply (default: the ones the thresholds were fitted with). category: which of a
         run's '<dataset>/<category>' (draem: its model, decodiff: its class label, patchknn and few-shot d2dprompt: its
         memory; may be left out when the run knows one). device: cpu,
-        cuda, cuda:N (default: the params' model.device).
+        cuda, cuda:N (default: the params' model.device). backend: "torch" (a trained folder), "onnx" (a folder
+        python -m d2dprompt.export wrote, run by onnxruntime; `threads` its intra-op threads) or "auto" (by the folder).
         """
-        from d2dprompt.core.models import pick_device
-        from d2dprompt.trained import load_trained, read_record
+        from d2dprompt.serve.onnx_backend import OnnxGraphs, is_exported, read_json
 
+        if backend not in ("auto", "torch", "onnx"):
+            raise ValueError(f"backend={backend!r}: choose auto, torch or onnx")
         given = load_params(Path(params)) if params is not None else None  # a bad file is named first, run or no run
         root, bundled_params = local_source(source)
         folder = trained_folder(root, method)
+        exported = is_exported(folder)
+        if backend == "onnx" and not exported:
+            raise ValueError(f"{folder}: a trained run, not an exported one; export it first: "
+                             f"python -m d2dprompt.export {folder} --format onnx --out <folder>")
+        if backend == "torch" and exported:
+            raise ValueError(f"{folder}: an exported folder (ONNX graphs); score it with the onnx backend (predict --backend onnx)")
         if thresholds == "auto":
             chosen_file = evaluated_thresholds(folder, dataset)
         else:
             chosen_file = Path(thresholds) if thresholds is not None else None
+        if exported:
+            graphs = OnnxGraphs(folder, device or (given.model.device if given is not None else None), threads)
+            cfg = exported_settings(graphs.manifest, given, folder)
+            chosen = resolve_thresholds(chosen_file, image_threshold, pixel_threshold, cfg.evaluate, graphs.manifest["method"])
+            record = read_json(folder / "model.json", "the source run's record")
+            return cls(graphs, record, cfg, chosen, display_of(chosen_file), category, folder, chosen_file)
+        from d2dprompt.core.models import pick_device
+        from d2dprompt.trained import load_trained, read_record
+
         cfg = given if given is not None else settings(bundled_params, chosen_file, folder)
         chosen = resolve_thresholds(chosen_file, image_threshold, pixel_threshold, cfg.evaluate, read_record(folder)[2].name)
         torch_device = pick_device(device or cfg.model.device)
         model, record, method_ = load_trained(folder)
         method_.place(model, torch_device)
-        return cls(model, record, cfg, chosen, display_of(chosen_file), torch_device, category, folder)
+        return cls(TorchScorer(method_, model, record, cfg, torch_device), record, cfg, chosen, display_of(chosen_file), category,
+                   folder, chosen_file)
 
     def predict(self, image) -> Prediction:
         """Score one image: a path, encoded bytes, a PIL image or an HxWx3 uint8 array. Example:
@@ -361,11 +429,12 @@ class Detector:
 
     def for_category(self, category: str | None) -> Detector:
         """The same run scoring as `category` (draem: its model; decodiff: its class label; patchknn, few-shot d2dprompt: its memory)."""
-        return Detector(self.model, self.record, self.cfg, self.thresholds, self.display, self.device, category, self.folder)
+        return Detector(self.backend, self.record, self.cfg, self.thresholds, self.display, category, self.folder, self.thresholds_file)
 
     @staticmethod
     def _name(item, index: int) -> str:
         return str(item) if isinstance(item, (str, Path)) else f"images[{index}]"
 
     def __repr__(self) -> str:
-        return f"Detector({self.method}, {self.folder}, image_size={self.image_size}, thresholds={self.thresholds})"
+        kind = ", onnx" if self.exported else ""
+        return f"Detector({self.method}{kind}, {self.folder}, image_size={self.image_size}, thresholds={self.thresholds})"

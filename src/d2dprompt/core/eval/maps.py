@@ -48,7 +48,7 @@ def _symmetric_pad(x: torch.Tensor, pad: list[int]) -> torch.Tensor:
 def top_mean(maps: torch.Tensor, top_percent: float) -> torch.Tensor:
     """(B, h, w) -> (B,): mean of the top `top_percent` % of pixels (at least one)."""
     flat = maps.flatten(1)
-    k = max(1, int(round(flat.shape[1] * top_percent / 100)))
+    k = max(1, int(round(int(flat.shape[1]) * top_percent / 100)))  # int(): a constant when traced for export (sides are fixed)
     return flat.topk(k, dim=1).values.mean(1)
 
 

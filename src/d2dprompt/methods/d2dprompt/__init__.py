@@ -69,6 +69,19 @@ class D2DPromptMethod(Method):
 
         return encode(model.sd, images, device).to(LATENT_DTYPE)
 
+    def graph_inputs(self, model: D2DSegmenter, pixels: torch.Tensor) -> torch.Tensor:
+        from d2dprompt.methods.graph import latents_of
+
+        return latents_of(model.sd.vae, pixels)
+
+    def export_graph(self, model: D2DSegmenter, record: dict, scoring: Scoring, category: str | None):
+        """VAE encoder + the UNet up to the last captured layer + the map head, the prompt states baked in (graph.py)."""
+        from d2dprompt.methods.d2dprompt.graph import PromptGraph
+
+        if self.scores_together(record):
+            return super().export_graph(model, record, scoring, category)  # refused there, in one line
+        return PromptGraph(model, record, scoring, category, self.input_size(record))
+
     def scorer(self, model: D2DSegmenter, record: dict, scoring: Scoring, device: torch.device):
         from d2dprompt.methods.d2dprompt.model import latent_maps
 

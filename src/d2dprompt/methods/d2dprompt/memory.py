@@ -28,10 +28,11 @@ PREFIX = "memory/"  # model.safetensors keys of the memory; the rest are the pro
 
 
 @torch.no_grad()
-def maps_and_features(segmenter: D2DSegmenter, latents: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def maps_and_features(segmenter: D2DSegmenter, latents: torch.Tensor, noise: torch.Tensor,
+                      states: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One UNet pass -> (the prompt anomaly map (B, h, w), per captured layer its features (B, HW, heads x d)).
     With paired prompts the first pass (the normal prompt's) gives the features."""
-    maps, queries = segmenter.maps_and_queries(latents, noise)
+    maps, queries = segmenter.maps_and_queries(latents, noise, states)
     batch = latents.shape[0]
     features = {name: q[:batch].transpose(1, 2).reshape(batch, q.shape[2], -1) for name, q in queries.items()}
     return maps["anomaly"].float(), features

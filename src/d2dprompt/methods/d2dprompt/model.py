@@ -67,9 +67,10 @@ class D2DSegmenter(nn.Module):
         layout = self.prompts.layout
         return aggregate_maps(probs, self.captured, latent_hw, layout.normal_tokens, layout.abnormal_tokens, paired=self.passes == 2)
 
-    def forward(self, latents: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Full mode. latents (B, C, h, w) already scaled by the VAE factor; noise like latents."""
-        self.run_unet(*self._unet_batch(latents, noise, self.prompt_states()))
+    def forward(self, latents: torch.Tensor, noise: torch.Tensor, states: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Full mode. latents (B, C, h, w) already scaled by the VAE factor; noise like latents; `states` the prompts'
+        text-encoder output when it is fixed (an exported graph holds it), else computed here."""
+        self.run_unet(*self._unet_batch(latents, noise, self.prompt_states() if states is None else states))
         return self._maps(self.recorder.probs, tuple(latents.shape[-2:]))
 
     @torch.no_grad()
@@ -83,11 +84,11 @@ class D2DSegmenter(nn.Module):
         return {name: q.reshape(self.passes, batch, *q.shape[1:]) for name, q in queries.items()}
 
     @torch.no_grad()
-    def maps_and_queries(self, latents: torch.Tensor, noise: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def maps_and_queries(self, latents: torch.Tensor, noise: torch.Tensor, states: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """One UNet pass -> (the maps `forward` gives, the queries of each captured layer (passes x B, heads, HW, d))."""
         self.recorder.keep_queries = True
         try:
-            self.run_unet(*self._unet_batch(latents, noise, self.prompt_states()))
+            self.run_unet(*self._unet_batch(latents, noise, self.prompt_states() if states is None else states))
         finally:
             self.recorder.keep_queries = False
         return self._maps(self.recorder.probs, tuple(latents.shape[-2:])), self.recorder.queries

@@ -99,6 +99,18 @@ class DecoDiffMethod(Method):
 
         return encode_with(model.vae, images, device).to(LATENT_DTYPE)
 
+    def graph_inputs(self, model: DecoDiff, pixels: torch.Tensor) -> torch.Tensor:
+        from d2dprompt.methods.graph import latents_of
+
+        return latents_of(model.vae, pixels)
+
+    def export_graph(self, model: DecoDiff, record: dict, scoring: Scoring, category: str | None):
+        """The VAE encoder, `reverse_steps` DDIM steps of the DiT unrolled (the scheduler's steps are fixed), both VAE
+        decodings and the map, for one category's class label."""
+        from d2dprompt.methods.decodiff.model import RepaintGraph
+
+        return RepaintGraph(model, category_index(record, category, self.name), record["decodiff"]["reverse_steps"], scoring)
+
     def scorer(self, model: DecoDiff, record: dict, scoring: Scoring, device: torch.device):
         import torch
 

@@ -157,3 +157,19 @@ def latent_maps(model: DecoDiff, latents: torch.Tensor, classes: torch.Tensor, r
         pixels, repainted_pixels = decode_with(model.vae, latents), decode_with(model.vae, repainted)
     amap = anomaly_map(pixels, repainted_pixels, latents, repainted)
     return to_image_size(amap, scoring.map_size, scoring.sigma).cpu(), image_score(amap).float().cpu()
+
+
+class RepaintGraph(nn.Module):
+    """One category's DeCo-Diff as export.py traces it: pixels in [0, 1] -> (maps, image scores), `latent_maps` with
+    the class label a constant and the DDIM loop unrolled (its timesteps are fixed by `reverse_steps`)."""
+
+    def __init__(self, model: DecoDiff, label: int, reverse_steps: int, scoring):
+        super().__init__()
+        self.model, self.label, self.reverse_steps, self.scoring = model, label, reverse_steps, scoring
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from d2dprompt.methods.graph import latents_of
+
+        latents = latents_of(self.model.vae, pixels)
+        classes = torch.full((latents.shape[0],), self.label, dtype=torch.long)
+        return latent_maps(self.model, latents, classes, self.reverse_steps, self.scoring, torch.device("cpu"))

@@ -85,6 +85,11 @@ class PatchKNNMethod(Method):
 
         return encode_with(model.vae, images, device).to(LATENT_DTYPE)
 
+    def graph_inputs(self, model: PatchKNN, pixels: torch.Tensor) -> torch.Tensor:
+        from d2dprompt.methods.graph import latents_of
+
+        return pixels if model.kind == "pixels" else latents_of(model.vae, pixels)
+
     def scorer(self, model: PatchKNN, record: dict, scoring: Scoring, device: torch.device):
         from d2dprompt.core.eval.maps import to_image_size
 
