@@ -137,3 +137,24 @@ def sample_latents(root: Path, sd: FrozenSD, categories: list[str], latents_para
     save_file(tensors, root / "sample" / "latents.safetensors")
     write_index(index, root / "sample" / "index.csv")
     return root
+
+
+METHODS = ("d2dprompt", "d2d", "anomalyclip", "draem", "decodiff", "patchknn")  # every built-in method
+
+
+@pytest.fixture(scope="session")
+def every_method(repo_copy):
+    """One `dvc exp run` with every method (2 epochs each: the pipeline, not the numbers, is under test)."""
+    epochs = ["-S", "train.epochs=2", "-S", "draem.epochs=2", "-S", "decodiff.epochs=2"]
+    run_cmd(["dvc", "exp", "run", "-S", f"methods=[{','.join(METHODS)}]", *epochs], repo_copy)
+    return repo_copy
+
+
+@pytest.fixture(scope="session")
+def few_shot(every_method, tmp_path_factory):
+    """README's few-shot command in a copy of the repository above (its DVC cache restores latents and queries):
+    D2D-Prompt with a memory of 4 normal images per category beside patchknn on the same draw."""
+    repo = tmp_path_factory.mktemp("fewshot") / "d2dprompt"
+    shutil.copytree(every_method, repo, symlinks=True)
+    run_cmd(["dvc", "exp", "run", "-S", "methods=[d2dprompt,patchknn]", "-S", "fewshot.k=4", "-S", "train.epochs=2"], repo)
+    return repo

@@ -123,14 +123,15 @@ def checkout(workspace, trained, tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
-def running_app(checkout: Path, *args: str, env: dict | None = None):
-    """The app served from `checkout` on a free port: (its URL, its process); stopped with SIGTERM afterwards."""
+def running_app(checkout: Path, *args: str, env: dict | None = None, python: tuple[str, ...] = ("-m",)):
+    """The app served from `checkout` on a free port: (its URL, its process); stopped with SIGTERM afterwards.
+    `python`: what runs the module (tests/no_torch.py runs it without the training stack)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
     log_path = checkout / f"app-{port}.log"
     started = time.monotonic()
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "d2dprompt.serve.app", "--port", str(port), "--samples", str(ROOT / "sample"), *args],
+        proc = subprocess.Popen([sys.executable, *python, "d2dprompt.serve.app", "--port", str(port), "--samples", str(ROOT / "sample"), *args],
                                 cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     while True:

@@ -8,20 +8,11 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import run_cmd
+from tests.conftest import METHODS, run_cmd
 from tests.test_readme import check_narrow_view
 
-METHODS = ("d2dprompt", "d2d", "anomalyclip", "draem", "decodiff", "patchknn")
 HEADLINE = ["image_AUROC", "pixel_AUROC", "pixel_AUPRO"]
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="session")
-def every_method(repo_copy):
-    """One `dvc exp run` with every method (2 epochs each: the pipeline, not the numbers, is under test)."""
-    epochs = ["-S", "train.epochs=2", "-S", "draem.epochs=2", "-S", "decodiff.epochs=2"]
-    run_cmd(["dvc", "exp", "run", "-S", f"methods=[{','.join(METHODS)}]", *epochs], repo_copy)
-    return repo_copy
 
 
 def test_dvc_metrics_show_lists_every_method_side_by_side(every_method):
@@ -124,18 +115,6 @@ def test_dvc_plots_show_writes_a_page_that_needs_no_network(every_method, tmp_pa
         assert f"{method} sample image ROC" in page
         assert (f"{method} training loss terms per epoch" in page) == (method not in ("d2d", "patchknn"))  # nothing optimised: no curve
     assert "AUROC" in page and '"term"' in page  # the legend carries each curve's area; every loss term is a series
-
-
-@pytest.fixture(scope="session")
-def few_shot(every_method, tmp_path_factory):
-    """README's few-shot command in a copy of the repository above (its DVC cache restores latents and queries):
-    D2D-Prompt with a memory of 4 normal images per category beside patchknn on the same draw."""
-    import shutil
-
-    repo = tmp_path_factory.mktemp("fewshot") / "d2dprompt"
-    shutil.copytree(every_method, repo, symlinks=True)
-    run_cmd(["dvc", "exp", "run", "-S", "methods=[d2dprompt,patchknn]", "-S", "fewshot.k=4", "-S", "train.epochs=2"], repo)
-    return repo
 
 
 def test_few_shot_runs_end_to_end_and_dvc_metrics_show_lists_both(few_shot):

@@ -7,8 +7,8 @@ the method's `export_graph` (methods/graph.py), traced with the batch size left 
 thresholds.json (evaluate's, checked against the settings as predict checks it), preprocessing.json, the run's
 model.json and manifest.json (the source run's hashes, each graph file's sha256, versions). Before anything is
 written, every graph is run by onnxruntime on check images and compared with the PyTorch path predict takes (the
-method's encode + scorer): an export whose maps differ by more than --tolerance, or whose decisions at the
-thresholds differ, is refused. The folder appears whole or not at all.
+method's encode + scorer): an export whose maps differ by more than the method's tolerance (1e-4 for maps in [0, 1];
+`Method.export_tolerance`), or whose decisions at the thresholds differ, is refused. The folder appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from d2dprompt.core.runtime.cli import app_for
 from d2dprompt.serve import onnx_backend as ob
 
 OPSET = 17  # onnxruntime 1.16+ runs it; the TorchScript exporter's best-tested opset
-TOLERANCE = 1e-4  # the largest |map difference| an export may show against PyTorch
 CHECK_IMAGES = 3  # images of the parity check: a batch size unlike the trace's, so a fixed batch would show
 TRACE_BATCH = 2  # the example batch the graph is traced with
 
@@ -63,7 +62,7 @@ def parity(torch_maps: np.ndarray, torch_scores: np.ndarray, onnx_maps: np.ndarr
 
 
 def export(trained: Path, out: Path, thresholds: str | None = "auto", dataset: str | None = None, params: Path | None = None,
-           tolerance: float = TOLERANCE, echo=print) -> dict:
+           tolerance: float | None = None, echo=print) -> dict:
     """Write the exported folder of `trained` to `out` (see the module docstring); returns its manifest."""
     import onnx
     import torch
@@ -76,10 +75,15 @@ def export(trained: Path, out: Path, thresholds: str | None = "auto", dataset: s
 
     if out.exists() and not ob.is_exported(out):
         raise FileExistsError(f"{out}: exists and is not an exported folder; choose another --out")
-    detector = Detector.load(trained, thresholds=thresholds, dataset=dataset, params=params, device="cpu", backend="torch")
+    from d2dprompt.serve.detector import local_source, trained_folder
+    from d2dprompt.trained import read_record
+
+    first = (read_record(trained_folder(local_source(trained)[0], None))[0].get("categories") or [None])[0]  # one per graph below
+    detector = Detector.load(trained, thresholds=thresholds, dataset=dataset, params=params, device="cpu", backend="torch", category=first)
     folder, record, cfg = detector.folder, detector.record, detector.cfg
     method, model, side = detector.method_object, detector.backend.model, detector.image_size
     scoring = Scoring.of(cfg.evaluate, cfg.loss, cfg.model)
+    tolerance = method.export_tolerance(record) if tolerance is None else tolerance
     categories = list(record.get("categories", [])) or [None]
     images = check_images(CHECK_IMAGES, side)
     graphs, checks = [], []
@@ -136,8 +140,16 @@ def main(
     thresholds: str = typer.Option("auto", help="auto (evaluate's file for this run), a thresholds.json, or none"),
     dataset: str | None = typer.Option(None, help="whose thresholds, when evaluate fitted several datasets"),
     params: Path | None = typer.Option(None, help="params file whose evaluate block the graphs compute with [default: the thresholds' own settings]"),
-    tolerance: float = typer.Option(TOLERANCE, min=0.0, help="largest |map difference| against PyTorch an export may show"),
+    tolerance: float | None = typer.Option(None, min=0.0, help="largest |map difference| against PyTorch an export may show "
+                                           "[default: the method's, 1e-4 for maps in [0, 1] (methods/base.py export_tolerance)]"),
 ) -> None:
+    try:
+        import onnx  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as err:
+        typer.echo(f"error: exporting runs the trained model in PyTorch and builds graphs with onnx ({err}): "
+                   "pip install 'd2dprompt[train]'", err=True)
+        raise typer.Exit(1) from None
     from d2dprompt.core.runtime.config import ParamsError
     from d2dprompt.methods.graph import NotExportable
     from d2dprompt.serve.detector import ThresholdsError

@@ -132,6 +132,14 @@ class Method:
                                 "a graph scores images one by one; train with fewshot.k > 0 for a memory instead")
         return ScorerGraph(self, model, record, scoring, category)
 
+    def export_tolerance(self, record: dict) -> float:
+        """The largest |map difference| from PyTorch export.py accepts for this run's graphs (decisions must not
+        differ at all). 1e-4, the bound of maps in [0, 1] computed in fp32: a method that reads the stored fp16
+        latents as values (patchknn's latent features, DeCo-Diff's repainting) states how far it moves when a latent
+        rounds to the neighbouring fp16 value, which two fp32 VAE encoders (PyTorch's, onnxruntime's) differing by
+        1e-5 make happen for about 1 % of latents."""
+        return 1e-4
+
     def benchmark(self, scale: str, device: torch.device, precision: str, steps: int) -> dict | None:
         """Timings of one training step and of inference on random inputs, at the paper's size (`scale` "paper") or
         the embedded default's ("tiny"): train_step_ms, infer_ms_per_image, batch, image_size, parameters_M, and the

@@ -38,12 +38,15 @@ def nearest_distances(queries: torch.Tensor, memory: torch.Tensor, chunk: int = 
     recomputed directly, so a query equal to a memory row gets exactly 0 (the product form leaves rounding noise)."""
     queries, memory = queries.float(), memory.float()
     memory_sq = (memory * memory).sum(1)
-    out = torch.empty(queries.shape[0], device=queries.device)
-    for start in range(0, queries.shape[0], chunk):
-        q = queries[start : start + chunk]
-        nearest = ((q * q).sum(1, keepdim=True) + memory_sq - 2 * q @ memory.T).argmin(1)
-        out[start : start + chunk] = (q - memory[nearest]).norm(dim=1)
-    return out
+
+    def nearest(q: torch.Tensor) -> torch.Tensor:
+        closest = ((q * q).sum(1, keepdim=True) + memory_sq - 2 * q @ memory.T).argmin(1)
+        return (q - memory[closest]).norm(dim=1)
+
+    if torch.jit.is_tracing():  # an exported graph repeats a loop as often as it ran when traced: one product for any batch
+        return nearest(queries)
+    parts = [nearest(queries[start : start + chunk]) for start in range(0, queries.shape[0], chunk)]
+    return torch.cat(parts) if parts else queries.new_zeros(0)
 
 
 def coreset(features: torch.Tensor, rows: int, seed: int) -> torch.Tensor:

@@ -384,6 +384,11 @@ class Detector:
             chosen = resolve_thresholds(chosen_file, image_threshold, pixel_threshold, cfg.evaluate, graphs.manifest["method"])
             record = read_json(folder / "model.json", "the source run's record")
             return cls(graphs, record, cfg, chosen, display_of(chosen_file), category, folder, chosen_file)
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise ValueError(f"{folder}: a trained folder runs in PyTorch, which is not installed: pip install 'd2dprompt[train]', "
+                             f"or score its export (python -m d2dprompt.export {folder} --format onnx --out <folder>)") from None
         from d2dprompt.core.models import pick_device
         from d2dprompt.trained import load_trained, read_record
 

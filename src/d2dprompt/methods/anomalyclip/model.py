@@ -119,7 +119,7 @@ def _freeze(clip: CLIPModel) -> CLIPModel:
 def position_embeddings(clip: CLIPModel, grid: tuple[int, int]) -> torch.Tensor:
     """(1 + h*w, D) positional embeddings for an h x w patch grid, resized as the authors do."""
     table = clip.vision_model.embeddings.position_embedding.weight
-    side = round((table.shape[0] - 1) ** 0.5)
+    side = round((int(table.shape[0]) - 1) ** 0.5)  # int(): a constant when traced for export
     if tuple(grid) == (side, side):
         return table
     patches = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
