@@ -43,14 +43,22 @@ def test_the_d2dprompt_graph_gives_the_scorers_maps_at_any_batch_size(prompt_gra
 
 
 def test_the_graph_holds_the_prompt_states_not_the_text_encoder(prompt_graph_file):
+    """Every weight a graph carries (initializers and constant nodes) adds up to less than the VAE and UNet hold: the
+    text encoder's weights are not in it, its output (the states, a constant of their own) is."""
     import onnx
+    from onnx import numpy_helper
 
     segmenter, _, _, path = prompt_graph_file
-    graph = onnx.load(str(path))
-    names = {init.name for init in graph.graph.initializer} | {node.name for node in graph.graph.node}
-    assert not any("text_model" in name or "text_encoder" in name for name in names)
+    graph = onnx.load(str(path)).graph
+    tensors = [numpy_helper.to_array(t) for t in graph.initializer]
+    tensors += [numpy_helper.to_array(a.t) for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    carried = sum(t.size for t in tensors)
+    sd = segmenter.sd
+    vae_unet = sum(p.numel() for m in (sd.vae.encoder, sd.vae.quant_conv, sd.unet) if m is not None for p in m.parameters())
+    text = sum(p.numel() for p in sd.text_encoder.parameters())
     states = segmenter.prompt_states().detach().numpy()
-    assert any(init.dims == list(states.shape) for init in graph.graph.initializer)  # the states, a constant
+    assert carried < vae_unet + states.size + text / 2, (carried, vae_unet, text)
+    assert any(t.shape == states.shape and np.allclose(t, states) for t in tensors)
 
 
 def test_the_graph_input_matches_the_scorers_pixels_bit_for_bit():
@@ -85,3 +93,13 @@ def test_a_traced_nearest_neighbour_search_scores_every_row_of_a_larger_batch(tm
     queries = torch.randn(13, 8, generator=torch.Generator().manual_seed(1))
     (found,) = OnnxGraphs.session_for(path).run(["d"], {INPUT: queries.numpy()})
     assert np.abs(found - nearest_distances(queries, memory).numpy()).max() <= 1e-5
+
+
+def test_export_counts_a_flipped_decision_only_away_from_the_threshold():
+    from d2dprompt.export import parity
+
+    torch_scores = np.array([0.5, 0.50000003, 0.9, 0.1], np.float32)
+    onnx_scores = np.array([0.5, 0.49999997, 0.3, 0.1], np.float32)  # a hair's flip at the threshold, a real one at 0.9
+    maps = np.zeros((4, 2, 2), np.float32)
+    found = parity(maps, torch_scores, maps, onnx_scores, 0.5, 1e-4)
+    assert (found["decision_flips"], found["near_threshold"]) == (1, 2)

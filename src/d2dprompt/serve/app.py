@@ -1,6 +1,7 @@
 """python -m d2dprompt.serve.app [--runs stages/train] [--samples sample] [--host 127.0.0.1] [--port 7860] [--params params.yaml]
 
-A local web page (Gradio) around the Python API (detector.Detector): pick a trained run, upload one or several
+A local web page (Gradio) around the Python API (detector.Detector): pick a trained run (or an exported folder,
+which onnxruntime scores without torch: --runs exported/d2dprompt), upload one or several
 images or pick sample images, and see each one's score, label, anomaly-map overlay and predicted mask side by side.
 The image and pixel threshold sliders start at the run's thresholds (evaluate's thresholds.json when there is one)
 and re-decide label and mask from the maps already computed; the mask (PNG) and the results (JSON) download.
@@ -174,7 +175,8 @@ def build_page(runs: dict[str, Path], samples: Path | None, params: Path | None,
         det = detector_for(run, None)
         low, high = slider_range(det)
         many = len(det.categories) > 1
-        info = f"**{det.method}** run `{runs[run]}`, input side {det.image_size} px; thresholds: {det.thresholds.source}"
+        backend = "ONNX graphs, onnxruntime" if det.exported else "PyTorch"
+        info = f"**{det.method}** run `{runs[run]}` ({backend}), input side {det.image_size} px; thresholds: {det.thresholds.source}"
         return (
             gr.update(choices=det.categories, value=det.categories[0] if many else None, visible=many),
             # shown to SCORE_DIGITS decimals; `decided` reads a slider within SLIDER_STEP as the exact threshold
@@ -293,7 +295,7 @@ def stop_on_sigterm() -> None:
 
 
 def main(
-    runs: Path = typer.Option(Path("stages/train"), help="a train@<method> output, or the folder holding them"),
+    runs: Path = typer.Option(Path("stages/train"), help="a train@<method> output or an exported folder, or the folder holding them"),
     samples: Path = typer.Option(Path("sample"), help="an MVTec-layout folder whose test images the page offers"),
     params: Path | None = typer.Option(None, help="params file [default: ./params.yaml when present, else the settings the thresholds were fitted with]"),
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 serves other machines too"),

@@ -60,6 +60,12 @@ class AnomalyCLIPMethod(Method):
     def input_size(self, record: dict) -> int:
         return record["anomalyclip"]["image_size"]
 
+    def export_graph(self, model: AnomalyCLIP, record: dict, scoring: Scoring, category: str | None):
+        """The CLIP vision tower (DPAM, the feature layers) and the map, the text features baked in."""
+        from d2dprompt.methods.anomalyclip.model import FixedTextGraph
+
+        return FixedTextGraph(model, scoring)
+
     def scorer(self, model: AnomalyCLIP, record: dict, scoring: Scoring, device: torch.device):
         from d2dprompt.methods.anomalyclip.model import score_images
 

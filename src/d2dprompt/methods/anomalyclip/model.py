@@ -313,11 +313,27 @@ def anomalyclip_loss(
 
 
 @torch.no_grad()
-def score_images(model: AnomalyCLIP, images: torch.Tensor, scoring, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch of images in [0, 1] -> (maps at scoring.map_size, image scores as the authors' test.py), on the CPU."""
+def score_images(model: AnomalyCLIP, images: torch.Tensor, scoring, device: torch.device,
+                 text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of images in [0, 1] -> (maps at scoring.map_size, image scores as the authors' test.py), on the CPU.
+    `text`: the prompts' text features when fixed (an exported graph holds them), else computed here."""
     from d2dprompt.core.eval.maps import to_image_size
     from d2dprompt.core.models import autocast
 
     with autocast(device, scoring.precision):
-        out = model(normalize(images).to(device))
+        out = model(normalize(images).to(device), text)
     return to_image_size(out["anomaly_map"].float(), scoring.map_size, scoring.sigma).cpu(), image_score(out).float().cpu()
+
+
+class FixedTextGraph(nn.Module):
+    """AnomalyCLIP as export.py traces it: `score_images` with the learned prompts' text features computed once, at
+    export, and held as a constant (after training the prompts are fixed, so the text tower's output is too)."""
+
+    def __init__(self, model: AnomalyCLIP, scoring):
+        super().__init__()
+        self.model, self.scoring = model, scoring
+        with torch.no_grad():
+            self.register_buffer("text", model.text_features().detach())
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return score_images(self.model, images, self.scoring, torch.device("cpu"), self.text)
