@@ -95,11 +95,11 @@ def test_a_traced_nearest_neighbour_search_scores_every_row_of_a_larger_batch(tm
     assert np.abs(found - nearest_distances(queries, memory).numpy()).max() <= 1e-5
 
 
-def test_export_counts_a_flipped_decision_only_away_from_the_threshold():
+def test_export_refuses_a_flipped_decision_away_from_the_threshold_and_counts_the_rest():
     from d2dprompt.export import parity
 
     torch_scores = np.array([0.5, 0.50000003, 0.9, 0.1], np.float32)
     onnx_scores = np.array([0.5, 0.49999997, 0.3, 0.1], np.float32)  # a hair's flip at the threshold, a real one at 0.9
     maps = np.zeros((4, 2, 2), np.float32)
     found = parity(maps, torch_scores, maps, onnx_scores, 0.5, 1e-4)
-    assert (found["decision_flips"], found["near_threshold"]) == (1, 2)
+    assert (found["decision_flips"], found["flips_away_from_threshold"], found["near_threshold"]) == (2, 1, 2)

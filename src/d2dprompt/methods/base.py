@@ -118,7 +118,12 @@ class Method:
         raise NotImplementedError
 
     def graph_inputs(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        """`encode` in torch alone, for an exported graph: (B, 3, S, S) float32 pixels in [0, 1] -> what `scorer` reads."""
+        """`encode` in torch alone, for an exported graph: (B, 3, S, S) float32 pixels in [0, 1] -> what `scorer` reads.
+        A method reading latents says how it encodes them (graph.latents_of with its VAE)."""
+        if self.reads == "latents":
+            from d2dprompt.methods.graph import NotExportable
+
+            raise NotExportable(f"{self.name}: reads latents, and defines no graph_inputs encoding pixels to them in torch")
         return pixels
 
     def export_graph(self, model: nn.Module, record: dict, scoring: Scoring, category: str | None) -> nn.Module:
