@@ -5,7 +5,7 @@ with random weights (speed and memory do not depend on the weights; `sd21` is SD
 512 px). PyTorch runs the path predict takes for a trained folder (the method's encode + scorer: VAE encoder, text
 encoder, the UNet up to the last captured layer, the maps); onnxruntime runs the graph python -m d2dprompt.export
 writes for it (the text encoder's output baked in). Each backend runs in a process of its own, so its peak is that
-process's whole resident peak (ru_maxrss): the PyTorch one holds the full SD as a trained folder loads it, the
+process's whole resident peak (VmHWM): the PyTorch one holds the full SD as a trained folder loads it, the
 onnxruntime one only the graph, and it never imports torch.
 """
 
@@ -59,7 +59,7 @@ def time_batches(score, images: list[np.ndarray], batch: int) -> list[float]:
     return times
 
 
-def worker(backend: str, arch: str, levels: list[int], graph: Path, threads: int, batch: int, count: int, device: str) -> dict:
+def worker(backend: str, arch: str, levels: list[int], graph: Path, side: int, threads: int, batch: int, count: int, device: str) -> dict:
     """One backend's figures, measured in this process."""
     if backend == "torch":
         import torch
@@ -79,17 +79,22 @@ def worker(backend: str, arch: str, levels: list[int], graph: Path, threads: int
                 latents = encode(segmenter.sd, chunk, where).to(LATENT_DTYPE)
                 return latent_maps(segmenter, latents, record["model"]["noise_seed"], scoring, where)
     else:
-        from d2dprompt.bench.steps import ARCHS
-        from d2dprompt.serve.onnx_backend import OUTPUTS, INPUT, OnnxGraphs, providers_for, to_pixels
+        from d2dprompt.serve.onnx_backend import INPUT, OUTPUTS, OnnxGraphs, providers_for, to_pixels
 
-        side = ARCHS[arch].image_size
         session = OnnxGraphs.session_for(graph, providers_for(device), threads)
 
         def score(chunk):
             return session.run(list(OUTPUTS), {INPUT: to_pixels(chunk)})
     times = time_batches(score, images_for(count + batch, side), batch)
-    return {"backend": backend, "ms_per_image": statistics.median(times), "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "torch_loaded": "torch" in sys.modules}
+    return {"backend": backend, "ms_per_image": statistics.median(times), "peak_mib": peak_rss_mib(), "torch_loaded": "torch" in sys.modules}
+
+
+def peak_rss_mib() -> float:
+    """This process's resident peak (VmHWM): ru_maxrss would carry the forking parent's over exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: may include the parent's
 
 
 def main(
@@ -101,10 +106,11 @@ def main(
     device: str = typer.Option("cpu", help="cpu | cuda (onnxruntime's CUDA provider, which onnxruntime-gpu has)"),
     run_worker: str = typer.Option("", "--worker", hidden=True),
     graph: Path = typer.Option(Path(""), hidden=True),
+    side: int = typer.Option(0, hidden=True),
 ) -> None:
     chosen = [int(v) for v in levels.split(",")]
     if run_worker:
-        typer.echo(json.dumps(worker(run_worker, arch, chosen, graph, threads, batch, images, device)))
+        typer.echo(json.dumps(worker(run_worker, arch, chosen, graph, side, threads, batch, images, device)))
         return
     from d2dprompt.export import export_graph_file
     from d2dprompt.methods.d2dprompt.graph import PromptGraph
@@ -119,7 +125,7 @@ def main(
         graph_mib = sum(p.stat().st_size for p in Path(tmp).iterdir()) / 2**20
         rows = []
         for backend in ("torch", "onnx"):
-            args = [sys.executable, "-m", "d2dprompt.bench.onnx", "--worker", backend, "--graph", str(path), "--arch", arch,
+            args = [sys.executable, "-m", "d2dprompt.bench.onnx", "--worker", backend, "--graph", str(path), "--side", str(side), "--arch", arch,
                     "--threads", str(threads), "--batch", str(batch), "--images", str(images), "--levels", levels, "--device", device]
             proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
             if proc.returncode:
