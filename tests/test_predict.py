@@ -252,7 +252,8 @@ def test_a_rerun_resumes_only_what_is_still_valid(prompts_dir, params_file, tmp_
     again = run([inputs, "--out", out, "--workers", "0"], prompts_dir, params_file)
     assert again.exit_code == 0 and "resumed: 2 of 5 images" in again.output, again.output
     assert {r["key"]: Path(r["mask"]).stat().st_mtime_ns for r in read_jsonl(out)[:2]} == kept  # not redone
-    assert [(r["key"], pytest.approx(r["score"], abs=1e-6)) for r in read_jsonl(out)] == [(r["key"], r["score"]) for r in complete]
+    # the rerun scores the other 3 in a smaller batch; fp32 kernels move a score by ~1e-6 with the batch size
+    assert [(r["key"], pytest.approx(r["score"], abs=1e-5)) for r in read_jsonl(out)] == [(r["key"], r["score"]) for r in complete]
     assert not partial.exists()
     # other thresholds: nothing reused; a changed image file: that one redone
     other = run([inputs, "--out", out, "--pixel-threshold", "0.9"], prompts_dir, params_file)

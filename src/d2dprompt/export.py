@@ -76,13 +76,11 @@ def export(trained: Path, out: Path, thresholds: str | None = "auto", dataset: s
     from d2dprompt.core.runtime.outputs import atomic_dir, write_json
     from d2dprompt.core.training import CONFIG_FILE, WEIGHTS_FILE
     from d2dprompt.methods.base import Scoring
-    from d2dprompt.serve.detector import THRESHOLDS_FILE, Detector
+    from d2dprompt.serve.detector import THRESHOLDS_FILE, Detector, local_source, trained_folder
+    from d2dprompt.trained import read_record
 
     if out.exists() and not ob.is_exported(out):
         raise FileExistsError(f"{out}: exists and is not an exported folder; choose another --out")
-    from d2dprompt.serve.detector import local_source, trained_folder
-    from d2dprompt.trained import read_record
-
     first = (read_record(trained_folder(local_source(trained)[0], None))[0].get("categories") or [None])[0]  # one per graph below
     detector = Detector.load(trained, thresholds=thresholds, dataset=dataset, params=params, device="cpu", backend="torch", category=first)
     folder, record, cfg = detector.folder, detector.record, detector.cfg
