@@ -100,3 +100,17 @@ def test_the_few_shot_benchmark_sizes_the_memory_from_the_captured_features_and_
     rows = {int(line.split("|")[1]): line.split("|")[2:] for line in result.output.splitlines() if re.match(r"\| \d+ \|", line)}
     assert set(rows) == {1, 4} and abs(float(rows[4][0]) - round(4 * per_image)) <= 1 and float(rows[4][1]) > 0
     assert "keeps a coreset of" in result.output and "coreset of the largest layer" in result.output  # 20 images exceed 2 MiB
+
+
+def test_the_onnx_benchmark_times_both_backends_and_the_onnxruntime_process_never_loads_torch():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "d2dprompt.bench.onnx", "--arch", "tiny", "--threads", "1", "--images", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[2:]}
+    assert set(rows) == {"torch", "onnx"}
+    for backend, (ms, peak, torch_loaded) in rows.items():
+        assert float(ms) > 0 and float(peak) > 0
+        assert torch_loaded == str(backend == "torch")

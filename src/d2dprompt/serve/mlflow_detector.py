@@ -13,13 +13,15 @@ from typing import Any
 
 
 def requirements() -> list[str]:
-    """The installed versions of d2dprompt's core dependencies (torch without its +cpu/+cu local tag)."""
+    """The installed versions of d2dprompt's base dependencies and of its `train` extra, which the model runs with
+    (torch without its +cpu/+cu local tag)."""
     from importlib.metadata import PackageNotFoundError, requires, version
 
     pinned = []
     for line in requires("d2dprompt") or []:
-        if "extra ==" in line:
+        if "extra ==" in line and not re.search(r"""extra == ["']train["']""", line):
             continue
+        line = line.split(";")[0].strip()
         name = re.split(r"[<>=!~ ;\[]", line, maxsplit=1)[0]
         try:
             pinned.append(f"{name}=={version(name).split('+')[0]}")
