@@ -8,7 +8,8 @@ thresholds.json (evaluate's, checked against the settings as predict checks it),
 model.json and manifest.json (the source run's hashes, each graph file's sha256, versions). Before anything is
 written, every graph is run by onnxruntime on check images and compared with the PyTorch path predict takes (the
 method's encode + scorer): an export whose maps differ by more than the method's tolerance (1e-4 for maps in [0, 1];
-`Method.export_tolerance`), or whose decisions at the thresholds differ, is refused. The folder appears whole or not at all.
+`Method.export_tolerance`), or whose decision at the thresholds differs for an image scored farther than that from
+the threshold, is refused. The folder appears whole or not at all.
 """
 
 from __future__ import annotations

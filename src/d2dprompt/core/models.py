@@ -238,8 +238,13 @@ def encode(sd: FrozenSD, images: list[np.ndarray], device: torch.device) -> torc
 
 @torch.no_grad()
 def encode_with(vae: AutoencoderKL, images: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    x = to_tensor(images).to(device, vae.dtype)
-    return (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).float().cpu()
+    return vae_latents(vae, to_tensor(images).to(device, vae.dtype)).float().cpu()
+
+
+def vae_latents(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> the latents every stage reads: the VAE's mean x its scaling factor (an exported
+    graph traces this too: methods/graph.py)."""
+    return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
 
 
 @torch.no_grad()

@@ -138,8 +138,8 @@ class Method:
         return ScorerGraph(self, model, record, scoring, category)
 
     def export_tolerance(self, record: dict) -> float:
-        """The largest |map difference| from PyTorch export.py accepts for this run's graphs (decisions must not
-        differ at all). 1e-4, the bound of maps in [0, 1] computed in fp32: a method that reads the stored fp16
+        """The largest |map| and |score difference| from PyTorch export.py accepts for this run's graphs (a decision
+        may then differ only for an image scored within it of the threshold). 1e-4, the bound of maps in [0, 1] computed in fp32: a method that reads the stored fp16
         latents as values (patchknn's latent features, DeCo-Diff's repainting) states how far it moves when a latent
         rounds to the neighbouring fp16 value, which two fp32 VAE encoders (PyTorch's, onnxruntime's) differing by
         1e-5 make happen for about 1 % of latents."""

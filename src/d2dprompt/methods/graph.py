@@ -25,14 +25,15 @@ def latents_of(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """[0, 1] pixels -> latents as the latents stage stores them: the VAE's mean x its scaling factor, rounded to the
     stored dtype (evaluate and predict read latents at that precision, so the graph must too), back in float32."""
     from d2dprompt.core.data.latent_store import LATENT_DTYPE
+    from d2dprompt.core.models import vae_latents
 
-    latents = vae.encode(pixels * 2 - 1).latent_dist.mean * vae.config.scaling_factor
-    return latents.to(LATENT_DTYPE).float()
+    return vae_latents(vae, pixels * 2 - 1).to(LATENT_DTYPE).float()
 
 
 class ScorerGraph(nn.Module):
     """`Method.graph_inputs`, then the method's own batch scorer for one category: the graph of every method whose
-    scorer is plain torch on its inputs (DRAEM, AnomalyCLIP, patchknn), so the exported computation is evaluate's."""
+    scorer is plain torch on its inputs and holds nothing to fix first (DRAEM, patchknn), so the exported computation
+    is evaluate's."""
 
     def __init__(self, method: Method, model: nn.Module, record: dict, scoring: Scoring, category: str | None):
         super().__init__()

@@ -116,18 +116,14 @@ class OnnxGraphs:
         self._sessions: dict[str, object] = {}
 
     def graph_of(self, category: str | None) -> dict:
-        """The manifest entry scoring `category`: the one graph of a run without categories, else that category's."""
+        """The manifest entry scoring `category`: the one graph of a run without categories, else that category's
+        (chosen as the trained run chooses its model: base.category_index)."""
+        from d2dprompt.methods.base import category_index
+
         graphs = self.manifest["graphs"]
-        if len(graphs) == 1 and graphs[0]["category"] is None:
+        if graphs[0]["category"] is None:
             return graphs[0]
-        names = [g["category"] for g in graphs]
-        if category is None and len(graphs) == 1:
-            return graphs[0]
-        if category is None:
-            raise ValueError(f"{self.folder}: one graph per category: choose --category from {' | '.join(names)}")
-        if category not in names:
-            raise ValueError(f"{category}: no graph was exported for this category ({' | '.join(names)})")
-        return graphs[names.index(category)]
+        return graphs[category_index({"categories": [g["category"] for g in graphs]}, category, self.manifest["method"])]
 
     def session(self, category: str | None):
         graph = self.graph_of(category)

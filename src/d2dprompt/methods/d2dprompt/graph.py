@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from d2dprompt.core.eval.maps import finish_maps
+from d2dprompt.methods.base import category_index
 from d2dprompt.methods.d2dprompt.model import D2DSegmenter, fixed_noise
 from d2dprompt.methods.graph import latents_of
 
@@ -27,7 +28,7 @@ class PromptGraph(nn.Module):
         memory = getattr(segmenter, "memory", None) or {}
         self.memory, self.stats = None, None
         if memory:
-            chosen = record["categories"][_index(record, category)]
+            chosen = record["categories"][category_index(record, category, record["method"])]
             self.memory, self.stats = memory[chosen], record["memory"][chosen]
             self.weight = record["fewshot"]["fusion"]
 
@@ -45,9 +46,3 @@ class PromptGraph(nn.Module):
             latent_map = fuse(prompt_map, memory_map, self.weight, self.stats["prompt_stats"], self.stats["memory_stats"])
         s = self.scoring
         return finish_maps(latent_map, s.map_size, s.sigma, s.score, s.top_percent, s.image_top_percent)
-
-
-def _index(record: dict, category: str | None) -> int:
-    from d2dprompt.methods.base import category_index
-
-    return category_index(record, category, record["method"])
