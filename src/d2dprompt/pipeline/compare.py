@@ -25,6 +25,7 @@ from d2dprompt.core.data.evaluated import MAPS_FILE, Evaluated, read_evaluated
 from d2dprompt.core.eval.bootstrap import METRICS
 from d2dprompt.core.eval.metrics import image_metrics, pixel_metrics, summarize
 from d2dprompt.core.eval.uncertainty import HI, LO, aupimo_per_image, category_seed, paired_differences, replicas_of, with_intervals
+from d2dprompt.core.runtime import numerics
 from d2dprompt.core.runtime.cli import app_for
 from d2dprompt.core.runtime.config import EvaluateParams, ParamsError, flatten
 from d2dprompt.core.runtime.outputs import atomic_dir, atomic_file, nan_to_null, write_json
@@ -131,6 +132,7 @@ def main(
         data = {name: read_evaluated(path) for name, path in files.items()}
         same_rows(data, files)
         with start_run("compare", {**flatten(cfg), "compare.dataset": dataset}) as log:
+            log.set_tags(numerics.machine_tags())
             results = {name: method_metrics(d, ev) for name, d in data.items()}
             summaries = {name: r[0] for name, r in results.items()}
             pairs = {f"{a} - {b}": paired_differences(summaries[a], summaries[b], results[a][1], results[b][1], ev.confidence)

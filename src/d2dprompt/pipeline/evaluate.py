@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import typer
 
-from d2dprompt.core.runtime import distributed
+from d2dprompt.core.runtime import distributed, numerics
 from d2dprompt.core.runtime.config import EvaluateParams, ParamsError, flatten
 from d2dprompt.methods.base import Scoring
 from d2dprompt.params import Params, load_params
@@ -236,6 +236,7 @@ def main(
             method = chosen.name
             chosen.place(model, device)
             with distributed.main_run("evaluate", {**flatten(cfg), "evaluate.dataset": dataset, "method": method}) as log:
+                log.set_tags(numerics.machine_tags(str(device)))
                 score, rows, tensors = method_scorer(chosen, model, record, latents / dataset, downloads / dataset, cfg, device)
                 scored = score_splits(shared_out(score, ev.batch_size), rows, latents / dataset, ev)
                 if not distributed.is_main():  # its share of the maps went to rank 0, which computes and writes the rest
@@ -252,7 +253,8 @@ def main(
                                 details["display_range"], thresholds, f"{method} {dataset}")
                 # `validation` (synthetic anomalies on held-out normal images) is where choices such as
                 # evaluate.score are made without looking at the test split
-                write_metrics(metrics, dataset, summary, asdict(thresholds), details["validation"], bootstrap_note(ev), details["notes"])
+                write_metrics(metrics, dataset, summary, asdict(thresholds), details["validation"], bootstrap_note(ev), details["notes"],
+                              numerics.record(str(device)))
                 log.log_dataset(dataset, latents / dataset / "index.csv", "evaluation")
                 log.log_metrics({f"{method}.{dataset}.{cat}.{name}": v for cat, values in summary.items() for name, v in values.items() if v == v})
                 log.log_artifact(metrics / f"{dataset}.json")

@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from d2dprompt.core.data.images import ImageError
-from d2dprompt.core.runtime import distributed
+from d2dprompt.core.runtime import distributed, numerics
 from d2dprompt.core.runtime.cli import app_for
 from d2dprompt.core.runtime.config import ParamsError, flatten
 from d2dprompt.core.training import CONFIG_FILE
@@ -51,6 +51,7 @@ def main(
             raise ValueError(f"train@{method}: only {several} train on several processes; "
                              f"train {method} on one (distributed.nproc: 1, or python -m d2dprompt.pipeline.train)")
         with distributed.process_group(cfg.distributed, cfg.model.device), distributed.main_run("train", {**flatten(cfg), "method": method}) as log:
+            log.set_tags(numerics.machine_tags(str(distributed.device(cfg.model.device))))
             chosen.train(cfg, TrainJob(latents, downloads, queries, out, checkpoint, log, echo=typer.echo))
             if not distributed.is_main():
                 return

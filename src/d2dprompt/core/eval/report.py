@@ -71,8 +71,9 @@ def headline_first(values: dict[str, float]) -> dict[str, float]:
 
 
 def write_metrics(folder: Path, dataset: str, summary: dict, thresholds: dict, validation: dict, interval_note: str = "",
-                  notes: list[str] = ()) -> list[Path]:
-    """`<folder>/<dataset>.json` (undefined metrics as null, with what each mean covers) and `.md`.
+                  notes: list[str] = (), numerics: dict[str, str] | None = None) -> list[Path]:
+    """`<folder>/<dataset>.json` (undefined metrics as null, with what each mean covers, and `numerics`: what the
+    bits depend on, core/runtime/numerics.py) and `.md`.
 
     {"mean": ..., "per_category": {category: ...}, ...}: the mean comes first in the file and, since
     DVC sorts flattened keys (mean.* < per_category.*), first in `dvc metrics show` / `dvc exp show`.
@@ -81,10 +82,13 @@ def write_metrics(folder: Path, dataset: str, summary: dict, thresholds: dict, v
     point = {cat: {k: v for k, v in values.items() if not is_bound(k)} for cat, values in summary.items()}
     record = {"mean": headline_first(summary["mean"]), "per_category": categories, **mean_coverage(point),
               "thresholds": thresholds, "validation": validation, "notes": [n for n in (interval_note, *notes) if n]}
+    if numerics:
+        record["numerics"] = numerics
     paths = [folder / f"{dataset}.json", folder / f"{dataset}.md"]
     write_json(paths[0], nan_to_null(record))
     with atomic_file(paths[1]) as tmp:
-        tmp.write_text(markdown_table(dataset, summary, thresholds, [interval_note, *notes]))
+        made_with = ["Computed with " + ", ".join(f"{k} {v}" for k, v in numerics.items()) + "."] if numerics else []
+        tmp.write_text(markdown_table(dataset, summary, thresholds, [interval_note, *notes, *made_with]))
     return paths
 
 

@@ -217,6 +217,12 @@ class RunLogger:
         if batch:
             _retry(self.client.log_batch, self.run_id, params=batch)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        if tags:
+            _retry(self.client.log_batch, self.run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if not path.is_file():
@@ -256,6 +262,9 @@ class UntrackedRun:
         pass
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
