@@ -4,9 +4,12 @@ tools' module level, so `--help` answers in about a second."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import typer
+
+from d2dprompt.core.runtime import numerics
 
 
 def summary(doc: str | None) -> str:
@@ -18,6 +21,13 @@ def summary(doc: str | None) -> str:
 
 
 def app_for(main: Callable, doc: str | None) -> typer.Typer:
+    """The command for `main`; running it (not --help) first fixes the thread count where the stages pinned numerics."""
+
+    @functools.wraps(main)
+    def command(*args, **kwargs):
+        numerics.fix_threads()
+        return main(*args, **kwargs)
+
     app = typer.Typer(add_completion=False)
-    app.command(help=summary(doc))(main)
+    app.command(help=summary(doc))(command)
     return app

@@ -40,7 +40,21 @@ def pin(environ: MutableMapping[str, str] = os.environ) -> str:
         raise NumericsError(f"{MODE_VAR}={mode!r}: must be one of {', '.join(MODES)}")
     if mode == "portable":
         environ.update(PORTABLE)
+        global _pinned
+        _pinned = True
     return mode
+
+
+_pinned = False  # pin() ran with the portable setting in this process
+
+
+def fix_threads() -> None:
+    """After pin(), the thread count itself: torch caps OMP_NUM_THREADS at the machine's cores, which would give a
+    1-core machine other bits (measured: 1 and 3 threads each sum the VAE's convolutions differently from 2)."""
+    if _pinned:
+        import torch
+
+        torch.set_num_threads(THREADS)
 
 
 def record(device: str = "cpu", environ: Mapping[str, str] = os.environ) -> dict[str, str]:
