@@ -111,3 +111,16 @@ def test_compare_needs_resamples_and_its_maps_files(tmp_path):
     (tmp_path / "stages/evaluate/draem/sample/maps.safetensors").write_bytes(b"not safetensors")
     failed = stage("compare", "sample", cwd=tmp_path, check=False)
     assert failed.returncode == 1 and "maps.safetensors: not an evaluate maps file" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_a_maps_file_has_the_same_bytes_each_time_the_same_rows_are_written(tmp_path):
+    """safetensors writes its metadata map in a random order: with more than one key, identical runs would write
+    different bytes and dvc.lock would differ between them (README "Reproducibility")."""
+    rows, labels, masks, rng = synthetic_rows()
+    maps = rng.random(masks.shape, dtype=np.float32)
+    scores = maps.max(axis=(1, 2))
+    written = set()
+    for i in range(16):
+        path = write_method(tmp_path / str(i), "d2dprompt", rows, labels, scores, maps, masks)
+        written.add(path.read_bytes())
+    assert len(written) == 1

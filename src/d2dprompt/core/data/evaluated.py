@@ -4,7 +4,9 @@
       maps (N, S, S) float32   the post-processed anomaly maps the metrics read (evaluate.map_size, sigma)
       masks (N, S, ceil(S/8)) uint8   the ground truth, bit-packed along rows
       scores (N,) float32, labels (N,) uint8
-      metadata "rows": JSON list of the images' paths, in row order; "categories": JSON list, same order
+      metadata "index": JSON {"rows": the images' paths in row order, "categories": the same order}; one key, since
+      safetensors writes its metadata map in a random order per process and two keys would make the file's bytes
+      (and dvc.lock) differ between identical runs
 
 Safetensors, never pickle: a file a user could place is only ever parsed as tensors and JSON.
 """
@@ -41,8 +43,8 @@ def write_evaluated(path: Path, rows: list, labels: np.ndarray, scores: np.ndarr
         "scores": np.asarray(scores, dtype=np.float32),
         "labels": np.asarray(labels, dtype=np.uint8),
     }
-    metadata = {"rows": json.dumps([r.image_path for r in rows]), "categories": json.dumps([r.category for r in rows])}
-    save_file(tensors, str(path), metadata=metadata)
+    index = {"rows": [r.image_path for r in rows], "categories": [r.category for r in rows]}
+    save_file(tensors, str(path), metadata={"index": json.dumps(index)})
 
 
 def read_evaluated(path: Path) -> Evaluated:
@@ -55,7 +57,8 @@ def read_evaluated(path: Path) -> Evaluated:
         with safe_open(str(path), framework="numpy") as fh:
             metadata = fh.metadata() or {}
             tensors = {name: fh.get_tensor(name) for name in ("maps", "masks", "scores", "labels")}
-        image_paths, categories = json.loads(metadata["rows"]), json.loads(metadata["categories"])
+        index = json.loads(metadata["index"])
+        image_paths, categories = index["rows"], index["categories"]
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as err:
         raise ValueError(f"{path}: not an evaluate maps file ({type(err).__name__}: {err}); rerun the evaluate stage") from None
     maps = tensors["maps"]
