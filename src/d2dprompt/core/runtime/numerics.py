@@ -3,8 +3,9 @@
 A float sum depends on the order its terms are added in, and on a CPU that order is chosen by the kernels the
 machine picks: PyTorch's vectorised kernels (AVX2 or AVX-512), MKL's matrix products (one code path per
 instruction set), oneDNN's convolutions and the number of threads a reduction is split across. Measured on
-the embedded default: each of those alone changes the stored latents, and with them every metric in the 3rd
-or 4th digit. `pin()` fixes all four before torch loads; `D2D_CPU=native` leaves the machine's fastest choice.
+the embedded default (an AMD CPU): PyTorch's kernels, MKL's path and the thread count each change the stored
+latents alone, and with them every metric in the 3rd or 4th digit; oneDNN's ISA did not there and is pinned for
+the CPUs where it may. `pin()` fixes all four before torch loads; `D2D_CPU=native` leaves the machine's choice.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def pin(environ: MutableMapping[str, str] = os.environ) -> str:
         raise NumericsError(f"{MODE_VAR}={mode!r}: must be one of {', '.join(MODES)}")
     if mode == "portable":
         environ.update(PORTABLE)
-        global _pinned
-        _pinned = True
+        if environ is os.environ:  # this process's own: its commands fix their thread count too (fix_threads)
+            global _pinned
+            _pinned = True
     return mode
 
 
