@@ -29,10 +29,12 @@ def test_an_unknown_setting_is_refused_in_one_line():
 def test_a_stage_process_runs_the_pinned_kernels_and_threads_whatever_the_environment():
     code = ("import d2dprompt.pipeline, json, torch; from d2dprompt.core.runtime import numerics; numerics.fix_threads(); "
             "print(json.dumps(numerics.record()))")
-    env = {"PATH": "/usr/bin:/bin", "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE"}
+    env = {"PATH": "/usr/bin:/bin", "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE",
+           "OPENBLAS_CORETYPE": "Prescott"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     record = json.loads(out)
     assert record["aten_kernels"] == "AVX2" and record["threads"] == "2" and record["mkl_cbwr"] == "AVX2"
+    assert record["openblas"] == "Haswell" and record["faiss"] == "avx2"
     assert all(isinstance(v, str) for v in record.values())  # strings: dvc metrics show leaves them out of its columns
     native = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "D2D_CPU": "native"}, check=True)
     assert json.loads(native.stdout)["aten_kernels"] == "DEFAULT" and json.loads(native.stdout)["threads"] == "1"

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.e2e
 
 # what an unpinned run would pick on other machines: each changes the stored latents on its own
 OTHER_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                 "OPENBLAS_CORETYPE": "Prescott", "FAISS_OPT_LEVEL": "generic",
                  "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 CHECKPOINT = Path("stages/checkpoints/train/d2dprompt/state.json")
 UP_TO_DATE = "Data and pipelines are up to date."

@@ -85,7 +85,7 @@ def test_a_traced_nearest_neighbour_search_scores_every_row_of_a_larger_batch(tm
 
     class Search(nn.Module):
         def forward(self, queries):
-            return nearest_distances(queries, memory, chunk=4)
+            return nearest_distances(queries, memory, query_chunk=4)
 
     path = tmp_path / "search.onnx"
     torch.onnx.export(Search(), (torch.randn(6, 8),), str(path), dynamo=False, input_names=[INPUT], output_names=["d"],

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from d2dprompt.methods.patch_memory import coreset, distance_map, draw_references, fuse, map_statistics, nearest_distances
+from d2dprompt.methods.patch_memory import (closest_blocks, coreset, distance_map, draw_references, fuse, map_statistics,
+                                            mutual_blocks, mutual_distances, nearest_distances)
 
 
 def brute_force(queries: np.ndarray, memory: np.ndarray) -> np.ndarray:
@@ -18,8 +19,50 @@ def brute_force(queries: np.ndarray, memory: np.ndarray) -> np.ndarray:
 def test_nearest_distances_match_a_brute_force_numpy_reference(chunk):
     rng = np.random.default_rng(0)
     queries, memory = rng.normal(size=(300, 36)).astype(np.float32), rng.normal(size=(500, 36)).astype(np.float32)
-    got = nearest_distances(torch.from_numpy(queries), torch.from_numpy(memory), chunk=chunk).numpy()
+    got = nearest_distances(torch.from_numpy(queries), torch.from_numpy(memory), query_chunk=chunk).numpy()
     np.testing.assert_allclose(got, brute_force(queries, memory), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("query_chunk,memory_chunk", [(7, 11), (64, 500), (4096, 16384)])
+def test_the_blocked_search_of_a_gpu_finds_the_brute_force_neighbours_in_blocks_of_both_axes(query_chunk, memory_chunk):
+    rng = np.random.default_rng(2)
+    queries, memory = rng.normal(size=(300, 36)).astype(np.float32), rng.normal(size=(500, 36)).astype(np.float32)
+    exact = ((queries[:, None, :].astype(np.float64) - memory[None].astype(np.float64)) ** 2).sum(-1).argmin(1)
+    found = closest_blocks(torch.from_numpy(queries), torch.from_numpy(memory), query_chunk, memory_chunk).numpy()
+    assert (found == exact).all()
+
+
+def test_mutual_scoring_in_blocks_equals_the_pairwise_brute_force():
+    rng = np.random.default_rng(3)
+    cells = rng.normal(size=(7, 20, 12)).astype(np.float32)
+    keep = max(1, int(0.3 * 6))
+    expected = np.stack([np.sort(np.stack([brute_force(cells[i], cells[j]) for j in range(7) if j != i]), 0)[:keep].mean(0)
+                         for i in range(7)])
+    np.testing.assert_allclose(mutual_distances(torch.from_numpy(cells), 0.3).numpy(), expected, rtol=1e-5, atol=1e-5)  # faiss
+    for block in (1, 20 * 20 * 3, 2**26):  # the GPU's path: one image per product, three, all six
+        got = mutual_blocks(torch.from_numpy(cells), keep, block=block).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def greedy_reference(features: np.ndarray, rows: int, seed: int) -> list[int]:
+    """PatchCore's greedy k-center in float64 with direct distances, drawing the projection and start as coreset does."""
+    generator = torch.Generator().manual_seed(seed)
+    flat = torch.from_numpy(features).float()
+    if flat.shape[1] > 128:
+        flat = flat @ (torch.randn(flat.shape[1], 128, generator=generator) / 128**0.5)
+    flat = flat.double().numpy()
+    chosen = [int(torch.randint(flat.shape[0], (1,), generator=generator))]
+    nearest = np.linalg.norm(flat - flat[chosen[0]], axis=1)
+    for _ in range(rows - 1):
+        chosen.append(int(nearest.argmax()))
+        nearest = np.minimum(nearest, np.linalg.norm(flat - flat[chosen[-1]], axis=1))
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("width", [36, 300])  # 300 > 128: the random projection first
+def test_the_coreset_picks_the_rows_of_a_float64_brute_force_greedy(width):
+    features = np.random.default_rng(4).normal(size=(3000, width)).astype(np.float32)
+    assert coreset(torch.from_numpy(features), 60, seed=5).tolist() == greedy_reference(features, 60, 5)
 
 
 def test_a_feature_that_is_in_the_memory_is_exactly_zero_away():

@@ -16,7 +16,8 @@ import zlib
 import torch
 import torch.nn.functional as F
 
-CHUNK = 2048  # query rows per distance matrix: 2048 x 16384 fp32 is 128 MB, bounded whatever the memory's size
+QUERY_CHUNK = 4096  # query rows per search: one image's cells at 256 px
+MEMORY_CHUNK = 16384  # memory rows per distance block (torch path): 4096 x 16384 fp32 = 256 MB, whatever the memory's size
 PROJECTION = 128  # PatchCore's random projection for the coreset's distances (its default, sparse in theirs, dense here)
 
 
@@ -31,28 +32,67 @@ def draw_references(candidates: list[int], k: int, seed: int, category: str) -> 
     return [candidates[i] for i in sorted(torch.randperm(len(candidates), generator=generator)[:k].tolist())]
 
 
-def nearest_distances(queries: torch.Tensor, memory: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+def _closest_dense(queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """Index of each query's nearest memory row from one full distance matrix (|q|^2 + |m|^2 - 2 q.m)."""
+    return ((queries * queries).sum(1, keepdim=True) + (memory * memory).sum(1) - 2 * queries @ memory.T).argmin(1)
+
+
+def closest_blocks(queries: torch.Tensor, memory: torch.Tensor, query_chunk: int, memory_chunk: int) -> torch.Tensor:
+    """_closest_dense over blocks of both the queries and the memory, keeping the running best: any device, memory
+    bounded by query_chunk x memory_chunk distances whatever the sizes."""
+    memory_sq = (memory * memory).sum(1)
+    parts = []
+    for start in range(0, queries.shape[0], query_chunk):
+        q = queries[start : start + query_chunk]
+        q_sq = (q * q).sum(1, keepdim=True)
+        best = torch.full((q.shape[0],), float("inf"), device=q.device)
+        index = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        for m_start in range(0, memory.shape[0], memory_chunk):
+            block = memory[m_start : m_start + memory_chunk]
+            value, at = (q_sq + memory_sq[m_start : m_start + memory_chunk] - 2 * q @ block.T).min(1)
+            better = value < best  # strict: the first of equal rows wins, as argmin over the whole memory
+            best = torch.where(better, value, best)
+            index = torch.where(better, at + m_start, index)
+        parts.append(index)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=queries.device)
+
+
+def _closest_faiss(queries: torch.Tensor, memory: torch.Tensor, query_chunk: int) -> torch.Tensor:
+    """faiss's exact L2 search (IndexFlatL2) on the CPU: blocked in both axes inside faiss, about 3x faster than the
+    torch blocks at patchknn's sizes (BENCHMARKS.md)."""
+    import faiss
+
+    index = faiss.IndexFlatL2(memory.shape[1])
+    index.add(memory.contiguous().numpy())
+    parts = [torch.from_numpy(index.search(queries[s : s + query_chunk].contiguous().numpy(), 1)[1][:, 0])
+             for s in range(0, queries.shape[0], query_chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def nearest_distances(queries: torch.Tensor, memory: torch.Tensor, query_chunk: int = QUERY_CHUNK,
+                      memory_chunk: int = MEMORY_CHUNK) -> torch.Tensor:
     """(N, D), (M, D) -> (N,): the L2 distance of each query to its nearest memory row, in fp32.
 
-    The neighbour is found with the fast matrix-product form |q|^2 + |m|^2 - 2 q.m, then the distance to it is
-    recomputed directly, so a query equal to a memory row gets exactly 0 (the product form leaves rounding noise)."""
+    The neighbour is found with faiss on the CPU, or with the matrix-product form in blocks of both axes on a GPU
+    (memory bounded whatever N and M), then the distance to it is recomputed directly, so a query equal to a memory
+    row gets exactly 0 (the product form leaves rounding noise)."""
     queries, memory = queries.float(), memory.float()
-    memory_sq = (memory * memory).sum(1)
-
-    def nearest(q: torch.Tensor) -> torch.Tensor:
-        closest = ((q * q).sum(1, keepdim=True) + memory_sq - 2 * q @ memory.T).argmin(1)
-        return (q - memory[closest]).norm(dim=1)
-
     if torch.jit.is_tracing():  # an exported graph repeats a loop as often as it ran when traced: one product for any batch
-        return nearest(queries)
-    parts = [nearest(queries[start : start + chunk]) for start in range(0, queries.shape[0], chunk)]
-    return torch.cat(parts) if parts else queries.new_zeros(0)
+        closest = _closest_dense(queries, memory)
+    elif queries.device.type == "cpu":
+        closest = _closest_faiss(queries.detach(), memory.detach(), query_chunk)
+    else:
+        closest = closest_blocks(queries, memory, query_chunk, memory_chunk)
+    return (queries - memory[closest.to(memory.device)]).norm(dim=1)
 
 
 def coreset(features: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
     """Indices of `rows` of `features` (M, D) chosen by PatchCore's greedy k-center: start at a seeded row, then
     repeatedly add the row farthest from those chosen (distances on a seeded random projection to 128 dims).
-    Every row ends within the returned covering radius of a chosen one; `rows` >= M returns all."""
+    Every row ends within the returned covering radius of a chosen one; `rows` >= M returns all.
+
+    Each step is one matrix-vector product (|x|^2 + |p|^2 - 2 x.p, squared distances), so it reads the M rows once and
+    writes M numbers, instead of materialising the M x 128 differences."""
     if rows >= features.shape[0]:
         return torch.arange(features.shape[0])
     generator = torch.Generator().manual_seed(seed)
@@ -60,12 +100,14 @@ def coreset(features: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
     if flat.shape[1] > PROJECTION:
         projection = torch.randn(flat.shape[1], PROJECTION, generator=generator) / PROJECTION**0.5
         flat = flat @ projection.to(flat.device)
-    chosen = [int(torch.randint(flat.shape[0], (1,), generator=generator))]
-    nearest = (flat - flat[chosen[0]]).norm(dim=1)
+    squares = (flat * flat).sum(1)
+    pick = int(torch.randint(flat.shape[0], (1,), generator=generator))
+    chosen = [pick]
+    nearest = (squares + squares[pick] - 2 * (flat @ flat[pick])).clamp_(min=0)
     for _ in range(rows - 1):
         pick = int(nearest.argmax())
         chosen.append(pick)
-        nearest = torch.minimum(nearest, (flat - flat[pick]).norm(dim=1))
+        torch.minimum(nearest, (squares + squares[pick] - 2 * (flat @ flat[pick])).clamp_(min=0), out=nearest)
     return torch.tensor(sorted(chosen))
 
 
@@ -109,21 +151,65 @@ def distance_map(features: dict[str, torch.Tensor], memory: dict[str, torch.Tens
     return level_average(dists, levels, latent_hw)
 
 
-def mutual_distances(cells: torch.Tensor, interval: float) -> torch.Tensor:
+MUTUAL_BLOCK = 2**26  # numbers per block of mutual scoring (256 MB fp32): images of a block are compared at once
+
+
+def nearest_per_image(queries: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """(HW, D), (G, HW', D) -> (G, HW): each query's nearest distance within each of the G images, from one matrix
+    product for all G, then recomputed directly to the neighbour found (as nearest_distances)."""
+    groups, cells, width = images.shape
+    flat = images.reshape(-1, width)
+    products = (queries * queries).sum(1, keepdim=True) + (flat * flat).sum(1) - 2 * queries @ flat.T
+    closest = products.view(len(queries), groups, cells).argmin(2)  # (HW, G)
+    neighbours = images[torch.arange(groups, device=images.device), closest]  # (HW, G, D)
+    return (queries[:, None, :] - neighbours).norm(dim=2).T
+
+
+def mutual_distances(cells: torch.Tensor, interval: float, block: int = MUTUAL_BLOCK) -> torch.Tensor:
     """MuSc's mutual scoring (Li et al., ICLR 2024) of N images' cells (N, HW, D) -> (N, HW): for a cell of image i,
     its nearest distance to each other image j, sorted over j, and the mean of the smallest `interval` share of them
     (at least one). A defect rarely repeats at the same place in the other images, so its distances stay large, while
     a normal cell finds a close match in most of them; averaging the smallest share, not taking the minimum, keeps one
-    other image with the same defect from hiding it."""
+    other image with the same defect from hiding it.
+
+    On the CPU one faiss search per image; elsewhere each image is compared with as many others at once as fit
+    `block` numbers (mutual_blocks)."""
     n = cells.shape[0]
     if n < 2:
         raise ValueError("mutual scoring needs at least 2 images of a category scored together")
     keep = max(1, int(interval * (n - 1)))  # MuSc's interval [0, 0.3) of the N - 1 sorted distances, floored
+    cells = cells.float()
+    return _mutual_faiss(cells, keep) if cells.device.type == "cpu" else mutual_blocks(cells, keep, block)
+
+
+def mutual_blocks(cells: torch.Tensor, keep: int, block: int = MUTUAL_BLOCK) -> torch.Tensor:
+    """mutual_distances on any device (a GPU's path): each image against as many others at once as fit `block`."""
+    n, hw, width = cells.shape
+    group = max(1, block // (hw * max(hw, width)))
     out = torch.empty(cells.shape[:2], device=cells.device)
     for i in range(n):
-        others = torch.stack([nearest_distances(cells[i], cells[j]) for j in range(n) if j != i])  # (N - 1, HW)
-        out[i] = others.sort(dim=0).values[:keep].mean(0)
+        others = torch.cat([cells[:i], cells[i + 1 :]])
+        distances = torch.cat([nearest_per_image(cells[i], others[g : g + group]) for g in range(0, n - 1, group)])  # (N - 1, HW)
+        out[i] = distances.sort(dim=0).values[:keep].mean(0)
     return out
+
+
+def _mutual_faiss(cells: torch.Tensor, keep: int) -> torch.Tensor:
+    """mutual_distances on the CPU: one exact faiss search per image j, of every other image's cells against j's
+    (about 5x the torch products' speed, BENCHMARKS.md); holds the (N, N, HW) distances of one category."""
+    import faiss
+
+    n, hw, width = cells.shape
+    distances = torch.full((n, n, hw), float("inf"))  # [i, j]: image i's cells to their nearest in image j
+    flat = cells.reshape(-1, width).contiguous()
+    for j in range(n):
+        index = faiss.IndexFlatL2(width)
+        index.add(cells[j].contiguous().numpy())
+        others = torch.cat([flat[: j * hw], flat[(j + 1) * hw :]])
+        closest = torch.from_numpy(index.search(others.numpy(), 1)[1][:, 0])
+        found = (others - cells[j][closest]).norm(dim=1).view(n - 1, hw)
+        distances[torch.arange(n) != j, j] = found
+    return distances.sort(dim=1).values[:, :keep].mean(1)
 
 
 def mutual_map(features: dict[str, torch.Tensor], levels: dict[str, int], latent_hw: tuple[int, int], interval: float) -> torch.Tensor:

@@ -2,10 +2,11 @@
 
 A float sum depends on the order its terms are added in, and on a CPU that order is chosen by the kernels the
 machine picks: PyTorch's vectorised kernels (AVX2 or AVX-512), MKL's matrix products (one code path per
-instruction set), oneDNN's convolutions and the number of threads a reduction is split across. Measured on
-the embedded default (an AMD CPU): PyTorch's kernels, MKL's path and the thread count each change the stored
-latents alone, and with them every metric in the 3rd or 4th digit; oneDNN's ISA did not there and is pinned for
-the CPUs where it may. `pin()` fixes all four before torch loads; `D2D_CPU=native` leaves the machine's choice.
+instruction set), oneDNN's convolutions, OpenBLAS's kernels (numpy's and faiss's), faiss's own, and the number of
+threads a reduction is split across. Measured on the embedded default (an AMD CPU): PyTorch's kernels, MKL's path
+and the thread count each change the stored latents alone, and with them every metric in the 3rd or 4th digit;
+OpenBLAS's SSE3 kernels change the bootstrap intervals; oneDNN's ISA did not change anything there and is pinned for
+the CPUs where it may. `pin()` fixes them all before torch loads; `D2D_CPU=native` leaves the machine's choice.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ PORTABLE = {
     "ATEN_CPU_CAPABILITY": "avx2",  # PyTorch's vectorised kernels: the widest set every AVX2 CPU has
     "MKL_CBWR": "AVX2",  # MKL's conditional numerical reproducibility: one code path on Intel and AMD alike
     "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN's convolutions
+    "OPENBLAS_CORETYPE": "Haswell",  # numpy's and faiss's OpenBLAS: its AVX2 kernels (the bootstrap's sums go through it)
+    "FAISS_OPT_LEVEL": "avx2",  # faiss's own distance kernels (patchknn, the few-shot memory)
     "OMP_NUM_THREADS": str(THREADS),
     "MKL_NUM_THREADS": str(THREADS),
 }
@@ -76,6 +79,8 @@ def record(device: str = "cpu", environ: Mapping[str, str] = os.environ) -> dict
         "aten_kernels": torch.backends.cpu.get_cpu_capability(),
         "mkl_cbwr": environ.get("MKL_CBWR", "machine"),
         "onednn_isa": environ.get("ONEDNN_MAX_CPU_ISA", "machine"),
+        "openblas": environ.get("OPENBLAS_CORETYPE", "machine"),
+        "faiss": environ.get("FAISS_OPT_LEVEL", "machine"),
         "threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
         "numpy": np.__version__,
