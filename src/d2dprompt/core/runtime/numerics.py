@@ -56,10 +56,13 @@ _pinned = False  # pin() ran with the portable setting in this process
 def fix_threads() -> None:
     """After pin(), the thread count itself: torch caps OMP_NUM_THREADS at the machine's cores, which would give a
     1-core machine other bits (measured: 1 and 3 threads each sum the VAE's convolutions differently from 2)."""
-    if _pinned:
+    if not _pinned:
+        return
+    try:
         import torch
-
-        torch.set_num_threads(THREADS)
+    except ImportError:  # the torch-free install that scores an exported folder: onnxruntime keeps its own threads
+        return
+    torch.set_num_threads(THREADS)
 
 
 def record(device: str = "cpu", environ: Mapping[str, str] = os.environ) -> dict[str, str]:
