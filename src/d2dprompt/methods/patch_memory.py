@@ -197,16 +197,12 @@ def mutual_blocks(cells: torch.Tensor, keep: int, block: int = MUTUAL_BLOCK) -> 
 def _mutual_faiss(cells: torch.Tensor, keep: int) -> torch.Tensor:
     """mutual_distances on the CPU: one exact faiss search per image j, of every other image's cells against j's
     (about 5x the torch products' speed, BENCHMARKS.md); holds the (N, N, HW) distances of one category."""
-    import faiss
-
     n, hw, width = cells.shape
     distances = torch.full((n, n, hw), float("inf"))  # [i, j]: image i's cells to their nearest in image j
-    flat = cells.reshape(-1, width).contiguous()
+    flat = cells.reshape(-1, width)
     for j in range(n):
-        index = faiss.IndexFlatL2(width)
-        index.add(cells[j].contiguous().numpy())
         others = torch.cat([flat[: j * hw], flat[(j + 1) * hw :]])
-        closest = torch.from_numpy(index.search(others.numpy(), 1)[1][:, 0])
+        closest = _closest_faiss(others, cells[j], QUERY_CHUNK)
         found = (others - cells[j][closest]).norm(dim=1).view(n - 1, hw)
         distances[torch.arange(n) != j, j] = found
     return distances.sort(dim=1).values[:, :keep].mean(1)
