@@ -269,6 +269,31 @@ def test_app_under_load_stays_bounded_and_leaves_no_file(checkout, tmp_path):
     assert files_under(scratch_root) == [] and list(scratch_root.iterdir()) == []  # the scratch folder went with the app
 
 
+def served_paths(answer) -> list[Path]:
+    """The server-side paths of the files a /detect answer hands out (a client that does not download them)."""
+    return [Path(item["path"]) for item in answer if isinstance(item, dict) and item.get("path")]
+
+
+def test_a_file_the_app_has_served_is_never_written_again(checkout, tmp_path):
+    """Two requests for one image: the second must not rewrite a file the first was handed, since a client may still
+    be downloading it. Gradio cached in-memory images under their content hash and rewrote that file in place, so a
+    download racing the next request with the same (empty) mask read it truncated: "received 0 bytes, expected 108".
+    The test marks every served file after the first answer; a rewrite replaces the mark."""
+    from gradio_client import Client, handle_file
+
+    image = ROOT / "sample/disc/test/good/000.png"
+    mark = b"served to the first request"
+    with running_app(checkout) as (url, _):
+        client = Client(url, verbose=False, download_files=False)
+        first = served_paths(client.predict("d2dprompt", None, [handle_file(str(image))], [], 0.5, 0.5, api_name="/detect"))
+        assert len(first) >= 4  # image, overlay, mask and the results JSON
+        for path in first:
+            path.write_bytes(mark)
+        client.predict("d2dprompt", None, [handle_file(str(image))], [], 0.5, 0.5, api_name="/detect")
+        rewritten = [path.name for path in first if path.exists() and path.read_bytes() != mark]
+    assert rewritten == []
+
+
 def test_readme_api_example_runs_and_its_stricter_threshold_still_shows_a_mask(checkout):
     """The README's Python API block, run as written in a checkout after training: its `with_thresholds(pixel=...)`
     line prints a mask that is not empty (maps of the sample lie around 0.3-0.5: a threshold of 0.6 showed nothing)."""

@@ -65,7 +65,8 @@ def test_compare_pairs_methods_with_paired_intervals_and_p_values(tmp_path):
         same = record["pairs"]["d2dprompt - anomalyclip"][category]
         for name in metrics:  # per category 20 images; the mean stands on both categories' images
             assert better[name]["diff"] > 0 and better[name]["lo"] > 0 and better[name]["p_value"] < (0.01 if category == "mean" else 0.05), (category, name, better[name])
-            assert same[name] == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "p_value": 1.0}, (category, name)
+            covered = {"categories": 2} if category == "mean" else {}  # a mean says how many categories it averages
+            assert same[name] == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "p_value": 1.0, **covered}, (category, name)
     assert record["means"]["d2dprompt"]["image_AUROC"] == 1.0
     table = (tmp_path / "metrics/compare/sample.md").read_text()
     assert "cannot tell the two methods apart" in table and "| d2dprompt - anomalyclip | +0.000 [+0.000, +0.000] p=1.000 (=)" in table
@@ -75,7 +76,7 @@ def test_compare_pairs_methods_with_paired_intervals_and_p_values(tmp_path):
     per_image = (plots / "aupimo.csv").read_text().splitlines()
     assert per_image[0] == "method,category,image_path,aupimo" and len(per_image) == 1 + 3 * 2 * PER_CLASS  # anomalous images only
     differences = (plots / "differences.csv").read_text().splitlines()
-    assert differences[0] == "pair,metric,diff,lo,hi,p_value" and len(differences) == 1 + 3 * len(metrics)
+    assert differences[0] == "pair,metric,diff,lo,hi,p_value,categories" and len(differences) == 1 + 3 * len(metrics)
 
 
 def test_compare_refuses_methods_scored_on_other_rows_and_says_when_there_is_one_method(tmp_path):
@@ -124,3 +125,27 @@ def test_a_maps_file_has_the_same_bytes_each_time_the_same_rows_are_written(tmp_
         path = write_method(tmp_path / str(i), "d2dprompt", rows, labels, scores, maps, masks)
         written.add(path.read_bytes())
     assert len(written) == 1
+
+
+def test_a_mean_difference_averages_only_categories_defined_for_both_methods(tmp_path):
+    """Identical maps on disc; on tile the second method's normal maps are flat, so its AUPIMO is undefined there.
+    The mean AUPIMO difference must stand on disc alone (0, p = 1, over 1/2 categories): it averaged disc and tile
+    for the first method but disc alone for the second, and reported a clear difference where there is none."""
+    rows, labels, masks, rng = synthetic_rows()
+    maps = (masks + 0.5 * rng.random(masks.shape)).astype(np.float32)
+    flat = maps.copy()
+    on_tile = np.array([row.category == "tile" for row in rows])
+    flat[on_tile & (labels == 0)] = 0.25
+    scores = maps.reshape(len(rows), -1).max(axis=1)
+    write_method(tmp_path, "d2dprompt", rows, labels, scores, maps, masks)
+    write_method(tmp_path, "anomalyclip", rows, labels, scores, flat, masks)
+    params(tmp_path, ["d2dprompt", "anomalyclip"])
+
+    stage("compare", "sample", cwd=tmp_path)
+    record = json.loads((tmp_path / "metrics/compare/sample.json").read_text())
+    pair = record["pairs"]["d2dprompt - anomalyclip"]
+    assert record["means"]["anomalyclip"]["AUPIMO"] == record["means"]["anomalyclip"]["AUPIMO"]  # defined on disc
+    assert "AUPIMO" not in pair["tile"] or pair["tile"]["AUPIMO"]["diff"] is None
+    assert pair["mean"]["AUPIMO"]["categories"] == 1 and pair["mean"]["AUPIMO"]["diff"] == 0.0 and pair["mean"]["AUPIMO"]["p_value"] == 1.0
+    assert pair["mean"]["image_AUROC"]["categories"] == 2
+    assert "over 1/2 categories" in (tmp_path / "metrics/compare/sample.md").read_text()

@@ -7,7 +7,8 @@ paired-bootstrap interval and p-value, per category and for the mean over catego
 test images for both methods (evaluate.bootstrap resamples, stratified by label, evaluate.bootstrap_seed), so what the
 two share, such as hard images, cancels. Writes `metrics/compare/<dataset>.json` and `.md`, and under
 `stages/compare/<dataset>/` the plot data: `aupimo.csv` (each anomalous test image's AUPIMO per method) and
-`differences.csv` (each pair's mean differences with their intervals). With one method listed there is nothing to
+`differences.csv` (each pair's mean differences with their intervals). A pair's mean averages only the categories
+where the metric is defined for both methods, and says how many (`categories`). With one method listed there is nothing to
 pair: it says so and writes that method's per-image AUPIMO only.
 """
 
@@ -63,13 +64,16 @@ def same_rows(evaluated: dict[str, Evaluated], files: dict[str, Path]) -> None:
             raise ValueError(f"{files[name]} and {files[first]}: scored different test rows; rerun both evaluate stages on the same latents")
 
 
-def difference_cell(d: dict | None) -> str:
+def difference_cell(d: dict | None, n_categories: int) -> str:
+    """One pair's difference; a mean that averages fewer than the `n_categories` (the metric undefined for one
+    method in some) says over how many."""
     if not d or math.isnan(d["diff"]):
         return "n/a"
+    over = f" over {d['categories']}/{n_categories} categories" if d.get("categories", n_categories) < n_categories else ""
     if math.isnan(d["lo"]):
-        return f"{d['diff']:+.3f}"
+        return f"{d['diff']:+.3f}{over}"
     verdict = "" if d["p_value"] < ALPHA else " (=)"
-    return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] p={d['p_value']:.3f}{verdict}"
+    return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] p={d['p_value']:.3f}{verdict}{over}"
 
 
 def markdown(dataset: str, summaries: dict[str, dict], pairs: dict[str, dict], ev: EvaluateParams) -> str:
@@ -90,7 +94,7 @@ def markdown(dataset: str, summaries: dict[str, dict], pairs: dict[str, dict], e
         lines += [f"## {'mean over categories' if category == 'mean' else category}", "",
                   "| pair | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
         for pair, rows in pairs.items():
-            lines.append(f"| {pair} | " + " | ".join(difference_cell(rows.get(category, {}).get(m)) for m in METRICS) + " |")
+            lines.append(f"| {pair} | " + " | ".join(difference_cell(rows.get(category, {}).get(m), len(categories) - 1) for m in METRICS) + " |")
         lines.append("")
     lines += [f"{ev.bootstrap} resamples of the test images, stratified by label, seed {ev.bootstrap_seed}; the mean's interval resamples every "
               "category at once. AUPIMO: mean over anomalous images of the recall integrated over FPR "
@@ -108,10 +112,10 @@ def write_plot_data(folder: Path, evaluated: dict[str, Evaluated], per_image: di
                     writer.writerow([name, category, path, repr(value)])
     with (folder / "differences.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["pair", "metric", "diff", "lo", "hi", "p_value"])
+        writer.writerow(["pair", "metric", "diff", "lo", "hi", "p_value", "categories"])
         for pair, rows in pairs.items():
             for metric, d in rows.get("mean", {}).items():
-                writer.writerow([pair, metric, *(repr(d[k]) for k in ("diff", "lo", "hi", "p_value"))])
+                writer.writerow([pair, metric, *(repr(d[k]) for k in ("diff", "lo", "hi", "p_value")), d["categories"]])
 
 
 def main(
@@ -148,8 +152,9 @@ def main(
             log.log_metrics({f"compare.{dataset}.{pair.replace(' - ', '_vs_')}.{metric}.{key}": value
                              for pair, rows in pairs.items() for metric, d in rows["mean"].items() for key, value in d.items() if value == value})
             log.log_artifact(metrics / f"{dataset}.md")
+        n_categories = len(set(next(iter(data.values())).categories))
         for pair, rows in pairs.items():
-            typer.echo(f"{dataset} {pair}: " + "; ".join(f"{m} {difference_cell(d)}" for m, d in rows["mean"].items()))
+            typer.echo(f"{dataset} {pair}: " + "; ".join(f"{m} {difference_cell(d, n_categories)}" for m, d in rows["mean"].items()))
         if not pairs:
             typer.echo(f"{dataset}: one method listed ({cfg.methods[0]}), nothing to compare")
     except (ParamsError, FileNotFoundError, ValueError) as err:

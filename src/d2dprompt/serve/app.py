@@ -11,8 +11,8 @@ while it streams in and never stored; an image's pixel count is read from its he
 --max-megapixels before anything is decoded (a decompression bomb is "too large", not "not an image"); accepted
 images are decoded down to --work-side pixels on their longer side (a JPEG already while it decodes), so one
 image's arrays stay a few MB; at most --max-images are scored per request and requests run one at a time. Every
-upload is deleted once scored or refused, each request writes its downloads to a folder of its own (the session's
-earlier one is deleted), a session's results go when its tab closes, and the scratch folder (uploads, Gradio's
+upload is deleted once scored or refused, each request writes its downloads and shown images as files to a folder
+of its own (the session's earlier one is deleted; a file already served is never rewritten), a session's results go when its tab closes, and the scratch folder (uploads, Gradio's
 cache, downloads) is removed when the app stops (Ctrl+C or SIGTERM). It binds to 127.0.0.1 unless --host says
 otherwise, and works offline: Gradio serves its own front-end files, analytics are off and the page uses the
 system's fonts.
@@ -37,7 +37,11 @@ from d2dprompt.core.runtime.cli import app_for
 SAMPLE_GLOB = "*/test/*/*.png"  # the bundled sample's test images, defective and good
 SCORE_DIGITS = 6  # scores shown with this many decimals: enough to compare with the API's float
 SLIDER_STEP = 1e-6  # fine enough that a slider holds a fitted threshold as shown (SCORE_DIGITS)
+# detect and redraw share one queue slot: each replaces the session's downloads folder, and a redraw running beside
+# a detect could delete the folder whose files Gradio was still copying into its cache
+ONE_AT_A_TIME = "score"
 STATE_TTL_S = 1800  # a session's results are dropped 30 min after its last request, even if its tab stays open
+PNG_LEVEL = 1  # the shown images' PNG compression: fast, since each request writes three of them
 CACHE_SWEEP_S = (600, 1800)  # Gradio's cache: every 10 min, delete the files older than 30 min
 # the slider boxes show SCORE_DIGITS decimals of a threshold that may be negative or above 1: "-12.345678"
 PAGE_CSS = "#image-threshold input[type=number], #pixel-threshold input[type=number] { width: 12ch; min-width: 12ch; }"
@@ -136,6 +140,19 @@ class Downloads:
         shutil.rmtree(self.root / (session or "no-session"), ignore_errors=True)
 
 
+def write_views(folder: Path, stem: str, result) -> tuple[str, str, str]:
+    """The image, overlay and mask as PNG files in the request's own folder: (image, overlay, mask) paths.
+    Files, not arrays, because Gradio caches an array under its content hash and rewrites that file in place:
+    two requests with the same empty mask shared one file, and a download racing the rewrite read it truncated.
+    A file is copied into the cache under a temporary name and renamed, so a served copy is never rewritten."""
+    from PIL import Image
+
+    paths = folder / f"{stem}_image.png", folder / f"{stem}_overlay.png", folder / f"{stem}_mask.png"
+    for picture, path in zip((Image.fromarray(result.image), result.overlay, result.mask_image), paths):
+        picture.save(path, compress_level=PNG_LEVEL)
+    return tuple(str(path) for path in paths)
+
+
 def delete_uploads(paths: list[str], upload_root: Path) -> None:
     """Delete the uploaded files Gradio stored for a request (only ever files under its upload folder)."""
     root = upload_root.resolve()
@@ -191,11 +208,10 @@ def build_page(runs: dict[str, Path], samples: Path | None, params: Path | None,
         index = names.index(shown) if shown in names else 0
         result, name = results[index], names[index]
         folder = downloads.fresh(session)
-        mask_path = folder / f"{Path(name).stem}_mask.png"
-        result.mask_image.save(mask_path)
+        shown_files = write_views(folder, Path(name).stem, result)
         json_path = folder / "results.json"
         json_path.write_text(json.dumps(results_json(names, results), indent=2))
-        return verdict_line(name, result), result.image, result.overlay, result.mask_image, str(mask_path), str(json_path)
+        return verdict_line(name, result), *shown_files, shown_files[-1], str(json_path)
 
     def table(names: list[str], results: list):
         return [[name, round(r.score, SCORE_DIGITS), "anomalous" if r.label else "normal", int(r.mask.sum())] for name, r in zip(names, results)]
@@ -276,11 +292,12 @@ def build_page(runs: dict[str, Path], samples: Path | None, params: Path | None,
         page.load(choose_run, run, [category, image_t, pixel_t, run_info])
         run.change(choose_run, run, [category, image_t, pixel_t, run_info])
         detect_button.click(detect, [run, category, uploads, picked, image_t, pixel_t],
-                            [names_state, scored_state, problems, results_table, shown, *shown_outputs], api_name="detect")
+                            [names_state, scored_state, problems, results_table, shown, *shown_outputs], api_name="detect",
+                            concurrency_id=ONE_AT_A_TIME)
         redraw_inputs = [run, category, names_state, scored_state, shown, image_t, pixel_t]
         for slider in (image_t, pixel_t):
-            slider.input(redraw, redraw_inputs, [results_table, *shown_outputs], trigger_mode="always_last")
-        shown.input(redraw, redraw_inputs, [results_table, *shown_outputs])
+            slider.input(redraw, redraw_inputs, [results_table, *shown_outputs], trigger_mode="always_last", concurrency_id=ONE_AT_A_TIME)
+        shown.input(redraw, redraw_inputs, [results_table, *shown_outputs], concurrency_id=ONE_AT_A_TIME)
         page.unload(forget)
     return page
 

@@ -47,14 +47,18 @@ def replicas_of(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps:
     return replicas
 
 
-def mean_replicas(per_category: dict[str, dict[str, np.ndarray]], name: str) -> np.ndarray | None:
-    """Replicas of the mean over the categories where `name` has replicas (nan replicas left out per category)."""
-    stacked = [replicas[name] for replicas in per_category.values() if name in replicas]
-    if not stacked:
+def defined_in(summary: dict[str, dict[str, float]], name: str) -> list[str]:
+    """The categories of `summary` (not "mean") where `name` has a finite value."""
+    return [c for c, m in summary.items() if c != "mean" and np.isfinite(m.get(name, np.nan))]
+
+
+def mean_replicas(per_category: dict[str, dict[str, np.ndarray]], name: str, categories: list[str]) -> np.ndarray | None:
+    """Replicas of the mean of `name` over exactly `categories` (those its exact mean averages): replica b is the
+    mean of the categories' replicas b, and nan when one of them is, so that every replica averages the same
+    categories as the exact value; None when a category has no replicas."""
+    if not categories or any(name not in per_category.get(c, {}) for c in categories):
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a replica undefined in every category stays nan
-        return np.nanmean(np.stack(stacked), axis=0)
+    return np.stack([per_category[c][name] for c in categories]).mean(axis=0)
 
 
 def with_intervals(summary: dict[str, dict[str, float]], replicas: dict[str, dict[str, np.ndarray]], confidence: float) -> dict[str, dict[str, float]]:
@@ -65,7 +69,7 @@ def with_intervals(summary: dict[str, dict[str, float]], replicas: dict[str, dic
         row = {}
         for name, value in values.items():
             row[name] = value
-            reps = mean_replicas(replicas, name) if category == "mean" else replicas.get(category, {}).get(name)
+            reps = mean_replicas(replicas, name, defined_in(summary, name)) if category == "mean" else replicas.get(category, {}).get(name)
             if reps is not None:
                 interval = interval_of(value, reps, confidence)
                 row[name + LO], row[name + HI] = interval.lo, interval.hi
@@ -76,15 +80,25 @@ def with_intervals(summary: dict[str, dict[str, float]], replicas: dict[str, dic
 def paired_differences(exact_a: dict[str, dict[str, float]], exact_b: dict[str, dict[str, float]],
                        reps_a: dict[str, dict[str, np.ndarray]], reps_b: dict[str, dict[str, np.ndarray]], confidence: float) -> dict[str, dict[str, dict]]:
     """{category or "mean": {metric: {diff, lo, hi, p_value}}} of method a minus method b, from both methods'
-    summaries and replicas on the same images and seeds (so the replicas pair up)."""
+    summaries and replicas on the same images and seeds (so the replicas pair up).
+
+    The mean's difference averages, for each metric, only the categories where it is defined for both methods (a
+    category one method leaves undefined, such as AUPIMO on flat normal maps, would otherwise be in one mean and
+    not the other): its exact value and every replica average the same categories, counted in `categories`."""
     out: dict[str, dict[str, dict]] = {}
     for category in exact_a:
         row = {}
         for name in METRICS:
             if category == "mean":
-                ra, rb = mean_replicas(reps_a, name), mean_replicas(reps_b, name)
-            else:
-                ra, rb = reps_a.get(category, {}).get(name), reps_b.get(category, {}).get(name)
+                both = [c for c in defined_in(exact_a, name) if c in set(defined_in(exact_b, name))]
+                ra, rb = mean_replicas(reps_a, name, both), mean_replicas(reps_b, name, both)
+                if ra is None or rb is None:
+                    continue
+                diff = float(np.mean([exact_a[c][name] - exact_b[c][name] for c in both]))
+                d = difference_of(diff, ra - rb, confidence)
+                row[name] = {"diff": d.diff, "lo": d.lo, "hi": d.hi, "p_value": d.p_value, "categories": len(both)}
+                continue
+            ra, rb = reps_a.get(category, {}).get(name), reps_b.get(category, {}).get(name)
             if ra is None or rb is None or name not in exact_a[category] or name not in exact_b[category]:
                 continue
             d = difference_of(exact_a[category][name] - exact_b[category][name], ra - rb, confidence)
