@@ -76,3 +76,28 @@ def test_a_fixed_threshold_is_refused_for_memory_maps_but_not_for_the_prompt_map
         params_from_dict({"fewshot": {"k": 4}, "evaluate": {"threshold": "fixed"}})
     params_from_dict({"fewshot": {"k": 4, "fusion": 0.0}, "evaluate": {"threshold": "fixed"}})
     params_from_dict({"evaluate": {"threshold": "fixed"}})  # k 0: today's maps in [0, 1]
+
+
+def test_the_fusion_statistics_read_real_normal_validation_rows_only(segmenter, tmp_path, monkeypatch):
+    """The fusion's normalisation is fitted on the real normal validation images, by the rule that picks the normal
+    training rows: a synthetic row of the validation split is never one of them, whatever label it carries."""
+    from safetensors.torch import save_file
+
+    from d2dprompt.core.data.latent_store import LatentRow, write_index
+    from d2dprompt.methods.d2dprompt import memory
+    from d2dprompt.params import params_from_dict
+
+    def row(key: str, source: str, split: str) -> LatentRow:
+        return LatentRow(key, source, "disc", split, 0, "good", f"disc/train/good/{key}.png", "")
+
+    rows = [row("a", "real", "train"), row("b", "real", "val"), row("c", "real", "val"), row("b#syn0", "synthetic", "val")]
+    folder = tmp_path / "sample"
+    folder.mkdir()
+    write_index(rows, folder / "index.csv")
+    latents = torch.randn(len(rows), 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    save_file({"latents": latents.half()}, str(folder / "latents.safetensors"))
+    seen = []
+    monkeypatch.setattr(memory, "validation_statistics", lambda seg, mem, val, *rest: seen.append(val) or {})
+    cfg = params_from_dict({"fewshot": {"mutual": True, "fusion": 0.5}, "evaluate": {"datasets": ["sample"]}})
+    memory.build_memory(segmenter, cfg, tmp_path, torch.device("cpu"), lambda line: None)
+    assert len(seen) == 1 and torch.equal(seen[0], latents.half()[1:3])

@@ -52,6 +52,12 @@ def is_normal_training(row: LatentRow) -> bool:
     return row.split == "train" and row.source == "real" and row.label == 0
 
 
+def is_normal_validation(row: LatentRow) -> bool:
+    """A real normal image of the validation split: what statistics of normal maps are fitted on, by the rule that
+    picks normal training rows (a synthetic row is never one, whatever its label)."""
+    return row.split == "val" and row.source == "real" and row.label == 0
+
+
 def supervised(rows: list[LatentRow], supervision: str) -> list[int]:
     """Indices of the rows a prompt method trains on: `synthetic` = the training split (normal images and their
     synthetic anomalies), `annotated` = the real images of the test split (the zero-shot protocol's auxiliary data)."""

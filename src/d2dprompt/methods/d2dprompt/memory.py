@@ -88,7 +88,7 @@ def build_memory(segmenter: D2DSegmenter, cfg: CoreParams, latents_root: Path, d
     """The memory of every category of evaluate.datasets: (tensors keyed PREFIX + '<dataset>/<category>/<layer>',
     model.json's `memory`: per category its reference images, memory rows and the fusion's normalisation). Mutual
     scoring keeps no tensor, only the normalisation."""
-    from d2dprompt.core.data.latent_store import category_key, is_normal_training, read_latents
+    from d2dprompt.core.data.latent_store import category_key, is_normal_training, is_normal_validation, read_latents
     from d2dprompt.core.models import autocast
 
     fs = cfg.fewshot
@@ -105,7 +105,7 @@ def build_memory(segmenter: D2DSegmenter, cfg: CoreParams, latents_root: Path, d
                     _, features = batched_features(segmenter, stored["latents"][picked], cfg.model.noise_seed, cfg.evaluate.batch_size, device)
                 layers = within_budget({layer: f.flatten(0, 1).float().cpu() for layer, f in features.items()}, fs.memory_mb, fs.seed)
                 tensors.update({f"{PREFIX}{name}/{layer}": values for layer, values in layers.items()})
-            val = [i for i, r in enumerate(rows) if r.category == category and r.split == "val" and r.label == 0]
+            val = [i for i, r in enumerate(rows) if r.category == category and is_normal_validation(r)]
             stats = validation_statistics(segmenter, layers, stored["latents"][val], name, cfg, device) if 0 < fs.fusion < 1 else {}
             record[name] = {"references": [rows[i].image_path for i in picked], "rows": sum(len(t) for t in (layers or {}).values()), **stats}
             echo(f"fewshot {name}: " + ("mutual scoring, no memory" if fs.mutual else f"{len(picked)} reference images, {record[name]['rows']} feature rows"))
