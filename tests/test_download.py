@@ -343,8 +343,9 @@ def test_unsafe_archive_through_the_cli_leaves_nothing(tmp_path, server):
 # ---------------------------------------------------------------- VisA
 
 
-def fake_visa_archive(root: Path) -> tuple[bytes, dict[str, np.ndarray]]:
-    """Two categories in VisA's layout with split_csv/1cls.csv; masks hold class id 1. Returns (tar, masks)."""
+def fake_visa_archive(root: Path, encoding: str = "utf-8") -> tuple[bytes, dict[str, np.ndarray]]:
+    """Two categories in VisA's layout with split_csv/1cls.csv (written in `encoding`); masks hold class id 1.
+    Returns (tar, masks)."""
     rng = np.random.default_rng(0)
     records, masks = [], {}
     for category in ("candle", "pcb1"):
@@ -367,13 +368,24 @@ def fake_visa_archive(root: Path) -> tuple[bytes, dict[str, np.ndarray]]:
                     masks[f"{category}/{name}"] = mask > 0
                 records.append([category, split, label, image.relative_to(root / "VisA").as_posix(), mask_rel])
     (root / "VisA" / "split_csv").mkdir()
-    with (root / "VisA" / "split_csv" / "1cls.csv").open("w", newline="") as fh:
+    with (root / "VisA" / "split_csv" / "1cls.csv").open("w", newline="", encoding=encoding) as fh:
         csv.writer(fh).writerows([["object", "split", "label", "image", "mask"], *records])
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for item in sorted((root / "VisA").iterdir()):
             tar.add(item, arcname=item.name)
     return buffer.getvalue(), masks
+
+
+def test_a_split_csv_saved_with_a_byte_order_mark_is_read(tmp_path, server):
+    """A 1cls.csv saved by a spreadsheet (UTF-8 with a byte-order mark) was refused with "columns must include image,
+    label, mask, object, split" although they are there: the mark glued itself to the first column's name."""
+    archive, _ = fake_visa_archive(tmp_path / "build", encoding="utf-8-sig")
+    server.files["/VisA_20220922.tar"] = archive
+    result = run_cli(tmp_path, {"archives": ["visa"], "visa_url": f"{server.url}/VisA_20220922.tar", "visa_sha256": sha256(archive),
+                                "archive_dir": str(tmp_path / "archives")})
+    assert result.exit_code == 0, result.output
+    assert len(read_manifest(tmp_path / "out" / "visa" / "manifest.csv")) == 12
 
 
 def test_visa_archive_is_converted_to_mvtec_layout(tmp_path, server):

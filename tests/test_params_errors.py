@@ -80,6 +80,8 @@ CASES = {
     "yaml exponent": ("train:\n  lr: 1e-3\n", "train.lr: must be a number, got '1e-3' (YAML reads 1e-3 as text: write 1.0e-3)"),
     "unknown key": ("loss:\n  sharpnes: 0.3\n", "loss.sharpnes: unknown key (did you mean 'sharpness'?); loss takes focal, dice,"),
     "not a block": ("train: 5\n", "train: must be a mapping of keys, got 5"),
+    "unquoted numeric name": ("download:\n  categories: [01]\n",
+                              "download.categories[0]: must be text, got 1 (YAML reads an unquoted 01 as the number 1: quote it, '01')"),
     # across blocks
     "annotated on the evaluated set": (
         "train:\n  supervision: annotated\n",

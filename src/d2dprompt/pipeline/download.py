@@ -262,7 +262,7 @@ def convert_visa(visa_root: Path, dest: Path, categories: list[str], shown_as: s
     Errors name files as `<shown_as>/<path in the archive>`.
     """
     split_csv = visa_root / "split_csv" / "1cls.csv"
-    with _shown(visa_root, shown_as), split_csv.open(newline="", encoding="utf-8") as fh:
+    with _shown(visa_root, shown_as), split_csv.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark is not a column name
         reader = csv.DictReader(fh)
         needed = {"object", "split", "label", "image", "mask"}
         if not needed <= set(reader.fieldnames or []):

@@ -85,8 +85,8 @@ def _as_png(src: Path, target: Path, move: bool) -> None:
 
 
 def binary_mask(src: Path, image: Path, target: Path) -> None:
-    """A mask of any format and grey coding -> 0/255 PNG: a defect pixel is one above half the mask's maximum, so 0/1,
-    0/255 and lossy-compression noise around them all read the same. It must have the image's size."""
+    """A mask of any format and grey coding -> 0/255 PNG: every non-zero pixel is a defect (VisA's rule), so 0/1, 0/255
+    and class-id masks (1, 2, ... one id per defect) all keep every defect. It must have the image's size."""
     try:
         with Image.open(src) as mask_img, Image.open(image) as img:
             values = np.asarray(mask_img.convert("L"))
@@ -95,11 +95,10 @@ def binary_mask(src: Path, image: Path, target: Path) -> None:
         raise ImageError(f"{src}: cannot decode mask ({err})") from None
     if values.shape[::-1] != size:
         raise ImageError(f"{src}: mask is {values.shape[1]}x{values.shape[0]}, its image {image.name} is {size[0]}x{size[1]}")
-    peak = int(values.max())
-    if peak == 0:
+    if not values.any():
         raise LayoutError(f"{src}: the mask of anomalous image {image.name} marks no pixel")
     target.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(((values > peak / 2) * 255).astype(np.uint8)).save(target)
+    Image.fromarray(((values > 0) * 255).astype(np.uint8)).save(target)
 
 
 # ---------------------------------------------------------------- BTAD
