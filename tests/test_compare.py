@@ -148,4 +148,7 @@ def test_a_mean_difference_averages_only_categories_defined_for_both_methods(tmp
     assert "AUPIMO" not in pair["tile"] or pair["tile"]["AUPIMO"]["diff"] is None
     assert pair["mean"]["AUPIMO"]["categories"] == 1 and pair["mean"]["AUPIMO"]["diff"] == 0.0 and pair["mean"]["AUPIMO"]["p_value"] == 1.0
     assert pair["mean"]["image_AUROC"]["categories"] == 2
-    assert "over 1/2 categories" in (tmp_path / "metrics/compare/sample.md").read_text()
+    table = (tmp_path / "metrics/compare/sample.md").read_text()
+    assert "over 1/2 categories" in table
+    why = "AUPIMO n/a for tile: maps: the normal images' scores are all equal (0.25); PIMO needs a score range"
+    assert record["notes"] == {"anomalyclip": [why]} and f"- anomalyclip: {why}" in table

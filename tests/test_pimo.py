@@ -193,3 +193,18 @@ def test_weighted_aupimo_at_unit_weights_is_the_exact_mean():
     assert np.isnan(weighted(no_normal)[0])
     with pytest.raises(ValueError, match="multiplicities"):
         weighted(np.ones(11))
+
+
+def test_aupimo_per_image_reports_undefined_maps_but_raises_on_malformed_ones():
+    """Flat normal maps are a property of the data (n/a, with the reason); NaN in the maps is a bug upstream and must
+    not read as "AUPIMO n/a": catching every ValueError hid it."""
+    from d2dprompt.core.eval.uncertainty import aupimo_per_image
+
+    masks = np.zeros((4, 8, 8), bool)
+    masks[2:, 2:5, 2:5] = True
+    maps = np.where(masks, 1.0, 0.25)
+    mean, per_image, why = aupimo_per_image(masks, maps, (1e-5, 1e-4))
+    assert np.isnan(mean) and np.isnan(per_image).all() and "all equal" in why
+    maps[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        aupimo_per_image(masks, maps, (1e-5, 1e-4))

@@ -38,22 +38,25 @@ HOW_TO_READ = ("Each cell is the first method's metric minus the second's, its {
                "test images cannot tell the two methods apart.")
 
 
-def method_metrics(data: Evaluated, ev: EvaluateParams) -> tuple[dict, dict, np.ndarray]:
+def method_metrics(data: Evaluated, ev: EvaluateParams) -> tuple[dict, dict, np.ndarray, list[str]]:
     """(summary with intervals {category | mean: {metric: value, metric_lo, metric_hi}}, replicas per category,
-    per-image AUPIMO), computed as evaluate computes them (same seeds per category)."""
-    per_category, replicas = {}, {}
+    per-image AUPIMO, why AUPIMO is n/a in a category that has both classes), computed as evaluate computes them
+    (same seeds per category)."""
+    per_category, replicas, notes = {}, {}, []
     per_image = np.full(len(data.labels), np.nan)
     categories = np.array(data.categories)
     for index, category in enumerate(sorted(set(data.categories))):
         idx = np.flatnonzero(categories == category)
         labels, scores, masks, maps = data.labels[idx], data.scores[idx], data.masks[idx], data.maps[idx]
         mean_aupimo, per_image[idx], why = aupimo_per_image(masks, maps, ev.aupimo_fpr)
+        if why and labels.min() != labels.max():
+            notes.append(f"AUPIMO n/a for {category}: {why}")
         per_category[category] = {"image_AUROC": image_metrics(labels, scores)["image_AUROC"],
                                   **{k: v for k, v in pixel_metrics(masks, maps, ev.aupro_fpr_limit).items() if k in METRICS},
                                   "AUPIMO": mean_aupimo}
         replicas[category] = replicas_of(labels, scores, masks, maps, n_resamples=ev.bootstrap, seed=category_seed(ev.bootstrap_seed, index),
                                          fpr_limit=ev.aupro_fpr_limit, fpr_bounds=ev.aupimo_fpr, with_aupimo=why is None)
-    return with_intervals(summarize(per_category), replicas, ev.confidence), replicas, per_image
+    return with_intervals(summarize(per_category), replicas, ev.confidence), replicas, per_image, notes
 
 
 def same_rows(evaluated: dict[str, Evaluated], files: dict[str, Path]) -> None:
@@ -76,8 +79,9 @@ def difference_cell(d: dict | None, n_categories: int) -> str:
     return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] p={d['p_value']:.3f}{verdict}{over}"
 
 
-def markdown(dataset: str, summaries: dict[str, dict], pairs: dict[str, dict], ev: EvaluateParams) -> str:
+def markdown(dataset: str, summaries: dict[str, dict], pairs: dict[str, dict], ev: EvaluateParams, notes: dict[str, list[str]]) -> str:
     lines = [f"# {dataset}: {', '.join(summaries)} compared", ""]
+    lines += [f"- {name}: {note}" for name, method_notes in notes.items() for note in method_notes] + ([""] if any(notes.values()) else [])
     lines += ["Mean over categories, each with its interval:", "", "| method | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
     for name, summary in summaries.items():
         mean = summary["mean"]
@@ -139,19 +143,24 @@ def main(
             log.set_tags(numerics.machine_tags())
             results = {name: method_metrics(d, ev) for name, d in data.items()}
             summaries = {name: r[0] for name, r in results.items()}
+            notes = {name: r[3] for name, r in results.items()}
             pairs = {f"{a} - {b}": paired_differences(summaries[a], summaries[b], results[a][1], results[b][1], ev.confidence)
                      for a, b in itertools.combinations(cfg.methods, 2)}
             record = {"dataset": dataset, "methods": list(cfg.methods), "confidence": ev.confidence, "resamples": ev.bootstrap,
-                      "seed": ev.bootstrap_seed, "means": {n: s["mean"] for n, s in summaries.items()}, "pairs": pairs}
+                      "seed": ev.bootstrap_seed, "means": {n: s["mean"] for n, s in summaries.items()}, "pairs": pairs,
+                      "notes": {n: found for n, found in notes.items() if found}}
             metrics.mkdir(parents=True, exist_ok=True)
             with atomic_dir(out / dataset) as tmp:
                 write_plot_data(tmp, data, {n: r[2] for n, r in results.items()}, pairs)
             write_json(metrics / f"{dataset}.json", nan_to_null(record))
             with atomic_file(metrics / f"{dataset}.md") as tmp_md:
-                tmp_md.write_text(markdown(dataset, summaries, pairs, ev))
+                tmp_md.write_text(markdown(dataset, summaries, pairs, ev, notes))
             log.log_metrics({f"compare.{dataset}.{pair.replace(' - ', '_vs_')}.{metric}.{key}": value
                              for pair, rows in pairs.items() for metric, d in rows["mean"].items() for key, value in d.items() if value == value})
             log.log_artifact(metrics / f"{dataset}.md")
+        for name, method_notes in notes.items():
+            for note in method_notes:
+                typer.echo(f"{dataset} {name}: {note}")
         n_categories = len(set(next(iter(data.values())).categories))
         for pair, rows in pairs.items():
             typer.echo(f"{dataset} {pair}: " + "; ".join(f"{m} {difference_cell(d, n_categories)}" for m, d in rows["mean"].items()))

@@ -57,6 +57,11 @@ class AUPIMOResult:
     image_classes: np.ndarray  # (N,) int32
 
 
+class AUPIMOUndefined(ValueError):
+    """AUPIMO cannot be computed on these maps (the normal scores give no range, or the FPR bounds lie out of the
+    curve's reach): a property of the data, reported as n/a with this reason; other ValueErrors are bad inputs."""
+
+
 def check_pixels(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Boolean (N, H, W) masks and finite maps (float32/float64 kept, other real dtypes as float64); else ValueError."""
     masks, maps = np.asarray(masks), np.asarray(maps)
@@ -87,7 +92,7 @@ def shared_thresholds(normal_maps: np.ndarray, num_thresholds: int) -> np.ndarra
         raise ValueError(f"num_thresholds: expected an integer >= 2, got {num_thresholds}")
     lo, hi = float(normal_maps.min()), float(normal_maps.max())
     if not lo < hi:
-        raise ValueError(f"maps: the normal images' scores are all equal ({lo}); PIMO needs a score range")
+        raise AUPIMOUndefined(f"maps: the normal images' scores are all equal ({lo}); PIMO needs a score range")
     return np.linspace(lo, hi, int(num_thresholds), dtype=normal_maps.dtype)
 
 
@@ -168,7 +173,7 @@ def index_at_fpr(shared_fpr: np.ndarray, level: float) -> int:
     """
     low, high = float(shared_fpr.min()), float(shared_fpr.max())
     if not low <= level <= high:
-        raise ValueError(
+        raise AUPIMOUndefined(
             f"fpr_bounds: shared FPR {level:g} is out of reach, the curve spans [{low:g}, {high:g}] "
             f"(too few normal pixels for so low an FPR?)"
         )
@@ -193,8 +198,9 @@ def aupimo(
 
     Equal to the authors' `aupimo_scores` to floating-point rounding, and to anomalib 2.7.0's for float64 maps.
     Undefined (all nan, as metrics.py does) without a normal image or without an anomalous image.
-    ValueError when a bound lies out of the shared FPR's reach, when both bounds pick the same threshold, or
-    when the range holds <= 30 grid points (unless `force`): more thresholds or more normal pixels help.
+    AUPIMOUndefined (a ValueError) when the normal scores are all equal, a bound lies out of the shared FPR's reach,
+    both bounds pick the same threshold, or the range holds <= 30 grid points (unless `force`): more thresholds or
+    more normal pixels help. Other ValueErrors mean malformed inputs.
     """
     masks, maps = check_pixels(masks, maps)
     fpr_bounds = _check_bounds(fpr_bounds)
@@ -206,14 +212,14 @@ def aupimo(
     lower, upper = fpr_bounds
     first, last = index_at_fpr(shared_fpr, upper), index_at_fpr(shared_fpr, lower)  # thresholds ascend
     if first >= last:
-        raise ValueError(
+        raise AUPIMOUndefined(
             f"fpr_bounds: both bounds {fpr_bounds} fall on threshold {first} of {thresholds.size}; raise num_thresholds"
         )
     with np.errstate(divide="ignore"):
         log_fpr = np.log(shared_fpr[first : last + 1])
     keep = np.isfinite(log_fpr)  # shared FPR 0 (above every normal score) has no log: dropped, as in the reference
     if not keep.any() or (keep.sum() <= _MIN_POINTS and not force):
-        raise ValueError(
+        raise AUPIMOUndefined(
             f"fpr_bounds: only {int(keep.sum())} thresholds fall inside {fpr_bounds} (the reference needs > "
             f"{_MIN_POINTS}); raise num_thresholds or pass force=True"
         )

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 
 from d2dprompt.core.eval.bootstrap import METRICS, difference_of, interval_of, metric_replicas
-from d2dprompt.core.eval.pimo import aupimo
+from d2dprompt.core.eval.pimo import AUPIMOUndefined, aupimo
 
 LO, HI = "_lo", "_hi"  # suffixes of an interval's bounds beside its metric: pixel_AUPRO_lo, pixel_AUPRO_hi
 
@@ -21,11 +21,12 @@ LO, HI = "_lo", "_hi"  # suffixes of an interval's bounds beside its metric: pix
 def aupimo_per_image(masks: np.ndarray, maps: np.ndarray, fpr_bounds: tuple[float, float]) -> tuple[float, np.ndarray, str | None]:
     """(mean AUPIMO over anomalous images, per-image AUPIMO (nan for normal images), why it is undefined or None).
 
-    Undefined (nan) without normal or anomalous images, or when the normal pixels are too few to reach the FPR
-    bounds (a few small test images): the reason is returned instead of stopping the evaluation."""
+    Undefined (nan) without normal or anomalous images, or when the maps do not reach the FPR bounds (flat normal
+    maps, too few normal pixels): the reason is returned instead of stopping the evaluation. Malformed inputs still
+    raise."""
     try:
         result = aupimo(masks, maps, tuple(fpr_bounds))
-    except ValueError as err:
+    except AUPIMOUndefined as err:
         return float("nan"), np.full(len(maps), np.nan), str(err)
     return result.mean, result.per_image, None
 
