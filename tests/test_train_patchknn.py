@@ -151,7 +151,7 @@ def test_the_mlflow_model_of_a_run_with_several_categories_loads_and_asks_which_
 
     import pandas as pd
 
-    from d2dprompt.serve.detector import Detector
+    from d2dprompt.serve.detector import Detector, ThresholdsError
     from d2dprompt.serve.mlflow_model import DetectorModel
 
     out = train(latents_root, tmp_path)
@@ -164,7 +164,12 @@ def test_the_mlflow_model_of_a_run_with_several_categories_loads_and_asks_which_
     frame = pd.DataFrame({"image": [image.read_bytes()]})
     with pytest.raises(ValueError, match=r"pass params=\{'category': \.\.\.\}, one of sample/tile \| sample/weave"):
         model.predict(context, frame)
+    # feature distances: evaluate.sensitivity (0.5, on the [0, 1] scale) cannot decide them; a request passes thresholds
+    with pytest.raises(ValueError, match=r"^patchknn's maps are feature distances, not in \[0, 1\].*pass params=\{'image_threshold'"):
+        model.predict(context, frame, {"category": "sample/weave"})
+    with pytest.raises(ThresholdsError, match=r"/out: patchknn's maps are feature distances, not in \[0, 1\], so evaluate.sensitivity=0.5 cannot"):
+        Detector.load(out, params=params, thresholds=None, category="sample/weave")
     for category in ("sample/weave", "sample/tile"):
-        scored = model.predict(context, frame, {"category": category})
-        expected = Detector.load(out, params=params, thresholds=None, category=category).predict(image).score
-        assert scored.loc[0, "score"] == pytest.approx(expected, abs=1e-6)
+        scored = model.predict(context, frame, {"category": category, "image_threshold": 3.0, "pixel_threshold": 2.0})
+        expected = Detector.load(out, params=params, thresholds=None, category=category, image_threshold=3.0, pixel_threshold=2.0).predict(image)
+        assert scored.loc[0, "score"] == pytest.approx(expected.score, abs=1e-6) and scored.loc[0, "label"] == expected.label

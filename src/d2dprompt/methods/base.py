@@ -98,6 +98,11 @@ class Method:
         """What a trained model's scorer reads: `reads`, unless its record chooses (patchknn's features)."""
         return self.reads
 
+    def off_unit_scale(self, record: dict) -> str | None:
+        """None when a trained model's maps lie in [0, 1], where a fixed threshold (evaluate.sensitivity) reads them;
+        otherwise what they are, for the one-line refusal of a fixed threshold."""
+        return None
+
     def scores_together(self, record: dict) -> bool:
         """True = its scorer needs a category's images in one call (batch zero-shot: each scored against the others);
         evaluate then gives it every image of a category of a split at once, and predict refuses it."""

@@ -299,7 +299,7 @@ class Detector:
     module docstring). `backend` scores uint8 images at `image_size`: a TorchScorer, or onnx_backend.OnnxGraphs."""
 
     def __init__(self, backend, record: dict, cfg: Params, thresholds: Thresholds, display: tuple[float, float], category: str | None,
-                 folder: Path, thresholds_file: Path | None = None):
+                 folder: Path, thresholds_file: Path | None = None, check_scale: bool = True):
         from d2dprompt.methods import registry
         from d2dprompt.trained import method_of
 
@@ -318,6 +318,19 @@ class Detector:
             from d2dprompt.methods.base import category_index
 
             category_index(record, category, self.method)
+        self.check_scale = check_scale
+        if check_scale and self.fallback_misreads:
+            raise ThresholdsError(f"{folder}: {self.fallback_misreads}")
+
+    @property
+    def fallback_misreads(self) -> str | None:
+        """Why the thresholds in use cannot decide: the run's maps are not in [0, 1] (feature distances) and a
+        threshold fell back to evaluate.sensitivity, which would misread them; None when they can."""
+        off_scale = self._method.off_unit_scale(self.record)
+        if not off_scale or FALLBACK_SOURCE not in self.thresholds.source:
+            return None
+        return (f"{off_scale}, so evaluate.sensitivity={self.cfg.evaluate.sensitivity} cannot threshold them, and no thresholds file "
+                "was found: pass evaluate's thresholds.json, or both an image and a pixel threshold")
 
     @property
     def method_object(self):
@@ -350,6 +363,7 @@ class Detector:
         pixel_threshold: float | None = None,
         backend: str = "auto",
         threads: int | None = None,
+        check_scale: bool = True,
     ) -> Detector:
         """Load a trained run or an exported folder (see the module docstring for `source`).
 
@@ -360,6 +374,8 @@ class Detector:
         memory; may be left out when the run knows one). device: cpu,
         cuda, cuda:N (default: the params' model.device). backend: "torch" (a trained folder), "onnx" (a folder
         python -m d2dprompt.export wrote, run by onnxruntime; `threads` its intra-op threads) or "auto" (by the folder).
+        check_scale: refuse to load a run whose maps are not in [0, 1] when a threshold falls back to
+        evaluate.sensitivity (False: the caller passes thresholds with each request and checks `fallback_misreads`).
         """
         from d2dprompt.serve.onnx_backend import OnnxGraphs, is_exported, read_json
 
@@ -383,7 +399,7 @@ class Detector:
             cfg = exported_settings(graphs.manifest, given, folder)
             chosen = resolve_thresholds(chosen_file, image_threshold, pixel_threshold, cfg.evaluate, graphs.manifest["method"])
             record = read_json(folder / "model.json", "the source run's record")
-            return cls(graphs, record, cfg, chosen, display_of(chosen_file), category, folder, chosen_file)
+            return cls(graphs, record, cfg, chosen, display_of(chosen_file), category, folder, chosen_file, check_scale)
         try:
             import torch  # noqa: F401
         except ImportError:
@@ -398,7 +414,7 @@ class Detector:
         model, record, method_ = load_trained(folder)
         method_.place(model, torch_device)
         return cls(TorchScorer(method_, model, record, cfg, torch_device), record, cfg, chosen, display_of(chosen_file), category,
-                   folder, chosen_file)
+                   folder, chosen_file, check_scale)
 
     def predict(self, image) -> Prediction:
         """Score one image: a path, encoded bytes, a PIL image or an HxWx3 uint8 array. Example:
@@ -434,7 +450,8 @@ class Detector:
 
     def for_category(self, category: str | None) -> Detector:
         """The same run scoring as `category` (draem: its model; decodiff: its class label; patchknn, few-shot d2dprompt: its memory)."""
-        return Detector(self.backend, self.record, self.cfg, self.thresholds, self.display, category, self.folder, self.thresholds_file)
+        return Detector(self.backend, self.record, self.cfg, self.thresholds, self.display, category, self.folder, self.thresholds_file,
+                        self.check_scale)
 
     @staticmethod
     def _name(item, index: int) -> str:

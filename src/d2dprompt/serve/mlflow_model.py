@@ -36,7 +36,9 @@ class DetectorModel(PythonModel):
         self.categories = read_record(context.artifacts["trained"])[0].get("categories", [])
         # a run with a model, class label or memory per category loads with its first; `category` picks the one that scores
         first = self.categories[0] if len(self.categories) > 1 else None
-        self.detector = Detector.load(context.artifacts["trained"], params=context.artifacts["params"], thresholds=thresholds, category=first)
+        # thresholds may come with each request: a run whose maps are not in [0, 1] is refused per request without them
+        self.detector = Detector.load(context.artifacts["trained"], params=context.artifacts["params"], thresholds=thresholds, category=first,
+                                      check_scale=False)
         self.by_category: dict[str | None, Detector] = {first: self.detector}
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -48,6 +50,8 @@ class DetectorModel(PythonModel):
         if category not in self.by_category:
             self.by_category[category] = self.detector.for_category(category)
         detector = self.by_category[category]
+        if detector.fallback_misreads and (params.get("image_threshold") is None or params.get("pixel_threshold") is None):
+            raise ValueError(f"{detector.fallback_misreads}: pass params={{'image_threshold': ..., 'pixel_threshold': ...}}")
         images = [bytes(value) for value in model_input["image"]]
         results = [r.with_thresholds(params.get("image_threshold"), params.get("pixel_threshold")) for r in detector.predict_batch(images)]
         return pd.DataFrame({

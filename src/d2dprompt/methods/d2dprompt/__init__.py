@@ -20,6 +20,13 @@ if TYPE_CHECKING:
     from d2dprompt.methods.d2dprompt.model import D2DSegmenter
 
 
+def memory_maps(k: int, mutual: bool, fusion: float) -> str | None:
+    """What few-shot maps are when they hold a memory's share (feature distances, not in [0, 1]); None otherwise."""
+    if (k or mutual) and fusion:
+        return f"{f'fewshot.k={k}' if k else 'fewshot.mutual'} reads memory maps (feature distances, not in [0, 1])"
+    return None
+
+
 class D2DPromptMethod(Method):
     name = "d2dprompt"
     record_blocks = ("model", "prompt", "attention", "loss", "train", "fewshot")
@@ -30,11 +37,13 @@ class D2DPromptMethod(Method):
         """A memory map is a feature distance, not a share in [0, 1]: a fixed threshold on the map scale would misread it."""
         from d2dprompt.core.runtime.config import Invalid
 
-        fs = params.fewshot
-        if (fs.k or fs.mutual) and fs.fusion and params.evaluate.threshold == "fixed":
-            setting = f"fewshot.k={fs.k}" if fs.k else "fewshot.mutual"
-            raise Invalid("evaluate.threshold", f"{setting} reads memory maps (feature distances, not in [0, 1]); "
-                          "fit thresholds on the validation split (f1) or set fewshot.fusion: 0")
+        why = memory_maps(params.fewshot.k, params.fewshot.mutual, params.fewshot.fusion)
+        if why and params.evaluate.threshold == "fixed":
+            raise Invalid("evaluate.threshold", f"{why}; fit thresholds on the validation split (f1) or set fewshot.fusion: 0")
+
+    def off_unit_scale(self, record: dict) -> str | None:
+        fs = record.get("fewshot", {})
+        return memory_maps(fs.get("k", 0), fs.get("mutual", False), fs.get("fusion", 0))
 
     def scores_together(self, record: dict) -> bool:
         return bool(record.get("fewshot", {}).get("mutual"))

@@ -46,7 +46,10 @@ class PatchKNNMethod(Method):
         if knn.features == "pixels" and params.model.image_size % knn.patch:
             raise Invalid("patchknn.patch", f"{knn.patch} does not divide model.image_size={params.model.image_size}")
         if params.evaluate.threshold == "fixed":
-            raise Invalid("evaluate.threshold", "patchknn's maps are feature distances, not in [0, 1]: fit thresholds on the validation split (f1)")
+            raise Invalid("evaluate.threshold", f"{self.off_unit_scale({})}: fit thresholds on the validation split (f1)")
+
+    def off_unit_scale(self, record: dict) -> str | None:
+        return "patchknn's maps are feature distances, not in [0, 1]"
 
     def scores_together(self, record: dict) -> bool:
         return bool(record["fewshot"].get("mutual"))
