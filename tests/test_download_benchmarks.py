@@ -70,6 +70,7 @@ def fake_btad(root: Path, drop_mask: str | None = None) -> tuple[bytes, dict[str
                 if folder == "test/ko" and f"{product}/{i:04d}" != drop_mask:
                     masks[f"{product}/{i:04d}"] = (mask := _mask(i, high)) > 0
                     _save(mask, base / "ground_truth" / "ko" / f"{i:04d}{mask_suffix}")
+    (root / "BTech_Dataset_transformed" / "LICENSE.txt").write_text("btad licence")
     return _zip(root), images, masks
 
 
@@ -99,6 +100,7 @@ def test_btad_zip_becomes_mvtec_layout_with_png_images_and_binary_masks(tmp_path
             assert set(np.unique(mask)) == {0, 255}  # 03's 0/1 BMP masks too
             np.testing.assert_array_equal(mask > 0, masks[f"{row.category}/{Path(row.image_path).stem}"])
     assert not list(out.rglob("*.bmp"))
+    assert (out / "LICENSE.txt").read_text() == "btad licence"  # the licence travels with the images
 
 
 def test_btad_without_a_mask_names_the_image(tmp_path, server):
@@ -136,6 +138,7 @@ def fake_mvtec_ad2(root: Path) -> bytes:
                 _save(_image(50 * c + 7 * len(folder) + i), base / folder / f"{i:03d}_regular.png")
                 if folder == "test_public/bad":
                     _save(_mask(i), base / "test_public" / "ground_truth" / "bad" / f"{i:03d}_regular_mask.png")
+    (root / "mvtec_ad_2" / "license.txt").write_text("CC BY-NC-SA 4.0")
     return _targz(root)
 
 
@@ -156,6 +159,7 @@ def test_mvtec_ad2_keeps_its_validation_split_and_tests_on_test_public_only(tmp_
     assert {r.image_path for r in rows if r.split == "val"} == {f"{c}/validation/good/00{i}_regular.png" for c in ("can", "vial") for i in (0, 1)}
     assert {r.mask_path for r in rows if r.label} == {f"{c}/ground_truth/bad/00{i}_regular_mask.png" for c in ("can", "vial") for i in (0, 1)}
     assert not list(out.rglob("test_private*"))
+    assert (out / "license.txt").read_text() == "CC BY-NC-SA 4.0"
     # the dataset's own validation images are the validation split: no training image is held out for it
     assert validation_images(rows, 0.2, seed=0) == set()
     mixed = rows + [r.__class__(**{**r.__dict__, "dataset": "x", "category": "other", "image_path": f"other/{i}.png"})

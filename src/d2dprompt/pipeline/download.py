@@ -344,6 +344,18 @@ def _copy_notices(source: Path, dest: Path) -> None:
             shutil.copy2(item, dest / item.name)
 
 
+def _notices_along(source: Path, dest: Path) -> None:
+    """The notices of `source` and of each folder below it while it holds one folder only (an archive's
+    `BTech_Dataset_transformed/`, `mvtec_ad_2/`): where a publisher keeps them above its categories."""
+    folder = source
+    while True:
+        _copy_notices(folder, dest)
+        below = [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()]
+        if len(below) != 1:
+            return
+        folder = below[0]
+
+
 @contextlib.contextmanager
 def _scratch_dir(out: Path, label: str):
     out.mkdir(parents=True, exist_ok=True)
@@ -426,6 +438,7 @@ def convert_and_build(name: str, source: Path, out: Path, categories: list[str],
     with _scratch_dir(out, f"{name}-convert") as converted:
         with _shown(source, shown_as):
             notes = CONVERTERS[name](source, converted / name, categories, move=move)
+            _notices_along(source, converted / name)  # the licence travels with the images, as for MVTec AD and VisA
         for note in notes:
             typer.echo(f"{name}: {note}")
         return build_dataset(name, converted / name, out, [], move=True, shown_as=shown_as)
