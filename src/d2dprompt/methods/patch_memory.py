@@ -19,6 +19,10 @@ import torch.nn.functional as F
 QUERY_CHUNK = 4096  # query rows per search: one image's cells at 256 px
 MEMORY_CHUNK = 16384  # memory rows per distance block (torch path): 4096 x 16384 fp32 = 256 MB, whatever the memory's size
 PROJECTION = 128  # PatchCore's random projection for the coreset's distances (its default, sparse in theirs, dense here)
+# nearest rows by the product form |q|^2 + |m|^2 - 2 q.m, re-ranked by their direct distance |q - m|: at feature norms
+# of ~760 the product form's fp32 rounding (~0.03 in squared distance) picked a non-nearest row for half the queries
+# of a near-tie; the direct distance of two fp32 rows is exact to a few ulps of the (small) distance
+CANDIDATES = 8
 
 
 def draw_references(candidates: list[int], k: int, seed: int, category: str) -> list[int]:
@@ -32,58 +36,68 @@ def draw_references(candidates: list[int], k: int, seed: int, category: str) -> 
     return [candidates[i] for i in sorted(torch.randperm(len(candidates), generator=generator)[:k].tolist())]
 
 
-def _closest_dense(queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """Index of each query's nearest memory row from one full distance matrix (|q|^2 + |m|^2 - 2 q.m)."""
-    return ((queries * queries).sum(1, keepdim=True) + (memory * memory).sum(1) - 2 * queries @ memory.T).argmin(1)
+def _closest_dense(queries: torch.Tensor, memory: torch.Tensor, k: int = CANDIDATES) -> torch.Tensor:
+    """(N, k) indices of each query's k nearest memory rows from one full distance matrix (the product form)."""
+    products = (queries * queries).sum(1, keepdim=True) + (memory * memory).sum(1) - 2 * queries @ memory.T
+    return products.topk(min(k, memory.shape[0]), dim=1, largest=False).indices
 
 
-def closest_blocks(queries: torch.Tensor, memory: torch.Tensor, query_chunk: int, memory_chunk: int) -> torch.Tensor:
-    """_closest_dense over blocks of both the queries and the memory, keeping the running best: any device, memory
-    bounded by query_chunk x memory_chunk distances whatever the sizes."""
+def closest_blocks(queries: torch.Tensor, memory: torch.Tensor, query_chunk: int, memory_chunk: int, k: int = CANDIDATES) -> torch.Tensor:
+    """_closest_dense over blocks of both the queries and the memory, keeping the running k best: any device, memory
+    bounded by query_chunk x memory_chunk distances whatever the sizes. (N, k) indices."""
+    k = min(k, memory.shape[0])
     memory_sq = (memory * memory).sum(1)
     parts = []
     for start in range(0, queries.shape[0], query_chunk):
         q = queries[start : start + query_chunk]
         q_sq = (q * q).sum(1, keepdim=True)
-        best = torch.full((q.shape[0],), float("inf"), device=q.device)
-        index = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        best = torch.full((q.shape[0], 0), float("inf"), device=q.device)
+        index = torch.zeros((q.shape[0], 0), dtype=torch.long, device=q.device)
         for m_start in range(0, memory.shape[0], memory_chunk):
             block = memory[m_start : m_start + memory_chunk]
-            value, at = (q_sq + memory_sq[m_start : m_start + memory_chunk] - 2 * q @ block.T).min(1)
-            better = value < best  # strict: the first of equal rows wins, as argmin over the whole memory
-            best = torch.where(better, value, best)
-            index = torch.where(better, at + m_start, index)
+            products = q_sq + memory_sq[m_start : m_start + memory_chunk] - 2 * q @ block.T
+            value, at = products.topk(min(k, block.shape[0]), dim=1, largest=False)
+            best, order = torch.cat([best, value], 1).topk(min(k, best.shape[1] + value.shape[1]), dim=1, largest=False)
+            index = torch.cat([index, at + m_start], 1).gather(1, order)
         parts.append(index)
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=queries.device)
+    return torch.cat(parts) if parts else torch.zeros((0, k), dtype=torch.long, device=queries.device)
 
 
-def _closest_faiss(queries: torch.Tensor, memory: torch.Tensor, query_chunk: int) -> torch.Tensor:
-    """faiss's exact L2 search (IndexFlatL2) on the CPU: blocked in both axes inside faiss, about 3x faster than the
-    torch blocks at patchknn's sizes (BENCHMARKS.md)."""
+def _closest_faiss(queries: torch.Tensor, memory: torch.Tensor, query_chunk: int, k: int = CANDIDATES) -> torch.Tensor:
+    """faiss's exhaustive L2 search (IndexFlatL2) on the CPU, blocked in both axes inside faiss: about 3x faster than the
+    torch blocks at patchknn's sizes (BENCHMARKS.md). (N, k) indices of the k nearest rows by its ranking: its direct
+    kernel is exact, but above faiss.cvar.distance_compute_blas_threshold queries it takes the product form too."""
     import faiss
 
+    k = min(k, memory.shape[0])
     index = faiss.IndexFlatL2(memory.shape[1])
     index.add(memory.contiguous().numpy())
-    parts = [torch.from_numpy(index.search(queries[s : s + query_chunk].contiguous().numpy(), 1)[1][:, 0])
+    parts = [torch.from_numpy(index.search(queries[s : s + query_chunk].contiguous().numpy(), k)[1])
              for s in range(0, queries.shape[0], query_chunk)]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    return torch.cat(parts) if parts else torch.zeros((0, k), dtype=torch.long)
+
+
+def nearest_among(queries: torch.Tensor, memory: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """(N, D), (M, D), (N, k) candidate rows -> (N,): the smallest direct distance |q - m| among each query's candidates."""
+    return (queries[:, None, :] - memory[candidates]).norm(dim=2).min(1).values
 
 
 def nearest_distances(queries: torch.Tensor, memory: torch.Tensor, query_chunk: int = QUERY_CHUNK,
                       memory_chunk: int = MEMORY_CHUNK) -> torch.Tensor:
     """(N, D), (M, D) -> (N,): the L2 distance of each query to its nearest memory row, in fp32.
 
-    The neighbour is found with faiss on the CPU, or with the matrix-product form in blocks of both axes on a GPU
-    (memory bounded whatever N and M), then the distance to it is recomputed directly, so a query equal to a memory
-    row gets exactly 0 (the product form leaves rounding noise)."""
+    The CANDIDATES nearest rows are found with faiss on the CPU, or with the matrix-product form in blocks of both axes
+    on a GPU (memory bounded whatever N and M), then re-ranked by their direct distance: exact unless more than
+    CANDIDATES rows lie within the product form's rounding of the nearest, and a query equal to a memory row gets
+    exactly 0 (the product form leaves rounding noise)."""
     queries, memory = queries.float(), memory.float()
     if torch.jit.is_tracing():  # an exported graph repeats a loop as often as it ran when traced: one product for any batch
-        closest = _closest_dense(queries, memory)
+        candidates = _closest_dense(queries, memory)
     elif queries.device.type == "cpu":
-        closest = _closest_faiss(queries.detach(), memory.detach(), query_chunk)
+        candidates = _closest_faiss(queries.detach(), memory.detach(), query_chunk)
     else:
-        closest = closest_blocks(queries, memory, query_chunk, memory_chunk)
-    return (queries - memory[closest.to(memory.device)]).norm(dim=1)
+        candidates = closest_blocks(queries, memory, query_chunk, memory_chunk)
+    return nearest_among(queries, memory, candidates.to(memory.device))
 
 
 def coreset(features: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
@@ -156,13 +170,13 @@ MUTUAL_BLOCK = 2**26  # numbers per block of mutual scoring (256 MB fp32): image
 
 def nearest_per_image(queries: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """(HW, D), (G, HW', D) -> (G, HW): each query's nearest distance within each of the G images, from one matrix
-    product for all G, then recomputed directly to the neighbour found (as nearest_distances)."""
+    product for all G, its CANDIDATES nearest rows re-ranked by their direct distance (as nearest_distances)."""
     groups, cells, width = images.shape
     flat = images.reshape(-1, width)
     products = (queries * queries).sum(1, keepdim=True) + (flat * flat).sum(1) - 2 * queries @ flat.T
-    closest = products.view(len(queries), groups, cells).argmin(2)  # (HW, G)
-    neighbours = images[torch.arange(groups, device=images.device), closest]  # (HW, G, D)
-    return (queries[:, None, :] - neighbours).norm(dim=2).T
+    closest = products.view(len(queries), groups, cells).topk(min(CANDIDATES, cells), dim=2, largest=False).indices  # (HW, G, k)
+    neighbours = images[torch.arange(groups, device=images.device)[None, :, None], closest]  # (HW, G, k, D)
+    return (queries[:, None, None, :] - neighbours).norm(dim=3).min(2).values.T
 
 
 def mutual_distances(cells: torch.Tensor, interval: float, block: int = MUTUAL_BLOCK) -> torch.Tensor:
@@ -185,7 +199,7 @@ def mutual_distances(cells: torch.Tensor, interval: float, block: int = MUTUAL_B
 def mutual_blocks(cells: torch.Tensor, keep: int, block: int = MUTUAL_BLOCK) -> torch.Tensor:
     """mutual_distances on any device (a GPU's path): each image against as many others at once as fit `block`."""
     n, hw, width = cells.shape
-    group = max(1, block // (hw * max(hw, width)))
+    group = max(1, block // (hw * max(hw, width * CANDIDATES)))  # the products, or the candidates' rows
     out = torch.empty(cells.shape[:2], device=cells.device)
     for i in range(n):
         others = torch.cat([cells[:i], cells[i + 1 :]])
@@ -202,8 +216,7 @@ def _mutual_faiss(cells: torch.Tensor, keep: int) -> torch.Tensor:
     flat = cells.reshape(-1, width)
     for j in range(n):
         others = torch.cat([flat[: j * hw], flat[(j + 1) * hw :]])
-        closest = _closest_faiss(others, cells[j], QUERY_CHUNK)
-        found = (others - cells[j][closest]).norm(dim=1).view(n - 1, hw)
+        found = nearest_among(others, cells[j], _closest_faiss(others, cells[j], QUERY_CHUNK)).view(n - 1, hw)
         distances[torch.arange(n) != j, j] = found
     return distances.sort(dim=1).values[:, :keep].mean(1)
 
