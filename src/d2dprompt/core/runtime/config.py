@@ -39,13 +39,14 @@ MANUAL = {"mpdd": "https://github.com/stepanje/MPDD"}  # archives a user fetches
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # becomes a folder and a DVC stage name (folder@<name>)
 MethodName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]  # a key of the method registry (d2dprompt.methods.registry)
 Once = AfterValidator(_once)  # a repeated entry is a slip: a dataset prepared, trained on or scored twice, a level read twice
+MIN_RESAMPLES = 100  # evaluate.bootstrap: the fewest resamples a percentile interval and a p-value stand on
 AdamBeta = Annotated[float, Field(ge=0, lt=1)]
 Rate = Annotated[float, Field(gt=0, le=1)]
 
 
 class Block(BaseModel):
     # strict: "3" is not silently 3 (ints still widen to floats); unknown keys are typos, not extensions
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # .inf / .nan pass no bound: refused
 
 
 class DownloadParams(Block):
@@ -112,7 +113,7 @@ class DownloadParams(Block):
 class ModelParams(Block):
     pretrained: str = Field(TINY, min_length=1)  # "tiny" (embedded, offline), a hub id or a local diffusers folder
     tiny_seed: int = Field(0, ge=0)  # the tiny model's weights are a pure function of this seed
-    image_size: int = Field(128, ge=1)  # pixels fed to the VAE; 512 for SD 2.1-base / SD 1.5 (divisibility: Params)
+    image_size: int = Field(128, ge=1, le=2048)  # pixels fed to the VAE; 512 for SD 2.1-base / SD 1.5 (divisibility: Params); SDXL's 1024 x 2 at most
     timestep: int = Field(100, ge=0)  # DDPM step of the noised latents the UNet reads; low keeps image detail (< the scheduler's steps: checked at load)
     noise_seed: int = Field(0, ge=0)  # the noise added at `timestep` is fixed per image, so maps are deterministic
     device: str = "auto"  # auto = cuda when available, else cpu; or cpu | cuda | cuda:N (checked below)
@@ -150,7 +151,7 @@ class PromptParams(Block):
 
 class AttentionParams(Block):
     # latent side / 2**level; SD at 512 px: 0..3 = 64, 32, 16, 8; the UNet names the levels it has when it loads
-    levels: Annotated[list[Annotated[int, Field(ge=0)]], Once] = Field([0, 1], min_length=1)
+    levels: Annotated[list[Annotated[int, Field(ge=0, le=8)]], Once] = Field([0, 1], min_length=1)
     mode: Literal["cached", "full"] = "cached"  # cached = stored queries, ~text-encoder cost per step; full = UNet every step (exact)
     prompts: Literal["joint", "paired"] = "joint"  # joint = both prompts in one sequence, one pass; paired = one UNet pass per prompt
     recache_every: int = Field(5, ge=0)  # cached mode: recompute the queries with the current prompts every N epochs (0 = never)
@@ -224,9 +225,19 @@ class EvaluateParams(Block):
     # AUPIMO (Bertoldo et al., BMVC 2024) integrates each anomalous image's recall over this range of the false-positive
     # rate on normal images, on a log scale: the paper's and anomalib's default
     aupimo_fpr: list[Rate] = Field([1.0e-5, 1.0e-4], min_length=2, max_length=2)
-    bootstrap: int = Field(1000, ge=0)  # resamples of the test images behind every interval (percentile); 0 = no intervals
-    confidence: float = Field(0.95, gt=0, lt=1)  # coverage of the intervals
+    # resamples of the test images behind every interval (percentile); 0 = no intervals. Below 100 a percentile
+    # interval rests on a handful of replicas; 100,000 already takes hours on MVTec AD
+    bootstrap: int = Field(1000, ge=0, le=100_000)
+    confidence: float = Field(0.95, ge=0.5, lt=1)  # coverage of the intervals; below 0.5 an "interval" may exclude its own estimate
     bootstrap_seed: int = Field(0, ge=0)  # one seed draws the same images for every method, so their replicas pair up
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _enough_resamples(cls, value: int) -> int:
+        if 0 < value < MIN_RESAMPLES:
+            raise ValueError(f"must be 0 (no intervals) or at least {MIN_RESAMPLES}: {value} resamples give intervals and p-values "
+                             f"that move with the seed, got {value}")
+        return value
 
     @field_validator("aupimo_fpr")
     @classmethod

@@ -139,6 +139,8 @@ def describe(error: dict, root: type[BaseModel]) -> str:
     elif kind == "float_type":
         hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) and _is_number(value) else ""
         message = f"must be a number{got}{hint}"
+    elif kind == "finite_number":
+        message = f"must be a finite number{got}"
     elif kind == "string_type":
         hint = " (YAML reads an unquoted 01 as the number 1: quote it, '01')" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
         message = f"must be text{' or null' if type(None) in typing.get_args(at.annotation) else ''}{got}{hint}"
