@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
@@ -146,3 +147,19 @@ def test_exif_orientation_is_applied_to_images_and_masks_alike(tmp_path, orienta
     assert rgb_of((tmp_path / "img.jpg").read_bytes()).shape == image.shape
     with Image.open(tmp_path / "img.jpg") as opened:
         assert rgb_of(opened).shape == image.shape
+
+
+def test_encoded_bytes_above_the_pixel_limit_are_refused_from_their_header():
+    """What a server receives: a 13000 x 13000 PNG of a few hundred bytes decoded to 10.9 GB before; its header is
+    enough to refuse it. The same bytes decode under a limit they fit."""
+    from d2dprompt.core.data.images import rgb_of
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 13000, 13000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    with pytest.raises(ImageError, match=r"^images\[0\]: 13000x13000 is 169\.0 megapixels, larger than the 40 megapixel limit"):
+        rgb_of(bomb, "images[0]", 40e6)
+    small = io.BytesIO()
+    Image.new("RGB", (8, 6), (1, 2, 3)).save(small, format="PNG")
+    assert rgb_of(small.getvalue(), "x", 40e6).shape == (6, 8, 3)

@@ -37,6 +37,9 @@ from d2dprompt.core.eval.overlays import mask_at_size, overlay_at_size
 from d2dprompt.core.eval.thresholds import Thresholds, binary_masks
 
 FALLBACK_SOURCE = "fixed sensitivity"
+# encoded bytes (the MLflow model's REST requests) above this many million pixels are refused from their header: the
+# web app's default (--max-megapixels); a 493 KB PNG of 13000 x 13000 decoded to 10.9 GB before
+BYTES_MEGAPIXELS = 40.0
 # Threshold-file keys that change the scale thresholds live on, or the masks they were fitted on: a file fitted
 # under other settings is refused.
 SCALE_KEYS = ("score", "map_size", "sigma", "top_percent", "opening_kernel", "min_area")
@@ -425,10 +428,12 @@ class Detector:
         """
         return self.predict_batch([image])[0]
 
-    def predict_batch(self, images: list, batch_size: int | None = None) -> list[Prediction]:
+    def predict_batch(self, images: list, batch_size: int | None = None, max_megapixels: float = BYTES_MEGAPIXELS) -> list[Prediction]:
         """Score many images, `batch_size` (default evaluate.batch_size) per forward; results in input order.
-        A bad image stops the batch with an ImageError naming it (its path, or `images[i]`)."""
-        arrays = [check_size(self._name(item, i), rgb_of(item, self._name(item, i)), self.image_size) for i, item in enumerate(images)]
+        A bad image stops the batch with an ImageError naming it (its path, or `images[i]`); so does encoded bytes
+        with more than `max_megapixels` million pixels (read from the header: a decompression bomb is never decoded)."""
+        arrays = [check_size(self._name(item, i), rgb_of(item, self._name(item, i), max_megapixels * 1e6), self.image_size)
+                  for i, item in enumerate(images)]
         step = batch_size or self.cfg.evaluate.batch_size
         return [p for start in range(0, len(arrays), step) for p in self.predict_arrays(arrays[start : start + step])]
 

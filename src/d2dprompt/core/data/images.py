@@ -121,18 +121,25 @@ def load_mask(path: str | Path, shape_hw: tuple[int, int], binary: bool = True) 
     return values > 0
 
 
-def rgb_of(image, name: str = "image") -> np.ndarray:
+def rgb_of(image, name: str = "image", max_bytes_pixels: float | None = None) -> np.ndarray:
     """A path, encoded bytes, a PIL image or an HxWx3 uint8 array -> uint8 HxWx3 (converted as load_rgb converts);
-    anything else stops with one line starting with `name`."""
+    anything else stops with one line starting with `name`. Encoded bytes (what a server receives) with more than
+    `max_bytes_pixels` pixels in their header are refused before they are decoded."""
     if isinstance(image, (str, Path)):
         return load_rgb(image)
     if isinstance(image, (bytes, bytearray, memoryview)):
+        too_large = None
         try:
             with Image.open(io.BytesIO(bytes(image))) as img:
-                img.load()
-                return rgb_of(upright(img), name)
+                width, height = img.size
+                if max_bytes_pixels is not None and width * height > max_bytes_pixels:
+                    too_large = f"{width}x{height} is {width * height / 1e6:.1f} megapixels"
+                else:
+                    img.load()
+                    return rgb_of(upright(img), name)
         except _DECODE_ERRORS as err:
             raise ImageError(f"{name}: cannot decode image ({err})") from None
+        raise ImageError(f"{name}: {too_large}, larger than the {max_bytes_pixels / 1e6:g} megapixel limit for encoded bytes (max_megapixels)")
     if isinstance(image, Image.Image):
         try:
             rgb = _pil_to_rgb(upright(image))
