@@ -82,3 +82,26 @@ def test_cached_mode_gradients_reach_every_prompt_parameter(sd, prompts):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     for module in (sd.text_encoder, sd.unet, sd.vae):
         assert all(p.grad is None for p in module.parameters())
+
+
+def test_queries_written_batch_by_batch_read_as_the_ones_held_in_memory(sd, tmp_path):
+    """The queries stage writes one batch at a time into the safetensors file (its memory no longer holds every
+    row): safetensors reads it, and every layer equals compute_queries' in-memory result, over batches that do not
+    divide the rows."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from d2dprompt.methods.d2dprompt.query_cache import compute_queries, write_queries
+
+    torch.manual_seed(0)
+    segmenter = build_segmenter(sd, PromptParams(), AttentionParams(levels=[0, 1]), ModelParams(timestep=100)).eval()
+    latents, noise = torch.randn(5, 4, 16, 16), fixed_noise(5, (4, 16, 16), 0)
+    shapes = write_queries(segmenter, latents, noise, 2, torch.device("cpu"), tmp_path / "queries.safetensors")
+    held = compute_queries(segmenter, latents, noise, 2, torch.device("cpu"))
+    read = load_file(tmp_path / "queries.safetensors")
+    assert set(read) == set(held) == set(shapes) and all(shapes[n] == tuple(held[n].shape) for n in held)
+    for name in held:
+        assert torch.equal(read[name], held[name])
+    with safe_open(str(tmp_path / "queries.safetensors"), framework="pt") as fh:  # one row is one contiguous slice
+        name = sorted(held)[-1]
+        assert torch.equal(fh.get_slice(name)[3:4][0], held[name][3])

@@ -9,6 +9,7 @@ torchrun (dvc.yaml, distributed.nproc) the processes share the rows and rank 0 w
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -30,7 +31,7 @@ def cache_queries(cfg: Params, latents: Path, out: Path) -> str | None:
     from d2dprompt.core.data.latent_store import training_set
     from d2dprompt.methods.d2dprompt.model import build_segmenter, fixed_noise
     from d2dprompt.core.models import load_frozen
-    from d2dprompt.methods.d2dprompt.query_cache import compute_queries_shared, save_queries
+    from d2dprompt.methods.d2dprompt.query_cache import KEYS_FILE, QUERIES_FILE, compute_queries_shared, save_queries, write_queries
 
     data_latents, _, _, keys = training_set(latents, cfg.train.datasets, cfg.train.supervision)
     if cfg.attention.mode == "full":
@@ -44,6 +45,13 @@ def cache_queries(cfg: Params, latents: Path, out: Path) -> str | None:
     torch.manual_seed(cfg.train.seed)  # the same initial prompts as the train stage
     segmenter = build_segmenter(sd, cfg.prompt, cfg.attention, cfg.model).to(device)
     noise = fixed_noise(len(keys), tuple(data_latents.shape[1:]), cfg.model.noise_seed)
+    if distributed.world_size() == 1:  # one batch in memory at a time, written where it goes in the file
+        with atomic_dir(out) as tmp:
+            tmp.mkdir(parents=True, exist_ok=True)
+            shapes = write_queries(segmenter, data_latents, noise, cfg.train.batch_size, device, tmp / QUERIES_FILE)
+            (tmp / KEYS_FILE).write_text("".join(f"{k}\n" for k in keys))  # the folder itself appears whole
+        size = sum(2 * math.prod(shape) for shape in shapes.values())  # fp16
+        return f"queries: {len(keys)} rows x {len(shapes)} layers, {size / len(keys) / 2**20:.2f} MiB per row"
     tensors = compute_queries_shared(segmenter, data_latents, noise, cfg.train.batch_size, device)
     if tensors is None:  # not rank 0: its rows went to rank 0, which writes them
         return None

@@ -107,13 +107,22 @@ def placed(queries: QueryCache, cfg: Params, device: torch.device) -> QueryCache
     return queries.resident(device) if queries.nbytes <= cfg.attention.cache_resident_gb * 2**30 else queries
 
 
-def refreshed_queries(segmenter: D2DSegmenter, prompts: dict[str, torch.Tensor], data: Batches, cfg: Params, device: torch.device) -> QueryCache:
-    """The query cache as computed with `prompts`; the segmenter's own prompts are left as they were."""
-    from d2dprompt.methods.d2dprompt.query_cache import QueryCache, compute_queries_shared
+def refreshed_queries(segmenter: D2DSegmenter, prompts: dict[str, torch.Tensor], data: Batches, cfg: Params, device: torch.device,
+                      scratch: Path) -> QueryCache:
+    """The query cache as computed with `prompts`; the segmenter's own prompts are left as they were. One process
+    writes it batch by batch to a file in `scratch` (memory holds a batch; `placed` reads it whole when it fits
+    attention.cache_resident_gb); several share the rows out and each holds them all."""
+    from d2dprompt.methods.d2dprompt.query_cache import QUERIES_FILE, QueryCache, compute_queries_shared, write_queries
 
     current = _clone(segmenter.prompts.state_dict())
     segmenter.prompts.load_state_dict(prompts)
-    try:  # shared out over the processes (every one needs every row)
+    try:
+        if distributed.world_size() == 1:
+            scratch.mkdir(parents=True, exist_ok=True)
+            path = scratch / f"refreshed-{QUERIES_FILE}"
+            path.unlink(missing_ok=True)  # the previous refresh's file: a cache still reading it keeps its inode
+            write_queries(segmenter, data.latents, data.noise, cfg.train.batch_size, device, path, "re-cache")
+            return placed(QueryCache(path=path), cfg, device)
         fresh = QueryCache(compute_queries_shared(segmenter, data.latents, data.noise, cfg.train.batch_size, device, "re-cache", to_all=True))
         return placed(fresh, cfg, device)
     finally:
@@ -148,20 +157,21 @@ def run(method: Method, cfg: Params, job: TrainJob) -> list[dict[str, float]]:
     optimizer = torch.optim.Adam(segmenter.prompts.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
     history: list[dict[str, float]] = []
     refresh: dict[str, torch.Tensor] | None = None
+    scratch = job.checkpoint.with_name(job.checkpoint.name + "-queries")  # refreshed caches; each epoch's checkpoint replaces its folder
     state = resume(job.checkpoint, run_id, echo)
     if state is not None:
         segmenter.prompts.load_state_dict(state.weights)
         optimizer.load_state_dict(state.optimizer)
         history, refresh = state.history, state.refresh_prompts
         if queries is not None and refresh is not None:
-            queries = refreshed_queries(segmenter, refresh, data, cfg, device)
+            queries = refreshed_queries(segmenter, refresh, data, cfg, device, scratch)
     if cfg.train.untrained:  # the baseline: prompts as initialised; model.json records train.untrained: true
         echo("train.untrained: true: writing the initial prompts without optimising them")
     for epoch in range(len(history), 0 if cfg.train.untrained else cfg.train.epochs):
         every = cfg.attention.recache_every
         if queries is not None and every and epoch and epoch % every == 0:
             refresh = _clone(segmenter.prompts.state_dict())
-            queries = refreshed_queries(segmenter, refresh, data, cfg, device)
+            queries = refreshed_queries(segmenter, refresh, data, cfg, device, scratch)
         losses = train_epoch(segmenter, optimizer, data, cfg, epoch, device, queries)
         if queries is not None and main:  # logged only: rank 0 measures it while the others go on
             losses["cache_drift"] = cache_drift(segmenter, data, queries, device)
@@ -182,5 +192,6 @@ def run(method: Method, cfg: Params, job: TrainJob) -> list[dict[str, float]]:
             weights = {**weights, **tensors}
         write_trained(job.out, weights, record, history)
         shutil.rmtree(job.checkpoint, ignore_errors=True)  # finished: nothing for a later run to pick up
+        shutil.rmtree(scratch, ignore_errors=True)
     distributed.barrier()  # every process leaves with the outputs written
     return history
