@@ -11,7 +11,7 @@ import pytest
 from d2dprompt.core.runtime.cli import summary
 from tests.conftest import ROOT
 
-TOOLS = [*(f"pipeline.{s}" for s in ("download", "latents", "queries", "train", "evaluate", "predict", "ablate")), "serve.app", "bench.predict"]
+TOOLS = [*(f"pipeline.{s}" for s in ("download", "latents", "queries", "train", "evaluate", "predict", "ablate")), "serve.app", "bench.predict", "bench.scale"]
 HEAVY = ("torch", "diffusers", "transformers", "mlflow", "dvc", "gradio")
 
 
