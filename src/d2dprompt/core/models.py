@@ -19,6 +19,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from d2dprompt.core import hub
 from d2dprompt.core.vae_factor import TINY, TINY_VAE_BLOCKS, factor_of
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"  # OpenAI CLIP's BPE merges, as shipped in open_clip (MIT)
@@ -201,6 +202,7 @@ def load_frozen(pretrained: str, tiny_seed: int = 0) -> FrozenSD:
     """
     if pretrained == TINY:
         return build_tiny(tiny_seed)
+    pretrained = hub.resolve(pretrained)
     local = Path(pretrained)
     if local.exists() and not (local / "unet").is_dir():
         raise FileNotFoundError(f"{pretrained}: not a diffusers folder (no unet/ subfolder)")
@@ -257,6 +259,7 @@ def load_vae(pretrained: str, tiny_seed: int = 0) -> AutoencoderKL:
     """Only the VAE of `pretrained` (methods that need no text encoder or UNet), frozen, in WEIGHTS_DTYPE."""
     if pretrained == TINY:
         return build_tiny(tiny_seed).vae
+    pretrained = hub.resolve(pretrained)
     local = Path(pretrained)
     if local.exists() and not (local / "vae").is_dir():
         raise FileNotFoundError(f"{pretrained}: not a diffusers folder (no vae/ subfolder)")

@@ -103,6 +103,9 @@ def load_clip(pretrained: str, tiny_seed: int, image_size: int) -> tuple[CLIPMod
     """
     if pretrained == TINY:
         return build_tiny_clip(tiny_seed, image_size), bundled_clip_tokenizer()
+    from d2dprompt.core import hub
+
+    pretrained = hub.resolve(pretrained, "anomalyclip.pretrained")
     clip = CLIPModel.from_pretrained(pretrained, dtype=WEIGHTS_DTYPE)
     return _freeze(clip.to(WEIGHTS_DTYPE)), CLIPTokenizer.from_pretrained(pretrained)
 
