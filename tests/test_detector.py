@@ -72,6 +72,27 @@ def test_a_folder_of_runs_needs_a_method_when_it_holds_several(tmp_path):
         trained_folder(tmp_path / "empty", None)
 
 
+def test_among_several_runs_the_method_params_yaml_lists_first_is_the_one_loaded(tmp_path, monkeypatch):
+    """After `dvc exp run -S 'methods=[draem,d2dprompt]'` both runs stay in stages/train: the API and the app take
+    the one params.yaml lists first (they refused, or opened on the first alphabetically); method= still wins."""
+    from d2dprompt.params import params_from_dict
+    from d2dprompt.serve.detector import listed_methods
+
+    for name in ("d2dprompt", "draem", "patchknn"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.json").write_text("{}")
+    assert trained_folder(tmp_path, None, ["draem", "d2dprompt"]) == tmp_path / "draem"
+    assert trained_folder(tmp_path, None, ["anomalyclip", "patchknn"]) == tmp_path / "patchknn"  # the first that has a run
+    assert trained_folder(tmp_path, "d2dprompt", ["draem"]) == tmp_path / "d2dprompt"
+    with pytest.raises(FileNotFoundError, match="several runs"):
+        trained_folder(tmp_path, None, ["anomalyclip"])
+    assert listed_methods(params_from_dict({"methods": ["patchknn", "d2dprompt"]})) == ["patchknn", "d2dprompt"]
+    monkeypatch.chdir(tmp_path)
+    assert listed_methods(None) == []
+    (tmp_path / "params.yaml").write_text("methods: [draem]\n")
+    assert listed_methods(None) == ["draem"]
+
+
 def test_thresholds_are_found_where_evaluate_writes_them(tmp_path):
     run = tmp_path / "stages/train/d2dprompt"
     run.mkdir(parents=True)

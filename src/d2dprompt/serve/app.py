@@ -331,6 +331,16 @@ def main(
         raise typer.Exit(1) from None
     if params is None and Path("params.yaml").is_file():
         params = Path("params.yaml")
+    if params is not None and len(found) > 1:  # the run params.yaml lists first opens the page, the others follow
+        from d2dprompt.core.runtime.config import ParamsError
+        from d2dprompt.params import load_params
+
+        try:
+            listed = [m for m in load_params(params).methods if m in found]
+        except ParamsError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        found = {name: found[name] for name in [*listed, *(n for n in found if n not in listed)]}
     scratch = Path(tempfile.mkdtemp(prefix="d2dprompt-app-"))  # uploads, Gradio's cache, the downloads: gone at stop
     os.environ["GRADIO_TEMP_DIR"] = str(scratch / "gradio")  # read when gradio is imported: uploads land in scratch
     stop_on_sigterm()

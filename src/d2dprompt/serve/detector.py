@@ -153,8 +153,17 @@ def in_progress(folder: Path) -> str | None:
             "or keep the workspace's run by training with `dvc exp run --temp` / `--queue`")
 
 
-def trained_folder(source: Path, method: str | None) -> Path:
-    """`source` itself when it holds model.json, else its one (or its `method`) run folder."""
+def listed_methods(params: Params | None) -> list[str]:
+    """The methods `params` lists, else the ones ./params.yaml lists when there is one (a checkout), else none:
+    which of several runs a caller who names none is studying."""
+    if params is not None:
+        return list(params.methods)
+    return list(load_params(Path("params.yaml")).methods) if Path("params.yaml").is_file() else []
+
+
+def trained_folder(source: Path, method: str | None, preferred: list[str] | None = None) -> Path:
+    """`source` itself when it holds model.json, else its one (or its `method`) run folder; among several, the first
+    of `preferred` (params.yaml's `methods`) that has a run."""
     from d2dprompt.core.training import CONFIG_FILE
 
     if (source / CONFIG_FILE).is_file():
@@ -167,6 +176,8 @@ def trained_folder(source: Path, method: str | None) -> Path:
         if method not in runs:
             raise FileNotFoundError(f"{source}: no trained run {method!r} here ({' | '.join(runs) or 'none'})")
         return source / method
+    if len(runs) > 1 and any(m in runs for m in preferred or []):
+        return source / next(m for m in preferred if m in runs)
     if len(runs) != 1:
         found = f"several runs ({', '.join(runs)}): pass method=" if runs else "no model.json: not a trained run; run the train stage first"
         raise FileNotFoundError(f"{source}: {found}")
@@ -386,7 +397,7 @@ class Detector:
             raise ValueError(f"backend={backend!r}: choose auto, torch or onnx")
         given = load_params(Path(params)) if params is not None else None  # a bad file is named first, run or no run
         root, bundled_params = local_source(source)
-        folder = trained_folder(root, method)
+        folder = trained_folder(root, method, listed_methods(given) if method is None else None)
         exported = is_exported(folder)
         if backend == "onnx" and not exported:
             raise ValueError(f"{folder}: a trained run, not an exported one; export it first: "
