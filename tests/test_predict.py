@@ -327,6 +327,24 @@ def test_a_damaged_trained_folder_stops_with_one_line_naming_the_file(prompts_di
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("change, said", [
+    ({"categories": 5}, "model.json: categories: must be a list of '<dataset>/<category>' names (train writes it), got 5"),
+    ({"categories": "sample/disc"}, 'model.json: categories: must be a list of \'<dataset>/<category>\' names (train writes it), got "sample/disc"'),
+    ({"memory": 3}, "model.json: memory: must be a mapping of categories (train writes it), got 3"),
+    ({"model": {}}, None),  # every key at its default: loads (it was a KeyError traceback)
+])
+def test_a_record_is_checked_with_the_schema_that_wrote_it(prompts_dir, params_file, tmp_path, change, said):
+    """A TypeError traceback before, or a category menu of single letters ("choose --category from s | a | m ...")."""
+    record = json.loads((prompts_dir / "model.json").read_text())
+    folder = _broken_copy(prompts_dir, tmp_path, "model.json", json.dumps({**record, **change}))
+    result = CliRunner().invoke(app, [str(SCRATCH), "--out", str(tmp_path / "out"), "--prompts", str(folder), "--params", str(params_file)])
+    lines = result.stderr.strip().splitlines()
+    if said is None:
+        assert result.exit_code == 0, result.stderr
+    else:
+        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and said in lines[0], result.stderr
+
+
 @pytest.mark.parametrize("shown", ["wide", [0.5], [1.0, 0.0], [0.0, None]])
 def test_a_thresholds_file_with_a_bad_display_range_is_refused(prompts_dir, params_file, tmp_path, shown):
     path = tmp_path / "thresholds.json"

@@ -26,6 +26,11 @@ def method_of(record: dict) -> str:
     return record.get("method", "d2dprompt")  # folders written before methods existed hold D2D-Prompt
 
 
+# what a record holds beside its params blocks: (key, type, in words)
+RECORD_EXTRAS = (("categories", list, "a list of '<dataset>/<category>' names"), ("memory", dict, "a mapping of categories"),
+                 ("memory_shapes", dict, "a mapping of tensor names to shapes"))
+
+
 def read_record(folder: str | Path) -> tuple[dict, Params, Method]:
     """model.json, the params it holds (checked as params.yaml is) and its method, naming the file on error."""
     folder = Path(folder)
@@ -49,13 +54,20 @@ def read_record(folder: str | Path) -> tuple[dict, Params, Method]:
         if not isinstance(record.get(block), dict):
             raise ParamsError(f"{path}: {block}: must be a mapping of keys (the params block {method.name} was trained with), "
                               f"got {json.dumps(record.get(block))}")
+    for key, kind, words in RECORD_EXTRAS:
+        value = record.get(key, kind())
+        if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
+            raise ParamsError(f"{path}: {key}: must be {words} (train writes it), got {json.dumps(value)[:80]}; rerun the train stage")
     blocks = {b: record[b] for b in method.record_blocks if b not in NOT_REBUILT}
     if "model" in blocks:  # an older record may hold fp16, refused now
         blocks["model"] = {k: v for k, v in blocks["model"].items() if k not in TODAYS}
     try:
-        return record, params_from_dict({**blocks, "methods": [method.name]}), method
+        params = params_from_dict({**blocks, "methods": [method.name]})
     except ParamsError as err:
         raise ParamsError(f"{folder / CONFIG_FILE}: {err}") from None
+    # the blocks as validated, every key present: the code that rebuilds the model reads them
+    record = {**record, **{b: getattr(params, b).model_dump() for b in blocks if hasattr(params, b)}}
+    return record, params, method
 
 
 def load_trained(folder: str | Path) -> tuple[nn.Module, dict, Method]:
