@@ -163,3 +163,13 @@ def test_encoded_bytes_above_the_pixel_limit_are_refused_from_their_header():
     small = io.BytesIO()
     Image.new("RGB", (8, 6), (1, 2, 3)).save(small, format="PNG")
     assert rgb_of(small.getvalue(), "x", 40e6).shape == (6, 8, 3)
+
+
+def test_a_16_bit_grey_image_decodes_down_like_any_other(tmp_path):
+    """The app decodes large uploads down to --work-side: a 16-bit grey PNG of 4500 px was refused with "cannot
+    decode image (image has wrong mode)" (Pillow's reduce step has no 16-bit mode) while predict and the API took it."""
+    values = np.linspace(0, 65535, 4500 * 4200).reshape(4200, 4500).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "grey16.png")
+    pixels = load_rgb(tmp_path / "grey16.png", max_side=1024)
+    assert pixels.shape == (956, 1024, 3) and pixels.dtype == np.uint8
+    assert pixels[0, 0, 0] == 0 and pixels[-1, -1, 0] == 255

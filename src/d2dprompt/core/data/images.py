@@ -40,7 +40,8 @@ def _open_decoded(path: Path, what: str, max_side: int | None = None) -> Image.I
             # `load` decodes lazily-opened frames; upright() copies, detaching the pixels from the closed file.
             img = upright(img)
         if max_side is not None and max(img.size) > max_side:
-            img.thumbnail((max_side, max_side))  # keeps the aspect ratio
+            # keeps the aspect ratio; Pillow's reduce() before the resize has no 16-bit or float modes
+            img.thumbnail((max_side, max_side), reducing_gap=None if img.mode.startswith("I") or img.mode == "F" else 2.0)
         return img
     except _DECODE_ERRORS as err:
         raise ImageError(f"{path}: cannot decode {what} ({err})") from None
