@@ -154,6 +154,45 @@ def test_an_altered_graph_is_refused_before_it_runs(exported, tmp_path):
         Detector.load(copy)
 
 
+def _edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _swap_categories(manifest: dict) -> None:
+    first, second = manifest["graphs"][0], manifest["graphs"][1]
+    first["category"], second["category"] = second["category"], first["category"]
+
+
+TAMPERING = {  # what was accepted (rc 0, another graph or file in use) or a long traceback before
+    "a graph file outside the folder": ("manifest.json", lambda m: m["graphs"][0].update(graph="../../../outside.onnx"),
+                                        r"graphs\[0\] must be the graph of sample/\w+ in graphs/0/"),
+    "a graph folder outside the folder": ("manifest.json", lambda m: m["graphs"][0].update(folder="../.."), r"graphs\[0\] must be the graph"),
+    "two categories swapped": ("manifest.json", _swap_categories, r"graphs\[0\] must be the graph of sample/"),
+    "a file name with a path": ("manifest.json", lambda m: m["files"].update({"../model.json": "0" * 64}), r"'\.\./model\.json' is not a file name inside"),
+    "no evaluate block": ("manifest.json", lambda m: m.pop("evaluate"), r"manifest\.json: 'evaluate' must be a JSON object"),
+    "altered thresholds": ("thresholds.json", lambda t: t.update(image=-5.0), r"thresholds\.json: sha256 differs"),
+    "altered record": ("model.json", lambda r: r.update(categories=list(reversed(r["categories"]))), r"model\.json: sha256 differs"),
+    "altered input side": ("preprocessing.json", lambda p: p.update(side=64), r"preprocessing\.json: sha256 differs"),
+}
+
+
+@pytest.mark.parametrize("case", TAMPERING)
+def test_an_exported_folder_is_checked_against_its_manifest_before_it_runs(exported, tmp_path, case):
+    """draem's export (one graph per category): every file named, hashed and inside the folder, graph i bound to
+    category i, the manifest's keys present; each edit is refused in one line before a session opens."""
+    from d2dprompt.serve.detector import Detector
+    from d2dprompt.serve.onnx_backend import ExportedError
+
+    copy = shutil.copytree(exported / "draem", tmp_path / "copy")
+    name, change, said = TAMPERING[case]
+    _edit_json(copy / name, change)
+    with pytest.raises(ExportedError, match=said) as info:
+        Detector.load(copy, category="sample/disc")
+    assert "\n" not in str(info.value)
+
+
 def test_each_backend_refuses_the_other_folder_and_baked_settings_hold(every_method, exported, tmp_path):
     from d2dprompt.core.runtime.config import ParamsError
     from d2dprompt.serve.detector import Detector

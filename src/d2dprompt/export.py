@@ -122,8 +122,10 @@ def export(trained: Path, out: Path, thresholds: str | None = "auto", dataset: s
             "scale": "uint8 / 255 -> [0, 1]",
             "outputs": {"maps": f"(B, {ev.map_size}, {ev.map_size}) float32, evaluate's maps", "scores": "(B,) float32 image scores"},
         })
+        hashed = [ob.RECORD, ob.PREPROCESSING, *([ob.THRESHOLDS] if chosen is not None else [])]
         manifest = {
             "format": ob.FORMAT, "format_version": ob.FORMAT_VERSION, "method": method.name, "graphs": graphs,
+            "files": {name: ob.sha256_file(tmp / name) for name in hashed},
             "source": {"folder": str(folder), CONFIG_FILE: ob.sha256_file(folder / CONFIG_FILE),
                        WEIGHTS_FILE: ob.sha256_file(folder / WEIGHTS_FILE),
                        THRESHOLDS_FILE: ob.sha256_file(chosen) if chosen is not None else None},

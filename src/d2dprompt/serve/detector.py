@@ -294,16 +294,17 @@ def exported_settings(manifest: dict, given: Params | None, folder: Path) -> Par
     its graphs compute with (a map scale cannot change without exporting again)."""
     from d2dprompt.serve.onnx_backend import BAKED_KEYS
 
+    try:
+        exported = params_from_dict({"evaluate": manifest["evaluate"], "loss": manifest["loss"]})
+    except ParamsError as err:
+        raise ParamsError(f"{folder}: manifest.json: {err}") from None
     if given is None:
-        try:
-            return params_from_dict({"evaluate": manifest["evaluate"], "loss": manifest["loss"]})
-        except ParamsError as err:
-            raise ParamsError(f"{folder}: manifest.json: {err}") from None
-    baked = {f"evaluate.{k}": (manifest["evaluate"][k], getattr(given.evaluate, k)) for k in BAKED_KEYS}
-    baked["loss.image_top_percent"] = (manifest["loss"]["image_top_percent"], given.loss.image_top_percent)
-    for key, (exported, asked) in baked.items():
-        if exported != asked:
-            raise ParamsError(f"{folder}: its graphs compute maps with {key}={exported!r}, the params file says {asked!r}; "
+        return exported
+    baked = {f"evaluate.{k}": (getattr(exported.evaluate, k), getattr(given.evaluate, k)) for k in BAKED_KEYS}
+    baked["loss.image_top_percent"] = (exported.loss.image_top_percent, given.loss.image_top_percent)
+    for key, (baked_value, asked) in baked.items():
+        if baked_value != asked:
+            raise ParamsError(f"{folder}: its graphs compute maps with {key}={baked_value!r}, the params file says {asked!r}; "
                               "export again with these params (python -m d2dprompt.export ... --params)")
     return given
 

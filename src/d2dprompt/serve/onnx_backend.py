@@ -8,8 +8,11 @@ An exported folder holds
     thresholds.json        evaluate's fitted thresholds, when the source run had them
     graphs/<i>/model.onnx  one graph (plus its weight files when it passes protobuf's 2 GB)
 
-`Detector.load` reads such a folder through `OnnxGraphs`, which checks every graph file against the manifest before
-a session opens: a graph that is not the one exported is refused, not run.
+`Detector.load` reads such a folder through `OnnxGraphs`, which checks the folder against its manifest before a
+session opens: every file it names lies inside the folder and has the sha256 recorded, graph i is the graph of the
+record's category i in graphs/i/, and both JSON files have their keys. A graph, a record, thresholds or preprocessing
+that are not the ones exported are refused, not run. The hashes sit in the same folder: they catch damage and
+mix-ups, not someone who rewrites the manifest too (a checksum, not a signature).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 MANIFEST, PREPROCESSING = "manifest.json", "preprocessing.json"
-FORMAT, FORMAT_VERSION = "d2dprompt-onnx", 1
+FORMAT, FORMAT_VERSION = "d2dprompt-onnx", 2  # 2: every file hashed, graphs bound to their categories
 INPUT, OUTPUTS = "pixels", ("maps", "scores")
 BAKED_KEYS = ("map_size", "sigma", "score", "top_percent")  # evaluate keys computed inside the graphs
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -55,24 +58,61 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
+# the manifest's keys the readers use, with their JSON types
+MANIFEST_KEYS = {"method": str, "graphs": list, "files": dict, "evaluate": dict, "loss": dict, "thresholds": dict}
+RECORD, THRESHOLDS = "model.json", "thresholds.json"
+
+
+def _checked_file(folder: Path, name: object, expected: object, manifest: Path) -> Path:
+    """`folder / name` when `name` is a plain file name, the file is there and has the sha256 `expected`."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ExportedError(f"{manifest}: {name!r} is not a file name inside the folder; export again")
+    path = folder / name
+    if not path.is_file() or path.is_symlink():
+        raise ExportedError(f"{path}: missing (listed in {manifest}); export again")
+    if sha256_file(path) != expected:
+        raise ExportedError(f"{path}: sha256 differs from the one {manifest} records: not the exported file; export again")
+    return path
+
+
 def read_manifest(folder: Path) -> dict:
-    """manifest.json, its format checked and every graph file's sha256 compared with the one it records."""
+    """manifest.json, checked: its format and keys, every file it names against its sha256 and inside the folder,
+    and graph i as the graph of the record's category i in graphs/i/."""
     folder = Path(folder)
-    manifest = read_json(folder / MANIFEST, "the graphs' list and hashes")
+    where = folder / MANIFEST
+    manifest = read_json(where, "the graphs' list and hashes")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportedError(f"{folder / MANIFEST}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
+        raise ExportedError(f"{where}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
                             f"this package reads {FORMAT!r} version {FORMAT_VERSION}: export again with it")
-    graphs = manifest.get("graphs")
-    if not isinstance(graphs, list) or not graphs:
-        raise ExportedError(f"{folder / MANIFEST}: 'graphs' must list the exported graphs")
-    for graph in graphs:
+    for key, kind in MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise ExportedError(f"{where}: '{key}' must be a JSON {'list' if kind is list else 'object' if kind is dict else 'string'} "
+                                "(export writes it); export again")
+    for name in (RECORD, PREPROCESSING, *([THRESHOLDS] if (folder / THRESHOLDS).exists() else [])):
+        if name not in manifest["files"]:
+            raise ExportedError(f"{where}: 'files' does not hash {name}; export again")
+    for name, expected in manifest["files"].items():
+        _checked_file(folder, name, expected, where)
+    categories = read_json(folder / RECORD, "the source run's record").get("categories") or [None]
+    graphs = manifest["graphs"]
+    if len(graphs) != len(categories):
+        raise ExportedError(f"{where}: {len(graphs)} graphs for the {len(categories)} categories of {RECORD}; export again")
+    for index, (graph, category) in enumerate(zip(graphs, categories)):
+        if not (isinstance(graph, dict) and graph.get("category") == category and graph.get("folder") == f"graphs/{index}"
+                and isinstance(graph.get("files"), dict) and graph.get("graph") in graph["files"]):
+            raise ExportedError(f"{where}: graphs[{index}] must be the graph of {category or 'the run'} in graphs/{index}/, "
+                                "its file among its hashed files; export again")
         for name, expected in graph["files"].items():
-            path = folder / graph["folder"] / name
-            if not path.is_file():
-                raise ExportedError(f"{path}: missing (listed in {folder / MANIFEST}); export again")
-            if sha256_file(path) != expected:
-                raise ExportedError(f"{path}: sha256 differs from the one {folder / MANIFEST} records: not the exported graph; export again")
+            _checked_file(folder / graph["folder"], name, expected, where)
     return manifest
+
+
+def check_preprocessing(preprocessing: dict, path: Path) -> int:
+    """The input side preprocessing.json gives, checked."""
+    side = preprocessing.get("side")
+    if not isinstance(side, int) or isinstance(side, bool) or side < 1:
+        raise ExportedError(f"{path}: 'side' must be a whole number of pixels >= 1, got {side!r}; export again")
+    return side
 
 
 def to_pixels(images: list[np.ndarray]) -> np.ndarray:
@@ -110,7 +150,7 @@ class OnnxGraphs:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         self.preprocessing = read_json(self.folder / PREPROCESSING, "the input's description")
-        self.image_size = int(self.preprocessing["side"])
+        self.image_size = check_preprocessing(self.preprocessing, self.folder / PREPROCESSING)
         self.providers, self.threads = providers_for(device), threads
         self.device = self.providers[0].removesuffix("ExecutionProvider").lower()
         self._sessions: dict[str, object] = {}
