@@ -25,3 +25,32 @@ def test_batch_zero_shot_runs_through_train_and_evaluate_and_predict_refuses_it_
                     cwd=workspace, check=False)
     assert refused.returncode == 1 and refused.stderr.strip().count("\n") == 0, refused.stderr
     assert "scores a category's test images against each other (fewshot.mutual: true)" in refused.stderr
+
+
+def test_batch_zero_shot_validation_never_scores_an_image_beside_its_own_synthetic_anomalies():
+    """Scored together, a synthetic anomaly found its own source image (and its sibling) among the others: a near-twin
+    no test image has, which pulled the validation maps, and the thresholds fitted on them, down. Each group now holds
+    one version of every image of its category, real and synthetic mixed; the test split keeps one group."""
+    from d2dprompt.core.data.latent_store import LatentRow
+    from d2dprompt.pipeline.evaluate import twin_free_groups
+
+    rows = []
+    for category, images in (("disc", 3), ("tile", 4), ("weave", 1)):
+        for i in range(images):
+            path = f"{category}/train/good/{i:03d}.png"
+            rows.append(LatentRow(path, "real", category, "val", 0, "good", path, ""))
+            rows += [LatentRow(f"{path}#syn{k}", "synthetic", category, "val", 1, "perlin", path, "") for k in range(2)]
+    groups = twin_free_groups(rows)
+    members: dict[tuple[str, int], list[LatentRow]] = {}
+    for row, group in zip(rows, groups):
+        members.setdefault((row.category, group), []).append(row)
+    for (category, _), held in members.items():
+        sources = [row.image_path for row in held]
+        if category == "weave":  # one image: nothing else to compare with, its versions stay together
+            assert len(held) == 3
+            continue
+        assert len(sources) == len(set(sources)) >= 2  # one version of each image
+    assert {len([g for (c, g) in members if c == category]) for category in ("disc", "tile")} == {3}
+    assert all({r.source for r in held} == {"real", "synthetic"} for (c, _), held in members.items() if c == "tile")
+    test = [LatentRow(f"disc/test/good/{i}.png", "real", "disc", "test", 0, "good", f"disc/test/good/{i}.png", "") for i in range(4)]
+    assert twin_free_groups(test) == [0, 0, 0, 0]

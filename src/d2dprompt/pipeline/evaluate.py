@@ -129,9 +129,10 @@ def method_scorer(method: Method, model, record: dict, latents_dir: Path, downlo
     def score(idx: list[int], desc: str) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = torch.zeros(len(idx), ev.map_size, ev.map_size), torch.zeros(len(idx))
         together = method.scores_together(record)  # batch zero-shot: a category's images are each other's reference
-        groups: dict[str | None, list[int]] = {}
+        groups: dict[object, list[int]] = {}
+        twin_free = twin_free_groups([rows[i] for i in idx]) if together else [0] * len(idx)
         for position, row in enumerate(idx):
-            groups.setdefault(keys[row] if method.per_category or together else None, []).append(position)
+            groups.setdefault((keys[row], twin_free[position]) if method.per_category or together else None, []).append(position)
         bar = tqdm(total=len(idx), desc=desc, unit="img", disable=not distributed.is_main())
         for where in groups.values():
             step = len(where) if together else ev.batch_size
@@ -144,6 +145,28 @@ def method_scorer(method: Method, model, record: dict, latents_dir: Path, downlo
         return maps.numpy(), scores.numpy()
 
     return score, rows, tensors
+
+
+def twin_free_groups(rows: list[LatentRow]) -> list[int]:
+    """A group number per row such that no group holds two versions of one image (the real one and its synthetic
+    anomalies, `<image>#syn<k>`): scored together, a synthetic anomaly would find its own source as a near-twin, which
+    no test image has, and thresholds fitted on such maps would sit too low. Version v of a category's i-th image goes
+    to group (i + v) mod the versions, so each group mixes real and synthetic rows and holds one version of every
+    image; rows without variants (the test split) all share group 0."""
+    from d2dprompt.core.data.latent_store import SYNTHETIC_MARK
+
+    sources: dict[tuple[str, str], int] = {}
+    per_category: dict[str, int] = {}
+    versions = 1 + max((int(r.key.rsplit(SYNTHETIC_MARK, 1)[1]) + 1 for r in rows if SYNTHETIC_MARK in r.key), default=0)
+    groups = []
+    for row in rows:
+        source, _, k = row.key.partition(SYNTHETIC_MARK)
+        if (row.category, source) not in sources:
+            sources[(row.category, source)] = per_category.get(row.category, 0)
+            per_category[row.category] = sources[(row.category, source)] + 1
+        groups.append((sources[(row.category, source)] + (int(k) + 1 if k else 0)) % versions)
+    # a category with one image has nothing else to compare with: its versions stay together
+    return [0 if per_category[row.category] < 2 else g for row, g in zip(rows, groups)]
 
 
 def shared_out(score: Scorer, block: int) -> Scorer:

@@ -77,7 +77,7 @@ def encode_dataset(
     import torch
     from tqdm import tqdm
 
-    from d2dprompt.core.data.latent_store import LATENT_DTYPE, LatentRow
+    from d2dprompt.core.data.latent_store import LATENT_DTYPE, SYNTHETIC_MARK, LatentRow
     from d2dprompt.core.models import encode
     from d2dprompt.core.data.row_images import load_textures, real_image, synthetic_variant
 
@@ -106,7 +106,7 @@ def encode_dataset(
                 syn, syn_mask = synthetic_variant(image, row.image_path, k, params, textures)
                 label = int(syn_mask.any())  # no visible defect could be drawn: a normal row, not a mislabelled one
                 kind = "synthetic" if label else "good"
-                pending.append((syn, syn_mask, LatentRow(f"{row.image_path}#syn{k}", "synthetic", row.category, split, label, kind, row.image_path, "")))
+                pending.append((syn, syn_mask, LatentRow(f"{row.image_path}{SYNTHETIC_MARK}{k}", "synthetic", row.category, split, label, kind, row.image_path, "")))
         if len(pending) >= params.batch_size:
             flush()
     flush()

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+SYNTHETIC_MARK = "#syn"  # a synthetic anomaly's key: its source image's path, this mark, its number k
 LATENT_DTYPE = torch.float16  # halves the stage's disk size; evaluate and predict read latents at this precision
 INDEX_FIELDS = ("key", "source", "category", "split", "label", "defect_type", "image_path", "mask_path")
 

@@ -16,7 +16,7 @@ import torch
 
 from d2dprompt.core.runtime.config import LatentsParams, ParamsError
 from d2dprompt.core.data.images import ImageError, load_mask, load_rgb, resize_mask, resize_rgb
-from d2dprompt.core.data.latent_store import LatentRow
+from d2dprompt.core.data.latent_store import SYNTHETIC_MARK, LatentRow
 from d2dprompt.core.data.synth import procedural_texture, synthesize_visible
 
 TEXTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -67,7 +67,7 @@ def row_image(
     drawn at `synth_size` (= model.image_size, where the latents stage drew them) and then resized."""
     if row.source != "synthetic":
         return real_image(root, row.image_path, row.mask_path, row.label, size)
-    base, _, k = row.key.rpartition("#syn")
+    base, _, k = row.key.rpartition(SYNTHETIC_MARK)
     image, _ = real_image(root, base, "", 0, synth_size)
     syn, mask = synthetic_variant(image, base, int(k), params, textures)
     if int(mask.any()) != row.label:
