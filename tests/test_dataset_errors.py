@@ -276,3 +276,22 @@ def test_predict_exits_1_when_every_image_is_too_small(prompts_dir, params_file,
 
 
 SUFFIXES = ".bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp"
+
+
+def test_a_folder_prepared_by_anomalib_with_masks_named_after_their_images_is_read(tmp_path, disc):
+    """anomalib's VisA split names a mask after its image (ground_truth/<defect>/000.png): it was refused with
+    "anomalous image has no mask"."""
+    masks = sorted((disc / "disc" / "ground_truth").glob("*/*_mask.png"))
+    for mask in masks:
+        mask.rename(mask.with_name(mask.name.replace("_mask", "")))
+    result = run_download(tmp_path, disc)
+    assert result.exit_code == 0, result.output
+    rows = read_manifest(tmp_path / "out" / "folder" / "manifest.csv")
+    assert sum(bool(r.mask_path) for r in rows) == len(masks) and all(r.mask_path.endswith(".png") for r in rows if r.label)
+
+
+def test_a_folder_with_btads_ok_ko_names_says_what_to_rename(tmp_path, disc):
+    (disc / "disc" / "train" / "good").rename(disc / "disc" / "train" / "ok")
+    line = failed_line(run_download(tmp_path, disc))
+    assert line.endswith("train/ok: BTAD's ok/ko naming; MVTec layout names normal images good/: rename train/ok and test/ok to good "
+                         "(test/ko and ground_truth/ko may stay), or list btad in download.archives")

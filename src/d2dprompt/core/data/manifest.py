@@ -104,6 +104,9 @@ def _is_category(folder: Path) -> bool:
 def _scan_category(root: Path, cat_dir: Path, dataset: str) -> list[ManifestRow]:
     category = cat_dir.name
     train_good, test_dir = cat_dir / "train" / GOOD, cat_dir / "test"
+    if not train_good.is_dir() and (cat_dir / "train" / "ok").is_dir():
+        raise LayoutError(f"{cat_dir / 'train' / 'ok'}: BTAD's ok/ko naming; MVTec layout names normal images good/: rename "
+                          "train/ok and test/ok to good (test/ko and ground_truth/ko may stay), or list btad in download.archives")
     if not train_good.is_dir() or not images_in(train_good):
         raise LayoutError(f"{train_good}: missing or empty; MVTec layout needs <category>/train/good/*.png")
     extra = [d.name for d in subdirs(cat_dir / "train") if d.name != GOOD]
@@ -135,8 +138,10 @@ def _scan_category(root: Path, cat_dir: Path, dataset: str) -> list[ManifestRow]
                 rows.append(ManifestRow(dataset, category, "test", 0, GOOD, rel(image), ""))
                 continue
             mask = cat_dir / "ground_truth" / defect / f"{image.stem}_mask.png"
+            if not mask.is_file() and (cat_dir / "ground_truth" / defect / f"{image.stem}.png").is_file():
+                mask = cat_dir / "ground_truth" / defect / f"{image.stem}.png"  # anomalib's VisA split names masks after the image
             if not mask.is_file():
-                raise LayoutError(f"{image}: anomalous image has no mask (expected {mask})")
+                raise LayoutError(f"{image}: anomalous image has no mask (expected {mask}, or {image.stem}.png beside it)")
             rows.append(ManifestRow(dataset, category, "test", 1, defect, rel(image), rel(mask)))
     return rows
 
@@ -144,8 +149,8 @@ def _scan_category(root: Path, cat_dir: Path, dataset: str) -> list[ManifestRow]
 def scan_mvtec_layout(root: str | Path, dataset: str, categories: list[str] | None = None) -> list[ManifestRow]:
     """Validate `root` as MVTec AD layout and list its images, sorted by category, split, defect, path.
 
-    Layout: <cat>/train/good/*, <cat>/test/<defect>/*, <cat>/ground_truth/<defect>/<stem>_mask.png, and optionally
-    <cat>/validation/good/* (split val).
+    Layout: <cat>/train/good/*, <cat>/test/<defect>/*, <cat>/ground_truth/<defect>/<stem>_mask.png (or <stem>.png, as
+    anomalib's VisA split names them), and optionally <cat>/validation/good/* (split val).
     `categories` (None or empty = all) restricts the scan; an unknown name is an error.
     """
     root = Path(root)
