@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -137,17 +138,23 @@ def run_measured(command: str, cwd: Path, log: Path) -> tuple[float, float]:
     with log.open("w") as out:
         # `python` and `torchrun` as dvc would find them, from this interpreter's environment first
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        proc = subprocess.Popen(command, shell=True, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        # a session of its own: stopping the benchmark (Ctrl+C) stops the stage and torchrun's workers with it
+        proc = subprocess.Popen(command, shell=True, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         watched = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            rss = 0
-            for p in [watched, *watched.children(recursive=True)]:
-                try:
-                    rss += p.memory_info().rss
-                except psutil.Error:  # ended between the listing and the reading
-                    pass
-            peak = max(peak, rss)
-            time.sleep(SAMPLE_S)
+        try:
+            while proc.poll() is None:
+                rss = 0
+                for p in [watched, *watched.children(recursive=True)]:
+                    try:
+                        rss += p.memory_info().rss
+                    except psutil.Error:  # ended between the listing and the reading
+                        pass
+                peak = max(peak, rss)
+                time.sleep(SAMPLE_S)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+            raise
     if proc.returncode:
         raise RuntimeError(f"{command}: exit code {proc.returncode}; its output is in {log}")
     return time.perf_counter() - start, peak / MIB
