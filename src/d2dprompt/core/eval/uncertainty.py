@@ -8,8 +8,6 @@ reported mean moves with the test images, not how much categories differ from ea
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 from d2dprompt.core.eval.bootstrap import METRICS, difference_of, interval_of, metric_replicas
