@@ -11,9 +11,10 @@ while it streams in and never stored; an image's pixel count is read from its he
 --max-megapixels before anything is decoded (a decompression bomb is "too large", not "not an image"); accepted
 images are decoded down to --work-side pixels on their longer side (a JPEG already while it decodes), so one
 image's arrays stay a few MB; at most --max-images are scored per request and requests run one at a time. Every
-upload is deleted once scored or refused, each request writes its downloads and shown images as files to a folder
-of its own (the session's earlier one is deleted; a file already served is never rewritten), a session's results go when its tab closes, and the scratch folder (uploads, Gradio's
-cache, downloads) is removed when the app stops (Ctrl+C or SIGTERM). It binds to 127.0.0.1 unless --host says
+upload is deleted once scored or refused; each request writes its downloads and shown images as files to a folder
+of its own (the session's earlier one is deleted; a file already served is never rewritten); a session's results go
+when its tab closes; and the scratch folder (uploads, Gradio's cache, downloads) is removed when the app stops
+(Ctrl+C or SIGTERM). It binds to 127.0.0.1 unless --host says
 otherwise, and works offline: Gradio serves its own front-end files, analytics are off and the page uses the
 system's fonts.
 """
