@@ -53,7 +53,8 @@ def test_params_for_points_every_stage_at_the_generated_folder():
     params = params_for(base, Path("/data/scale"), ["bottle"], ["patchknn", "draem"], 256, 1)
     assert params["download"]["folders"] == {"scale": "/data/scale"} and params["download"]["categories"] == ["bottle"]
     assert params["train"]["datasets"] == params["evaluate"]["datasets"] == ["scale"] and params["model"]["image_size"] == 256
-    assert params["train"]["epochs"] == params["draem"]["epochs"] == params["decodiff"]["epochs"] == 1
+    assert params["train"]["epochs"] == params["draem"]["epochs"] == 1  # a listed method's own epochs too
+    assert params["decodiff"]["epochs"] == base["decodiff"]["epochs"]  # not listed: as the repository has it
     assert base["download"]["folders"] == {"sample": "data/sample"}  # the repository's params are not touched
 
 

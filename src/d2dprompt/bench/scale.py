@@ -8,7 +8,8 @@ that many categories, with the repository's params.yaml and the tiny model at `-
 wall time, the peak resident memory of the stage's whole process tree (torchrun's workers included, sampled every
 0.05 s) and the disk its outputs take; over the counts, the growth exponent b of cost ~ images^b (1: linear).
 
-Training runs `--epochs` epochs (each method's epochs key): its time is per `--epochs`, not a full training.
+Training runs `--epochs` epochs (train.epochs, and <method>.epochs for a listed method that has its own): its time
+is per `--epochs`, not a full training.
 `--fraction` scales every category's image counts (at least 2 of each kind): a quick run of the same shape.
 Writes <out>/scale.json and prints the table BENCHMARKS.md shows.
 """
@@ -44,7 +45,6 @@ MVTEC_AD = (
 DATASET = "scale"  # the generated folder's name in download.folders
 TEXTURE = 24  # side of the random texture each image is upscaled from: smooth, so the PNGs stay small
 SAMPLE_S = 0.05  # how often a stage's process tree is sampled for its resident memory
-EPOCH_KEYS = {"draem": "epochs", "decodiff": "epochs"}  # <method>.<key>; the others train train.epochs
 MIB = 2**20
 
 
@@ -173,8 +173,9 @@ def params_for(base: dict, data: Path, categories: list[str], methods: list[str]
     for block in ("train", "evaluate"):
         params[block]["datasets"] = [DATASET]
     params["train"]["epochs"] = epochs
-    for method, key in EPOCH_KEYS.items():
-        params[method][key] = epochs
+    for method in methods:  # a method that trains for its own epochs has them in its block (<method>.epochs)
+        if "epochs" in params.get(method, {}):
+            params[method]["epochs"] = epochs
     return params
 
 
