@@ -65,8 +65,9 @@ def read_record(folder: str | Path) -> tuple[dict, Params, Method]:
         params = params_from_dict({**blocks, "methods": [method.name]})
     except ParamsError as err:
         raise ParamsError(f"{folder / CONFIG_FILE}: {err}") from None
-    # the blocks as validated, every key present: the code that rebuilds the model reads them
-    record = {**record, **{b: getattr(params, b).model_dump() for b in blocks if hasattr(params, b)}}
+    # every key present (a missing one at its validated default), every recorded value kept as written: the code
+    # that rebuilds the model reads them
+    record = {**record, **{b: {**getattr(params, b).model_dump(), **record[b]} for b in blocks if hasattr(params, b)}}
     return record, params, method
 
 
