@@ -1,5 +1,6 @@
-"""The compare stage (pipeline/compare.py) on evaluate outputs built here: a method that separates perfectly beats a
-random one with p < 0.01, two identical methods differ by 0 with p = 1, and rows that differ are refused."""
+"""The compare stage (pipeline/compare.py) on evaluate outputs built here with evaluate's own per-category code: a
+method that separates perfectly beats a random one with p < 0.01, two identical methods differ by 0 with p = 1, rows
+that differ and replicas drawn under other params are refused, and no map is read."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from types import SimpleNamespace
 import numpy as np
 import yaml
 
-from d2dprompt.core.data.evaluated import MAPS_FILE, write_evaluated
+from d2dprompt.core.data.evaluated import MAPS_FILE, REPLICAS_FILE, write_evaluated, write_replicated
+from d2dprompt.core.eval.thresholds import Thresholds
+from d2dprompt.params import load_params
+from d2dprompt.pipeline.evaluate import category_metrics
 from tests.conftest import stage, write_params
 
 SIDE = 64  # 10 normal images per category: 40960 normal pixels reach the FPR range set below
@@ -33,15 +37,23 @@ def synthetic_rows(seed: int = 0):
     return rows, np.array(labels), np.stack(masks), rng
 
 
-def write_method(root: Path, name: str, rows, labels, scores, maps, masks) -> Path:
+EVALUATE = {"aupimo_fpr": [1.0e-3, 1.0e-2], "bootstrap": 500}
+
+
+def write_method(root: Path, name: str, rows, labels, scores, maps, masks, evaluate: dict = EVALUATE) -> Path:
+    """What evaluate writes for these maps: the maps file and, from evaluate's own per-category code, the replicas."""
     folder = root / "stages/evaluate" / name / "sample"
     folder.mkdir(parents=True, exist_ok=True)
+    ev = load_params(write_params(folder, evaluate=evaluate)).evaluate
+    (folder / "params.yaml").unlink()
     write_evaluated(folder / MAPS_FILE, rows, labels, scores, maps, masks)
-    return folder / MAPS_FILE
+    _, replicated = category_metrics(rows, labels, scores, masks, maps, np.zeros_like(masks), Thresholds(0.5, 0.5, "fixed"), ev)
+    write_replicated(folder / REPLICAS_FILE, replicated)
+    return folder / REPLICAS_FILE
 
 
 def params(root: Path, methods: list[str]) -> None:
-    path = write_params(root, evaluate={"aupimo_fpr": [1.0e-3, 1.0e-2], "bootstrap": 500})
+    path = write_params(root, evaluate=EVALUATE)
     raw = yaml.safe_load(path.read_text())
     path.write_text(yaml.safe_dump({**raw, "methods": methods}))
 
@@ -97,7 +109,7 @@ def test_compare_refuses_methods_scored_on_other_rows_and_says_when_there_is_one
     assert json.loads((tmp_path / "metrics/compare/sample.json").read_text())["pairs"] == {}
 
 
-def test_compare_needs_resamples_and_its_maps_files(tmp_path):
+def test_compare_needs_resamples_and_its_replicas_files(tmp_path):
     rows, labels, masks, rng = synthetic_rows()
     write_method(tmp_path, "d2dprompt", rows, labels, rng.random(len(rows)), rng.random(masks.shape).astype(np.float32), masks)
     path = write_params(tmp_path, evaluate={"bootstrap": 0})
@@ -107,14 +119,37 @@ def test_compare_needs_resamples_and_its_maps_files(tmp_path):
     params(tmp_path, ["d2dprompt", "draem"])
     failed = stage("compare", "sample", cwd=tmp_path, check=False)
     assert failed.returncode == 1 and failed.stderr.strip().splitlines()[-1] == (
-        "error: stages/evaluate/draem/sample/maps.safetensors: not found; run the evaluate stage of this method and dataset first")
+        "error: stages/evaluate/draem/sample/replicas.safetensors: not found; run the evaluate stage of this method and dataset first")
     (tmp_path / "stages/evaluate/draem/sample").mkdir(parents=True)
-    (tmp_path / "stages/evaluate/draem/sample/maps.safetensors").write_bytes(b"not safetensors")
+    (tmp_path / "stages/evaluate/draem/sample/replicas.safetensors").write_bytes(b"not safetensors")
     failed = stage("compare", "sample", cwd=tmp_path, check=False)
-    assert failed.returncode == 1 and "maps.safetensors: not an evaluate maps file" in failed.stderr and "Traceback" not in failed.stderr
+    assert failed.returncode == 1 and "replicas.safetensors: not an evaluate replicas file" in failed.stderr and "Traceback" not in failed.stderr
 
 
-def test_a_maps_file_has_the_same_bytes_each_time_the_same_rows_are_written(tmp_path):
+def test_compare_reads_no_map_and_refuses_replicas_drawn_under_other_params(tmp_path):
+    """compare pairs what evaluate already computed: with every maps file gone it gives the very same record; a
+    method evaluated with another bootstrap seed drew other resamples, so pairing it would be wrong, and is refused."""
+    rows, labels, masks, rng = synthetic_rows()
+    maps = (masks + 0.5 * rng.random(masks.shape)).astype(np.float32)
+    other = rng.random(masks.shape).astype(np.float32)
+    write_method(tmp_path, "d2dprompt", rows, labels, maps.max(axis=(1, 2)), maps, masks)
+    write_method(tmp_path, "draem", rows, labels, other.max(axis=(1, 2)), other, masks)
+    params(tmp_path, ["d2dprompt", "draem"])
+    stage("compare", "sample", cwd=tmp_path)
+    first = (tmp_path / "metrics/compare/sample.json").read_bytes()
+    for found in (tmp_path / "stages/evaluate").rglob(MAPS_FILE):
+        found.unlink()
+    stage("compare", "sample", cwd=tmp_path)
+    assert (tmp_path / "metrics/compare/sample.json").read_bytes() == first
+
+    write_method(tmp_path, "draem", rows, labels, other.max(axis=(1, 2)), other, masks, {**EVALUATE, "bootstrap_seed": 7})
+    failed = stage("compare", "sample", cwd=tmp_path, check=False)
+    assert failed.returncode == 1 and failed.stderr.strip().splitlines()[-1] == (
+        "error: stages/evaluate/draem/sample/replicas.safetensors: replicas drawn with seed 7, params.yaml says 0; "
+        "rerun the evaluate stage with params.yaml")
+
+
+def test_a_maps_and_a_replicas_file_have_the_same_bytes_each_time_the_same_rows_are_written(tmp_path):
     """safetensors writes its metadata map in a random order: with more than one key, identical runs would write
     different bytes and dvc.lock would differ between them (README "Reproducibility")."""
     rows, labels, masks, rng = synthetic_rows()
@@ -122,8 +157,8 @@ def test_a_maps_file_has_the_same_bytes_each_time_the_same_rows_are_written(tmp_
     scores = maps.max(axis=(1, 2))
     written = set()
     for i in range(16):
-        path = write_method(tmp_path / str(i), "d2dprompt", rows, labels, scores, maps, masks)
-        written.add(path.read_bytes())
+        path = write_method(tmp_path / str(i), "d2dprompt", rows, labels, scores, maps, masks, {**EVALUATE, "bootstrap": 100})
+        written.add((path.read_bytes(), (path.parent / MAPS_FILE).read_bytes()))
     assert len(written) == 1
 
 

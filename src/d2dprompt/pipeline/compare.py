@@ -1,10 +1,10 @@
 """python -m d2dprompt.pipeline.compare DATASET [--params params.yaml] [--evaluated stages/evaluate] [--out stages/compare] [--metrics metrics/compare]
 
 The methods of params.yaml's `methods` side by side on one dataset's test images (dvc.yaml: compare@<dataset>).
-It reads the maps each evaluate@<method>-<dataset> scored (maps.safetensors; the same rows for every method, checked)
-and, for every pair of methods, writes the difference of image_AUROC, pixel_AUROC, pixel_AUPRO and AUPIMO with its
-paired-bootstrap interval and p-value, per category and for the mean over categories: every replica draws the same
-test images for both methods (evaluate.bootstrap resamples, stratified by label, evaluate.bootstrap_seed), so what the
+It reads what each evaluate@<method>-<dataset> computed (replicas.safetensors: exact metrics and bootstrap replicas
+per category; the same rows and resampling params for every method, checked), no map, and for every pair of methods
+writes the difference of image_AUROC, pixel_AUROC, pixel_AUPRO and AUPIMO with its paired-bootstrap interval and
+p-value, per category and for the mean over categories: every replica draws the same test images for both methods (evaluate.bootstrap resamples, stratified by label, evaluate.bootstrap_seed), so what the
 two share, such as hard images, cancels. Writes `metrics/compare/<dataset>.json` and `.md`, and under
 `stages/compare/<dataset>/` the plot data: `aupimo.csv` (each anomalous test image's AUPIMO per method) and
 `differences.csv` (each pair's mean differences with their intervals). A pair's mean averages only the categories
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from d2dprompt.core.data.evaluated import MAPS_FILE, Evaluated, read_evaluated
+from d2dprompt.core.data.evaluated import REPLICAS_FILE, Replicated, read_replicated
 from d2dprompt.core.eval.bootstrap import METRICS
-from d2dprompt.core.eval.metrics import image_metrics, pixel_metrics, summarize
-from d2dprompt.core.eval.uncertainty import HI, LO, aupimo_per_image, category_seed, paired_differences, replicas_of, with_intervals
+from d2dprompt.core.eval.metrics import summarize
+from d2dprompt.core.eval.uncertainty import HI, LO, paired_differences, replica_settings, with_intervals
 from d2dprompt.core.runtime import numerics
 from d2dprompt.core.runtime.cli import app_for
 from d2dprompt.core.runtime.config import EvaluateParams, ParamsError, flatten
@@ -38,28 +38,21 @@ HOW_TO_READ = ("Each cell is the first method's metric minus the second's, its {
                "test images cannot tell the two methods apart.")
 
 
-def method_metrics(data: Evaluated, ev: EvaluateParams) -> tuple[dict, dict, np.ndarray, list[str]]:
+def method_metrics(data: Replicated, ev: EvaluateParams) -> tuple[dict, dict, np.ndarray, list[str]]:
     """(summary with intervals {category | mean: {metric: value, metric_lo, metric_hi}}, replicas per category,
-    per-image AUPIMO, why AUPIMO is n/a in a category that has both classes), computed as evaluate computes them
-    (same seeds per category)."""
-    per_category, replicas, notes = {}, {}, []
-    per_image = np.full(len(data.labels), np.nan)
-    categories = np.array(data.categories)
-    for index, category in enumerate(sorted(set(data.categories))):
-        idx = np.flatnonzero(categories == category)
-        labels, scores, masks, maps = data.labels[idx], data.scores[idx], data.masks[idx], data.maps[idx]
-        mean_aupimo, per_image[idx], why = aupimo_per_image(masks, maps, ev.aupimo_fpr)
-        if why and labels.min() != labels.max():
-            notes.append(f"AUPIMO n/a for {category}: {why}")
-        per_category[category] = {"image_AUROC": image_metrics(labels, scores)["image_AUROC"],
-                                  **{k: v for k, v in pixel_metrics(masks, maps, ev.aupro_fpr_limit).items() if k in METRICS},
-                                  "AUPIMO": mean_aupimo}
-        replicas[category] = replicas_of(labels, scores, masks, maps, n_resamples=ev.bootstrap, seed=category_seed(ev.bootstrap_seed, index),
-                                         fpr_limit=ev.aupro_fpr_limit, fpr_bounds=ev.aupimo_fpr, with_aupimo=why is None)
-    return with_intervals(summarize(per_category), replicas, ev.confidence), replicas, per_image, notes
+    per-image AUPIMO, why AUPIMO is n/a in a category that has both classes), from what evaluate computed."""
+    return with_intervals(summarize(data.exact), data.replicas, ev.confidence), data.replicas, data.aupimo, data.notes
 
 
-def same_rows(evaluated: dict[str, Evaluated], files: dict[str, Path]) -> None:
+def drawn_alike(data: Replicated, path: Path, ev: EvaluateParams, params: Path) -> None:
+    """Replicas drawn under other params (evaluate run by hand with another file) would pair different resamples."""
+    wanted = replica_settings(ev)
+    for key, value in data.settings.items():
+        if wanted.get(key) != value:
+            raise ValueError(f"{path}: replicas drawn with {key} {value}, {params} says {wanted.get(key)}; rerun the evaluate stage with {params}")
+
+
+def same_rows(evaluated: dict[str, Replicated], files: dict[str, Path]) -> None:
     """Every method must have scored the same test images in the same order: a pairing needs it."""
     (first, reference), *others = evaluated.items()
     for name, data in others:
@@ -106,7 +99,7 @@ def markdown(dataset: str, summaries: dict[str, dict], pairs: dict[str, dict], e
     return "\n".join(lines)
 
 
-def write_plot_data(folder: Path, evaluated: dict[str, Evaluated], per_image: dict[str, np.ndarray], pairs: dict[str, dict]) -> None:
+def write_plot_data(folder: Path, evaluated: dict[str, Replicated], per_image: dict[str, np.ndarray], pairs: dict[str, dict]) -> None:
     with (folder / "aupimo.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["method", "category", "image_path", "aupimo"])
@@ -125,7 +118,7 @@ def write_plot_data(folder: Path, evaluated: dict[str, Evaluated], per_image: di
 def main(
     dataset: str = typer.Argument(..., help="a dataset every listed method was evaluated on"),
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    evaluated: Path = typer.Option(Path("stages/evaluate"), help="evaluate's outputs: <evaluated>/<method>/<dataset>/maps.safetensors"),
+    evaluated: Path = typer.Option(Path("stages/evaluate"), help="evaluate's outputs: <evaluated>/<method>/<dataset>/replicas.safetensors"),
     out: Path = typer.Option(Path("stages/compare"), help="plot data goes to <out>/<dataset>/"),
     metrics: Path = typer.Option(Path("metrics/compare"), help="<metrics>/<dataset>.json and .md"),
 ) -> None:
@@ -136,8 +129,10 @@ def main(
         ev = cfg.evaluate
         if not ev.bootstrap:
             raise ParamsError(f"{params}: evaluate.bootstrap: 0 gives no intervals to compare with; set it to 1000 (or more)")
-        files = {name: evaluated / name / dataset / MAPS_FILE for name in cfg.methods}
-        data = {name: read_evaluated(path) for name, path in files.items()}
+        files = {name: evaluated / name / dataset / REPLICAS_FILE for name in cfg.methods}
+        data = {name: read_replicated(path) for name, path in files.items()}
+        for name, d in data.items():
+            drawn_alike(d, files[name], ev, params)
         same_rows(data, files)
         with start_run("compare", {**flatten(cfg), "compare.dataset": dataset}) as log:
             log.set_tags(numerics.machine_tags())

@@ -9,7 +9,7 @@ for a method that keeps its own (methods/base.py: own_image_score). Writes
 image_F1 / pixel_F1 at thresholds fitted on the validation split, per category and their mean, plus
 the validation split's own image metrics and pixel_AUROC),
 `metrics/<dataset>.md` (the same as a table), and under `<out>/<dataset>/`: thresholds.json, scores.csv
-(each test image's score and decision), DVC plot data (ROC / PR curves, per-category bars) and one PNG grid per category of best and worst cases.
+(each test image's score and decision), replicas.safetensors (what compare pairs), maps.safetensors (float16 maps), DVC plot data (ROC / PR curves, per-category bars) and one PNG grid per category of best and worst cases.
 Under torchrun (dvc.yaml, distributed.nproc > 1) every method's rows are split over the processes, each
 scores its share and rank 0 gathers the maps and scores in row order, computes the metrics and writes.
 """
@@ -32,8 +32,9 @@ from d2dprompt.params import Params, load_params
 from d2dprompt.core.runtime.cli import app_for
 from d2dprompt.core.data.images import ImageError, load_mask, load_rgb, resize_mask
 from d2dprompt.core.eval.metrics import image_metrics, pixel_metrics, summarize
-from d2dprompt.core.eval.uncertainty import aupimo_per_image, category_seed, replicas_of, with_intervals
-from d2dprompt.core.data.evaluated import MAPS_FILE, write_evaluated
+from d2dprompt.core.eval.uncertainty import aupimo_per_image, category_seed, replica_settings, replicas_of, with_intervals
+from d2dprompt.core.data.evaluated import MAPS_FILE, REPLICAS_FILE, Replicated, write_evaluated, write_replicated
+from d2dprompt.core.eval.bootstrap import METRICS
 from d2dprompt.core.runtime.outputs import atomic_dir, write_json
 from d2dprompt.core.eval.report import display_range, write_grids, write_metrics, write_plot_data
 from d2dprompt.core.eval.thresholds import Thresholds, binary_masks, f1_at, fit_thresholds
@@ -214,10 +215,22 @@ def evaluate_dataset(scored: dict[str, tuple[list[int], np.ndarray, np.ndarray]]
     masks = ground_truth(download_dir, test_rows, ev.map_size)
     labels = np.array([r.label for r in test_rows])
     predicted = binary_masks(maps, thresholds.pixel, ev.opening_kernel, ev.min_area)
+    per_category, replicated = category_metrics(test_rows, labels, scores, masks, maps, predicted, thresholds, ev)
+    validation_rows = [rows[i] for i in scored["validation maps"][0]] if "validation maps" in scored else []
+    validation_scores = scored["validation maps"][2] if "validation maps" in scored else np.zeros(0)
+    details = {"validation_rows": validation_rows, "validation_scores": validation_scores, "rows": test_rows, "maps": maps, "masks": masks, "predicted": predicted, "scores": scores, "labels": labels, "validation": validation, "display_range": display,
+               "aupimo": replicated.aupimo, "notes": replicated.notes, "replicated": replicated}
+    return with_intervals(summarize(per_category), replicated.replicas, ev.confidence), thresholds, details
+
+
+def category_metrics(rows: list, labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, predicted: np.ndarray,
+                     thresholds: Thresholds, ev: EvaluateParams) -> tuple[dict[str, dict[str, float]], Replicated]:
+    """Each category's metrics of the test rows (anything with .image_path and .category), and what compare reads:
+    the exact values of the metrics it pairs, their bootstrap replicas, each image's AUPIMO."""
     per_category, replicas, notes = {}, {}, []
-    per_image_aupimo = np.full(len(test_rows), np.nan)
-    for index, category in enumerate(sorted({r.category for r in test_rows})):
-        idx = np.array([i for i, r in enumerate(test_rows) if r.category == category])
+    per_image_aupimo = np.full(len(rows), np.nan)
+    for index, category in enumerate(sorted({r.category for r in rows})):
+        idx = np.array([i for i, r in enumerate(rows) if r.category == category])
         mean_aupimo, per_image_aupimo[idx], why = aupimo_per_image(masks[idx], maps[idx], ev.aupimo_fpr)
         if why and labels[idx].min() != labels[idx].max():
             notes.append(f"AUPIMO n/a for {category}: {why}")
@@ -232,11 +245,10 @@ def evaluate_dataset(scored: dict[str, tuple[list[int], np.ndarray, np.ndarray]]
             replicas[category] = replicas_of(labels[idx], scores[idx], masks[idx], maps[idx], n_resamples=ev.bootstrap,
                                              seed=category_seed(ev.bootstrap_seed, index), fpr_limit=ev.aupro_fpr_limit,
                                              fpr_bounds=ev.aupimo_fpr, with_aupimo=why is None)
-    validation_rows = [rows[i] for i in scored["validation maps"][0]] if "validation maps" in scored else []
-    validation_scores = scored["validation maps"][2] if "validation maps" in scored else np.zeros(0)
-    details = {"validation_rows": validation_rows, "validation_scores": validation_scores, "rows": test_rows, "maps": maps, "masks": masks, "predicted": predicted, "scores": scores, "labels": labels, "validation": validation, "display_range": display,
-               "aupimo": per_image_aupimo, "notes": notes}
-    return with_intervals(summarize(per_category), replicas, ev.confidence), thresholds, details
+    exact = {c: {m: values[m] for m in METRICS} for c, values in per_category.items()}
+    replicated = Replicated([r.image_path for r in rows], [r.category for r in rows], np.asarray(labels, dtype=np.uint8), per_image_aupimo,
+                            exact, replicas, notes, replica_settings(ev))
+    return per_category, replicated
 
 
 def main(
@@ -270,6 +282,7 @@ def main(
                     write_json(tmp / "thresholds.json", threshold_record)
                     write_scores(tmp / SCORES_FILE, details["rows"], details["labels"], details["scores"], thresholds.image, details["aupimo"])
                     write_evaluated(tmp / MAPS_FILE, details["rows"], details["labels"], details["scores"], details["maps"], details["masks"])
+                    write_replicated(tmp / REPLICAS_FILE, details["replicated"])
                     write_validation(tmp / VALIDATION_FILE, details["validation_rows"], details["validation_scores"])
                     write_plot_data(tmp / "plots", details["labels"], details["scores"], details["masks"], details["maps"], summary)
                     write_grids(tmp / "grids", downloads / dataset, details["rows"], details["maps"], details["masks"], details["predicted"], details["scores"], details["labels"], ev.grid_cases,

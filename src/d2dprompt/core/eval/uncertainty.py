@@ -34,6 +34,12 @@ def category_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+def replica_settings(ev) -> dict:
+    """The evaluate params (EvaluateParams) a category's replicas depend on: compare pairs two methods' replicas only
+    when they were drawn alike."""
+    return {"resamples": ev.bootstrap, "seed": ev.bootstrap_seed, "aupro_fpr_limit": ev.aupro_fpr_limit, "aupimo_fpr": list(ev.aupimo_fpr)}
+
+
 def replicas_of(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, *, n_resamples: int, seed: int,
                 fpr_limit: float, fpr_bounds: tuple[float, float], with_aupimo: bool) -> dict[str, np.ndarray]:
     """Bootstrap replicas of image_AUROC, pixel_AUROC, pixel_AUPRO (and AUPIMO when defined) of one category;
