@@ -84,24 +84,57 @@ def test_cached_mode_gradients_reach_every_prompt_parameter(sd, prompts):
         assert all(p.grad is None for p in module.parameters())
 
 
-def test_queries_written_batch_by_batch_read_as_the_ones_held_in_memory(sd, tmp_path):
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_queries_written_batch_by_batch_read_as_the_ones_held_in_memory(sd, tmp_path, dtype):
     """The queries stage writes one batch at a time into the safetensors file (its memory no longer holds every
-    row): safetensors reads it, and every layer equals compute_queries' in-memory result, over batches that do not
-    divide the rows."""
+    row): the file has save_file's bytes for the in-memory result, over batches that do not divide the rows, and a
+    row is one contiguous slice, in both stored forms."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
+    from safetensors.torch import save_file
 
     from d2dprompt.methods.d2dprompt.query_cache import compute_queries, write_queries
 
     torch.manual_seed(0)
     segmenter = build_segmenter(sd, PromptParams(), AttentionParams(levels=[0, 1]), ModelParams(timestep=100)).eval()
     latents, noise = torch.randn(5, 4, 16, 16), fixed_noise(5, (4, 16, 16), 0)
-    shapes = write_queries(segmenter, latents, noise, 2, torch.device("cpu"), tmp_path / "queries.safetensors")
-    held = compute_queries(segmenter, latents, noise, 2, torch.device("cpu"))
-    read = load_file(tmp_path / "queries.safetensors")
-    assert set(read) == set(held) == set(shapes) and all(shapes[n] == tuple(held[n].shape) for n in held)
-    for name in held:
-        assert torch.equal(read[name], held[name])
+    shapes = write_queries(segmenter, latents, noise, 2, torch.device("cpu"), tmp_path / "queries.safetensors", dtype=dtype)
+    held = compute_queries(segmenter, latents, noise, 2, torch.device("cpu"), dtype=dtype)
+    save_file(held, tmp_path / "whole.safetensors")
+    assert (tmp_path / "queries.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+    assert set(shapes) == set(held) and all(shapes[n][0] == tuple(held[n].shape) for n in held)
+    assert len(held) == (2 if dtype == "int8" else 1) * len(segmenter.captured)
     with safe_open(str(tmp_path / "queries.safetensors"), framework="pt") as fh:  # one row is one contiguous slice
         name = sorted(held)[-1]
         assert torch.equal(fh.get_slice(name)[3:4][0], held[name][3])
+
+
+def test_int8_queries_read_back_within_half_a_step_of_each_channel_and_keep_its_cells_apart(sd, tmp_path):
+    """int8 queries dequantise to within half a quantisation step of the float32 queries, per channel (a channel
+    with small values keeps its own fine step instead of the layer's largest); the cache hands them over as float32
+    (passes, B, heads, HW, d) whether resident or streamed."""
+    from d2dprompt.methods.d2dprompt.query_cache import INT8_MAX, SCALE, QueryCache, compute_queries, quantised, save_queries
+
+    q = torch.randn(3, 1, 2, 64, 8) * torch.logspace(-3, 2, 8)  # channels six orders of magnitude apart
+    stored = quantised(q)
+    back = stored[""].float() * stored[SCALE].float()
+    step = q.abs().amax(dim=-2, keepdim=True) / INT8_MAX
+    assert stored[""].dtype == torch.int8 and stored[SCALE].shape == (3, 1, 2, 1, 8)
+    assert (stored[SCALE].float() >= step).all() and (stored[SCALE].float() <= step * 1.004 + 2.0**-24).all()  # rounded up, finely
+    assert ((back - q).abs() <= 0.5 * stored[SCALE].float() * (1 + 1e-6)).all()
+    assert torch.equal(quantised(torch.zeros(1, 1, 1, 4, 2))[""], torch.zeros(1, 1, 1, 4, 2, dtype=torch.int8))  # no 0/0
+
+    torch.manual_seed(0)
+    segmenter = build_segmenter(sd, PromptParams(), AttentionParams(levels=[0, 1]), ModelParams(timestep=100)).eval()
+    latents, noise = torch.randn(4, 4, 16, 16), fixed_noise(4, (4, 16, 16), 0)
+    exact = compute_queries(segmenter, latents, noise, 4, torch.device("cpu"), dtype="float16")
+    save_queries(compute_queries(segmenter, latents, noise, 4, torch.device("cpu"), dtype="int8"), ["a", "b", "c", "d"], tmp_path)
+    streamed = QueryCache(path=tmp_path / "queries.safetensors")
+    rows = torch.tensor([2, 0])
+    for cache in (streamed, streamed.resident(torch.device("cpu"))):
+        got = cache.batch(rows, torch.device("cpu"))
+        assert set(got) == set(exact)
+        for name, value in got.items():
+            want = exact[name][rows].float().transpose(0, 1)
+            assert value.dtype == torch.float32 and value.shape == want.shape
+            assert (value - want).abs().max() <= want.abs().max() / INT8_MAX
+    assert streamed.nbytes < 0.6 * sum(t.numel() * 2 for t in exact.values())

@@ -48,17 +48,17 @@ def cache_queries(cfg: Params, latents: Path, out: Path) -> str | None:
     if distributed.world_size() == 1:  # one batch in memory at a time, written where it goes in the file
         with atomic_dir(out) as tmp:
             tmp.mkdir(parents=True, exist_ok=True)
-            shapes = write_queries(segmenter, data_latents, noise, cfg.train.batch_size, device, tmp / QUERIES_FILE)
+            shapes = write_queries(segmenter, data_latents, noise, cfg.train.batch_size, device, tmp / QUERIES_FILE, dtype=cfg.attention.cache_dtype)
             (tmp / KEYS_FILE).write_text("".join(f"{k}\n" for k in keys))  # the folder itself appears whole
-        size = sum(2 * math.prod(shape) for shape in shapes.values())  # fp16
-        return f"queries: {len(keys)} rows x {len(shapes)} layers, {size / len(keys) / 2**20:.2f} MiB per row"
-    tensors = compute_queries_shared(segmenter, data_latents, noise, cfg.train.batch_size, device)
+        size = sum({"F16": 2, "I8": 1}[dtype] * math.prod(shape) for shape, dtype in shapes.values())
+        return f"queries: {len(keys)} rows x {len(segmenter.captured)} layers ({cfg.attention.cache_dtype}), {size / len(keys) / 2**20:.2f} MiB per row"
+    tensors = compute_queries_shared(segmenter, data_latents, noise, cfg.train.batch_size, device, dtype=cfg.attention.cache_dtype)
     if tensors is None:  # not rank 0: its rows went to rank 0, which writes them
         return None
     with atomic_dir(out) as tmp:
         save_queries(tensors, keys, tmp)
     size = sum(t.numel() * t.element_size() for t in tensors.values())
-    return f"queries: {len(keys)} rows x {len(tensors)} layers, {size / len(keys) / 2**20:.2f} MiB per row"
+    return f"queries: {len(keys)} rows x {len(segmenter.captured)} layers ({cfg.attention.cache_dtype}), {size / len(keys) / 2**20:.2f} MiB per row"
 
 
 def main(

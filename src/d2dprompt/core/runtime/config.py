@@ -159,6 +159,9 @@ class AttentionParams(Block):
     # there); a larger one streams its rows, the next batch read in a background thread while a step runs. 8 GB holds a
     # 300-image category at SD-2.1 levels 0-2 on any training GPU; 0 = always stream. The numbers are the same either way.
     cache_resident_gb: float = Field(8.0, ge=0)
+    # cached mode: how the queries are stored. int8 (per-channel scales) takes about half of float16's disk and memory
+    # (10.9 instead of 21.9 MiB per training image at SD-2.1 levels 0-2) for a small drift of the maps (BENCHMARKS.md)
+    cache_dtype: Literal["float16", "int8"] = "float16"
 
 
 

@@ -1,8 +1,10 @@
 """Cached cross-attention queries for cached-query training: one row per training latent.
 
-On disk (`stages/queries/`): `queries.safetensors` holds, per captured layer, a fp16 tensor
-(N, passes, heads, HW, d) (row-major in N so one row is one contiguous read), and `keys.txt` the
-training-row keys in the same order, checked against the training set before use.
+On disk (`stages/queries/`): `queries.safetensors` holds, per captured layer, a tensor (N, passes, heads, HW, d)
+(row-major in N so one row is one contiguous read), and `keys.txt` the training-row keys in the same order, checked
+against the training set before use. The tensor is fp16 (attention.cache_dtype float16), or int8 with a fp16 scale
+per row, pass, head and channel beside it (`<layer>.scale`, (N, passes, heads, 1, d); int8): symmetric per-channel
+quantisation, q = int8 x scale, at about half the bytes (BENCHMARKS.md: the maps' drift it adds).
 
 Training reads it one of two ways (attention.cache_resident_gb): resident, the whole file read once onto the
 training device so that a batch is an index there, or streamed, each batch's rows read from the file, the next
@@ -26,6 +28,28 @@ from d2dprompt.methods.d2dprompt.model import D2DSegmenter
 
 QUERIES_FILE, KEYS_FILE = "queries.safetensors", "keys.txt"
 PREFETCH_DEPTH = 2  # batches read ahead of the step: one in flight while the next waits; more only holds memory
+SCALE = ".scale"  # suffix of an int8 layer's per-channel scales
+INT8_MAX = 127  # symmetric: -127..127, so that 0 stays exact and the range is the same either side
+STORED = {torch.float16: "F16", torch.int8: "I8"}  # what a cache holds, in safetensors' dtype names
+
+
+def quantised(q: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(B, passes, heads, HW, d) queries -> int8 values and fp16 scales (B, passes, heads, 1, d): each channel of
+    a head's HW cells scaled by its own largest magnitude (a channel's range differs by orders of magnitude across
+    channels, not across cells)."""
+    wanted = (q.float().abs().amax(dim=-2, keepdim=True) / INT8_MAX).clamp_(min=2.0**-24)  # fp16's smallest step: no 0/0
+    scale = wanted.half()
+    scale = torch.where(scale.float() < wanted, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)  # rounded up: no clipping
+    return {"": (q.float() / scale.float()).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), SCALE: scale}
+
+
+def stored_form(q: torch.Tensor, name: str, dtype: str) -> dict[str, torch.Tensor]:
+    """One layer's (B, passes, heads, HW, d) queries as the cache keeps them: fp16, or int8 + its scales."""
+    if dtype == "float16":
+        return {name: q.half()}
+    if dtype == "int8":
+        return {name + suffix: t for suffix, t in quantised(q).items()}
+    raise ValueError(f"attention.cache_dtype: {dtype!r}; expected float16 or int8")
 
 
 class QueryCache:
@@ -34,7 +58,8 @@ class QueryCache:
     def __init__(self, tensors: dict[str, torch.Tensor] | None = None, path: Path | None = None):
         self._tensors = tensors
         self._file = safe_open(str(path), framework="pt") if path is not None else None
-        self.names = list(tensors) if tensors is not None else list(self._file.keys())
+        self.stored = list(tensors) if tensors is not None else list(self._file.keys())  # layers and their scales
+        self.names = [name for name in self.stored if not name.endswith(SCALE)]
         self._plan: deque[torch.Tensor] = deque()
         self._ahead: deque = deque()  # (rows, future of their host tensors), in plan order
         self._pool: ThreadPoolExecutor | None = None
@@ -44,17 +69,17 @@ class QueryCache:
         if self._tensors is not None:
             return sum(t.numel() * t.element_size() for t in self._tensors.values())
         total = 0
-        for name in self.names:
+        for name in self.stored:
             sliced = self._file.get_slice(name)
             count = 1
             for side in sliced.get_shape():
                 count *= side
-            total += count * torch.finfo(torch.float16).bits // 8  # the queries stage stores fp16
+            total += count * {"F16": 2, "I8": 1}[sliced.get_dtype()]
         return total
 
     def resident(self, device: torch.device) -> QueryCache:
-        """Every row on `device` (fp16, as stored), read in one pass."""
-        tensors = self._tensors if self._tensors is not None else {name: self._file.get_tensor(name) for name in self.names}
+        """Every row on `device` (as stored: fp16, or int8 and scales), read in one pass."""
+        tensors = self._tensors if self._tensors is not None else {name: self._file.get_tensor(name) for name in self.stored}
         return QueryCache({name: t.to(device) for name, t in tensors.items()})
 
     def prefetch(self, batches: list[torch.Tensor]) -> None:
@@ -73,9 +98,9 @@ class QueryCache:
             self._ahead.append((rows, self._pool.submit(self._read, rows)))
 
     def _read(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """name -> (B, passes, heads, HW, d) fp16 on the host, pinned when a GPU will take it."""
+        """stored name -> (B, ...) as stored on the host, pinned when a GPU will take it."""
         out = {}
-        for name in self.names:
+        for name in self.stored:
             sliced = self._file.get_slice(name)
             q = torch.stack([sliced[int(r) : int(r) + 1][0] for r in rows])
             out[name] = q.pin_memory() if torch.cuda.is_available() else q
@@ -90,28 +115,37 @@ class QueryCache:
             self._fill()
         else:
             held = self._read(rows)
-        return {name: q.to(device, non_blocking=True).float().transpose(0, 1) for name, q in held.items()}
+        out = {}
+        for name in self.names:
+            q = held[name].to(device, non_blocking=True).float()
+            if name + SCALE in held:
+                q = q * held[name + SCALE].to(device, non_blocking=True).float()
+            out[name] = q.transpose(0, 1)
+        return out
 
 
 @torch.no_grad()
 def compute_queries(
-    segmenter: D2DSegmenter, latents: torch.Tensor, noise: torch.Tensor, batch_size: int, device: torch.device, desc: str = "queries"
+    segmenter: D2DSegmenter, latents: torch.Tensor, noise: torch.Tensor, batch_size: int, device: torch.device, desc: str = "queries",
+    dtype: str = "float16",
 ) -> dict[str, torch.Tensor]:
-    """name -> (N, passes, heads, HW, d) fp16 on the CPU, for the segmenter's current prompts."""
+    """stored name -> (N, passes, heads, HW, d) on the CPU as the cache keeps it (`dtype`: stored_form), for the
+    segmenter's current prompts."""
     parts: dict[str, list[torch.Tensor]] = {}
     for start in tqdm(range(0, latents.shape[0], batch_size), desc=desc, unit="batch", leave=False, disable=not distributed.is_main()):
         q = segmenter.compute_queries(latents[start : start + batch_size].to(device), noise[start : start + batch_size].to(device))
         for name, value in q.items():
-            parts.setdefault(name, []).append(value.transpose(0, 1).half().cpu())
+            for stored, t in stored_form(value.transpose(0, 1), name, dtype).items():
+                parts.setdefault(stored, []).append(t.cpu())
     return {name: torch.cat(chunks).contiguous() for name, chunks in parts.items()}
 
 
 @torch.no_grad()
 def write_queries(segmenter: D2DSegmenter, latents: torch.Tensor, noise: torch.Tensor, batch_size: int, device: torch.device,
-                  path: Path, desc: str = "queries") -> dict[str, tuple[int, ...]]:
+                  path: Path, desc: str = "queries", dtype: str = "float16") -> dict[str, tuple[tuple[int, ...], str]]:
     """compute_queries straight into a safetensors file at `path`, batch by batch: memory holds one batch, whatever
-    the number of rows (holding them all took 21.9 MiB per row at SD-2.1 size, 47 GB for VisA). The file reads as
-    save_file's does (safe_open, load_file). Returns each layer's shape."""
+    the number of rows (holding them all took 21.9 MiB per row at SD-2.1 size, 47 GB for VisA). The file has the
+    bytes save_file writes for the same tensors. Returns each stored tensor's shape and dtype."""
     import json
 
     rows = latents.shape[0]
@@ -119,13 +153,14 @@ def write_queries(segmenter: D2DSegmenter, latents: torch.Tensor, noise: torch.T
         layout, start_of_data = None, 0
         for start in tqdm(range(0, rows, batch_size), desc=desc, unit="batch", leave=False):
             q = segmenter.compute_queries(latents[start : start + batch_size].to(device), noise[start : start + batch_size].to(device))
-            batch = {name: value.transpose(0, 1).half().cpu().contiguous() for name, value in q.items()}
+            batch = {stored: t.cpu().contiguous() for name, value in q.items() for stored, t in stored_form(value.transpose(0, 1), name, dtype).items()}
             if layout is None:  # the first batch gives each layer's row shape: the header, then the whole file's size
                 layout, offset = {}, 0
-                for name in sorted(batch):
+                # save_file's order: the wider dtype first, then by name
+                for name in sorted(batch, key=lambda n: (-batch[n].element_size(), n)):
                     shape = (rows, *batch[name].shape[1:])
                     row_bytes = batch[name][0].numel() * batch[name].element_size()
-                    layout[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + rows * row_bytes]}
+                    layout[name] = {"dtype": STORED[batch[name].dtype], "shape": list(shape), "data_offsets": [offset, offset + rows * row_bytes]}
                     offset += rows * row_bytes
                 header = json.dumps(layout, separators=(",", ":")).encode()
                 header += b" " * (-len(header) % 8)  # safetensors aligns the data to 8 bytes
@@ -135,22 +170,24 @@ def write_queries(segmenter: D2DSegmenter, latents: torch.Tensor, noise: torch.T
             for name, value in batch.items():
                 begin, end = layout[name]["data_offsets"]
                 fh.seek(start_of_data + begin + start * (end - begin) // rows)
-                fh.write(value.view(torch.int16).numpy().tobytes())
+                fh.write(value.view(torch.uint8).numpy().tobytes())
     if layout is None:
         raise ValueError("no training rows to cache queries of")
-    return {name: tuple(entry["shape"]) for name, entry in layout.items()}
+    return {name: (tuple(entry["shape"]), entry["dtype"]) for name, entry in layout.items()}
 
 
 def compute_queries_shared(
-    segmenter: D2DSegmenter, latents: torch.Tensor, noise: torch.Tensor, batch_size: int, device: torch.device, desc: str = "queries", to_all: bool = False
+    segmenter: D2DSegmenter, latents: torch.Tensor, noise: torch.Tensor, batch_size: int, device: torch.device, desc: str = "queries",
+    to_all: bool = False, dtype: str = "float16",
 ) -> dict[str, torch.Tensor] | None:
     """compute_queries split over the processes (distributed.py), whole batches each, gathered in row order on
     rank 0 (None on the others) or, with `to_all`, on every process. One process: compute_queries itself."""
     if distributed.world_size() == 1:
-        return compute_queries(segmenter, latents, noise, batch_size, device, desc)
+        return compute_queries(segmenter, latents, noise, batch_size, device, desc, dtype)
     part = distributed.shard(latents.shape[0], batch_size)
-    mine = compute_queries(segmenter, latents[part.start : part.stop], noise[part.start : part.stop], batch_size, device, desc)
-    gathered = {name: distributed.gather(mine.get(name), to_all) for name in segmenter.captured}
+    mine = compute_queries(segmenter, latents[part.start : part.stop], noise[part.start : part.stop], batch_size, device, desc, dtype)
+    suffixes = ("", SCALE) if dtype == "int8" else ("",)
+    gathered = {name + suffix: distributed.gather(mine.get(name + suffix), to_all) for name in segmenter.captured for suffix in suffixes}
     return gathered if to_all or distributed.is_main() else None
 
 

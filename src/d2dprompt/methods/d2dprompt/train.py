@@ -121,9 +121,10 @@ def refreshed_queries(segmenter: D2DSegmenter, prompts: dict[str, torch.Tensor],
             scratch.mkdir(parents=True, exist_ok=True)
             path = scratch / f"refreshed-{QUERIES_FILE}"
             path.unlink(missing_ok=True)  # the previous refresh's file: a cache still reading it keeps its inode
-            write_queries(segmenter, data.latents, data.noise, cfg.train.batch_size, device, path, "re-cache")
+            write_queries(segmenter, data.latents, data.noise, cfg.train.batch_size, device, path, "re-cache", cfg.attention.cache_dtype)
             return placed(QueryCache(path=path), cfg, device)
-        fresh = QueryCache(compute_queries_shared(segmenter, data.latents, data.noise, cfg.train.batch_size, device, "re-cache", to_all=True))
+        fresh = QueryCache(compute_queries_shared(segmenter, data.latents, data.noise, cfg.train.batch_size, device, "re-cache", to_all=True,
+                                                  dtype=cfg.attention.cache_dtype))
         return placed(fresh, cfg, device)
     finally:
         segmenter.prompts.load_state_dict(current)
