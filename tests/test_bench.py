@@ -114,3 +114,26 @@ def test_the_onnx_benchmark_times_both_backends_and_the_onnxruntime_process_neve
     for backend, (ms, peak, torch_loaded) in rows.items():
         assert float(ms) > 0 and float(peak) > 0
         assert torch_loaded == str(backend == "torch")
+
+
+def test_the_cache_dtype_benchmark_reads_a_float16_cache_back_from_int8_at_half_the_bytes(workspace):
+    """bench.cache_dtype on the session's float16 cache: int8 takes about half the bytes per row and the maps at the
+    cache's prompts move by a small fraction of their range (README / BENCHMARKS.md quote its output)."""
+    import re
+
+    from d2dprompt.bench import cache_dtype
+
+    result = CliRunner().invoke(_app(cache_dtype),
+                                ["--params", str(workspace / "params.yaml"), "--latents", str(workspace / "stages/latents"),
+                                 "--queries", str(workspace / "stages/queries")])
+    assert result.exit_code == 0, result.output
+    f16, i8 = map(float, re.search(r"float16 ([\d.]+), int8 ([\d.]+)", result.output).groups())
+    assert 0.49 < i8 / f16 < 0.53
+    share = float(re.search(r"\(([\d.]+)% of the range\)", result.output).group(1))
+    assert 0 < share < 1, result.output
+
+
+def _app(module):
+    from d2dprompt.core.runtime.cli import app_for
+
+    return app_for(module.main, module.__doc__)
