@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from d2dprompt.core.data.evaluated import read_evaluated
-from tests.conftest import pixel_auroc, stage, write_params  # workspace, trained: session fixtures there
+from tests.conftest import ROOT, pixel_auroc, stage, write_params  # workspace, trained: session fixtures there
 
 METRICS = ("image_AUROC", "image_AP", "image_F1Max", "pixel_AUROC", "pixel_AP", "pixel_AUPRO")
 pytestmark = pytest.mark.e2e
@@ -136,3 +136,16 @@ def test_corrupt_image_stops_latents_without_partial_output(workspace, tmp_path)
     assert lines[-1].startswith("error: ") and str(victim) in lines[-1]
     assert not (tmp_path / "latents").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".latents")]
+
+
+def test_every_file_evaluate_writes_is_an_out_dvc_tracks(workspace, trained):
+    """A file evaluate writes but dvc.yaml does not list is missing from every clone and every `dvc exp apply`: compare
+    read replicas.safetensors before it was listed, so a fresh clone's compare stopped on a missing file."""
+    import yaml
+
+    evaluate_stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]
+    prefix = "stages/evaluate/${item.method}/${item.dataset}/"
+    listed = {(o if isinstance(o, str) else next(iter(o))).removeprefix(prefix) for o in evaluate_stage["outs"] + evaluate_stage["plots"]}
+    folder = workspace / "stages/evaluate-trained/sample"
+    written = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and not any(str(p.relative_to(folder)).startswith(d + "/") for d in listed)}
+    assert written <= listed and "replicas.safetensors" in written, written - listed
