@@ -112,6 +112,32 @@ def test_the_first_exp_run_says_that_it_changes_params_yaml_and_how_to_keep_the_
     first = next(i for i, argv in enumerate(COMMANDS) if argv[:3] == ["dvc", "exp", "run"])
     after = COMMANDS[first + 1 : first + 8]
     assert any("--temp" in argv for argv in after) and any("--queue" in argv for argv in after)
-    assert ["git", "checkout", "params.yaml"] in after
+    assert RESTORE in after
     text = README[README.index("dvc exp run -S attention.mode=full") :][:1200]
     assert "leaves the experiment's values in `params.yaml`" in text
+
+
+RESTORE = ["git", "checkout", "params.yaml", "&&", "dvc", "repro"]  # the committed params, their outputs from DVC's run cache
+
+
+def workspace_changes(argv: list[str]) -> bool:
+    """A `dvc exp run` that applies its experiment to the workspace (not --temp or --queue) and changes params."""
+    return argv[:3] == ["dvc", "exp", "run"] and not {"--temp", "--queue"} & set(argv) and bool(set_params(argv))
+
+
+def test_the_readme_runs_in_its_own_order_each_experiment_put_back_before_the_next():
+    """A newcomer follows the README top to bottom: every `dvc exp run -S` in the workspace leaves its values in
+    params.yaml, so the next section's run started from them (fewshot.k=4 then fewshot.mutual=true was refused, the
+    API example found several methods). Each one must be put back (RESTORE, or `dvc exp apply`) before the next."""
+    changed_by = None
+    for argv in COMMANDS:
+        starts_from_workspace = argv[:3] == ["dvc", "exp", "run"] and not {"--temp", "--queue"} & set(argv)
+        queues_from_workspace = argv[:3] == ["python", "-m", "d2dprompt.pipeline.ablate"] and "--report-only" not in argv
+        if changed_by is not None and (starts_from_workspace or queues_from_workspace):
+            raise AssertionError(f"`{' '.join(argv)}` starts from the params `{' '.join(changed_by)}` left in params.yaml; "
+                                 f"put them back first: {' '.join(RESTORE)}")
+        if workspace_changes(argv):
+            changed_by = argv
+        elif argv == RESTORE or argv[:3] == ["dvc", "exp", "apply"]:
+            changed_by = None
+    assert changed_by is None, f"the README ends with `{' '.join(changed_by)}`'s params in params.yaml"

@@ -1,6 +1,7 @@
 """Several processes for the queries, train and evaluate stages, started by torchrun (PyTorch's own launcher).
 
-dvc.yaml runs those stages as `torchrun --standalone --nproc_per_node=${distributed.nproc} -m d2dprompt.<stage>`.
+dvc.yaml runs those stages under torchrun (`python -m d2dprompt.core.runtime.launch --standalone
+--nproc_per_node=${distributed.nproc} -m d2dprompt.pipeline.<stage>`, launch.py: torchrun with one-line errors).
 One process (`python -m d2dprompt.<stage>`, or torchrun with one) makes no process group, and every helper
 here is then the identity: the stage runs exactly as it always did. When torchrun starts several
 (WORLD_SIZE > 1), `process_group` joins them (distributed.backend: nccl on CUDA, gloo on CPU), each takes
