@@ -76,9 +76,9 @@ def test_predict_the_api_and_the_mlflow_model_score_as_evaluate_did(toy_run, tmp
     assert detector.method == "toy" and abs(detector.predict(image).score - float(row["score"])) < 1e-5
 
     client = MlflowClient(tracking_uri=os.environ["D2D_MLFLOW_URI"])
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'train' and attributes.status = 'FINISHED'")
-    wanted = (toy_run / "toy-trained/model.json").read_text()
-    run = next(r for r in runs if open(client.download_artifacts(r.info.run_id, "model.json")).read() == wanted)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'evaluate' and params.method = 'toy'")
+    wanted = (toy_run / "stages/evaluate-toy/sample/scores.csv").read_text()
+    run = next(r for r in runs if open(client.download_artifacts(r.info.run_id, "evaluate/scores.csv")).read() == wanted)
     mlflow.set_tracking_uri(os.environ["D2D_MLFLOW_URI"])
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/detector")
     out = model.predict(pd.DataFrame({"image": [image.read_bytes()]}))

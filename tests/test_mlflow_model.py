@@ -1,4 +1,5 @@
-"""The MLflow model every train run logs (mlflow_model.py): loaded back by MLflow, it scores as evaluate did."""
+"""The MLflow model every evaluate run logs and registers (mlflow_model.py): loaded back by MLflow, from the run or
+the registry, it scores and decides as evaluate did."""
 
 from __future__ import annotations
 
@@ -15,19 +16,21 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.e2e
 
 
-def detector_run(trained) -> str:
-    """The train run whose logged model.json is the trained folder's."""
+def detector_run(workspace) -> str:
+    """The evaluate run that wrote stages/evaluate-trained/sample (its scores.csv, logged as an artifact)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=os.environ["D2D_MLFLOW_URI"])
-    # finished runs only: a train killed midway (tests/test_distributed.py kills one) logged no model
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'train' and attributes.status = 'FINISHED'")
-    wanted = (trained / "model.json").read_text()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'evaluate' and attributes.status = 'FINISHED'")
+    wanted = (workspace / "stages/evaluate-trained/sample/scores.csv").read_text()
     for run in runs:
-        folder = client.download_artifacts(run.info.run_id, "model.json")
-        if open(folder).read() == wanted:
+        try:
+            logged = client.download_artifacts(run.info.run_id, "evaluate/scores.csv")
+        except Exception:  # noqa: BLE001 - a run without that artifact is not the one
+            continue
+        if open(logged).read() == wanted:
             return run.info.run_id
-    raise AssertionError("no train run logged this trained folder")
+    raise AssertionError("no evaluate run logged stages/evaluate-trained/sample")
 
 
 def test_the_logged_detector_loads_and_scores_sample_images_as_evaluate_did(workspace, trained):
@@ -37,7 +40,11 @@ def test_the_logged_detector_loads_and_scores_sample_images_as_evaluate_did(work
     from d2dprompt import Detector
 
     mlflow.set_tracking_uri(os.environ["D2D_MLFLOW_URI"])
-    uri = f"runs:/{detector_run(trained)}/detector"
+    run_id = detector_run(workspace)
+    versions = mlflow.MlflowClient().search_model_versions("name = 'd2dprompt-sample'")
+    mine = [v for v in versions if v.run_id == run_id]
+    assert len(mine) == 1, [(v.version, v.run_id) for v in versions]  # registered under the evaluate stage's name
+    uri = f"models:/d2dprompt-sample/{mine[0].version}"
     model = mlflow.pyfunc.load_model(uri)
     signature = model.metadata.signature
     assert signature.inputs.input_names() == ["image"]
@@ -54,7 +61,8 @@ def test_the_logged_detector_loads_and_scores_sample_images_as_evaluate_did(work
     for (_, got), row in zip(out.iterrows(), rows):
         assert abs(got["score"] - float(row["score"])) < 1e-5, (got["score"], row["score"])
         assert np.asarray(got["anomaly_map"]).shape == (128, 128)  # evaluate.map_size of the params it was trained with
-        assert got["label"] == int(got["score"] >= got["image_threshold"])
+        assert got["label"] == int(got["score"] >= got["image_threshold"]) == int(row["predicted"])  # evaluate's decision
+        assert "F1-max on the validation split" in got["threshold_source"]  # evaluate's thresholds, not evaluate.sensitivity
 
     # thresholds passed at predict time re-decide label and mask
     score = float(out.loc[1, "score"])

@@ -296,10 +296,21 @@ def main(
                 log.log_artifact(metrics / f"{dataset}.json")
                 log.log_artifact(metrics / f"{dataset}.md")
                 log.log_artifacts(out / dataset, "evaluate")
+                log_detector(log, trained, params, out / dataset / "thresholds.json", f"{method}-{dataset}")
         typer.echo(f"{method} {dataset}: " + " ".join(f"{k}={v:.4f}" for k, v in summary["mean"].items()))
     except (ParamsError, ImageError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
+
+
+def log_detector(log, trained: Path, params: Path, thresholds: Path, name: str) -> None:
+    """The trained folder as the MLflow model `detector` (serve/mlflow_model.py) in this run, deciding at the
+    thresholds just fitted, registered as `name`; nothing when untracked."""
+    if getattr(log, "run_id", None) is None:
+        return
+    from d2dprompt.serve.mlflow_detector import log_detector as log_model
+
+    log.retry(log_model, log.client, log.run_id, Path(trained), Path(params), Path(thresholds), name)
 
 
 if __name__ == "__main__":

@@ -57,20 +57,11 @@ def main(
                 return
             for name in cfg.evaluate.datasets if chosen.learns_from == "evaluate" else cfg.train.datasets:  # what it learned from
                 log.log_dataset(name, latents / name / "index.csv", "training")
-            log.log_artifact(out / CONFIG_FILE)
-            log_detector(log, out, params)  # the MLflow model `detector`: the weights, the params, the code that scores images
+            log.log_artifact(out / CONFIG_FILE)  # the MLflow model `detector` comes with evaluate's run, thresholds fitted
     except (ParamsError, CheckpointError, ImageError, FileNotFoundError, ValueError, registry.UnknownMethod) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
 
-
-def log_detector(log, trained: Path, params: Path) -> None:
-    """The trained folder as the MLflow model `detector` (serve/mlflow_model.py) in this run; nothing when untracked."""
-    if getattr(log, "run_id", None) is None:
-        return
-    from d2dprompt.serve.mlflow_detector import log_detector as log_model
-
-    log.retry(log_model, log.client, log.run_id, Path(trained), Path(params))
 
 
 if __name__ == "__main__":

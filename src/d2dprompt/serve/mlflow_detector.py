@@ -1,5 +1,6 @@
-"""Logs a trained folder as the MLflow model `detector` (the pyfunc of mlflow_model.py) into a train run: its
-signature, the pip requirements it needs, the d2dprompt code it runs. Called by tracking.RunLogger.log_detector."""
+"""Logs a trained folder as the MLflow model `detector` (the pyfunc of mlflow_model.py) into an evaluate run, with
+the thresholds that run fitted, and registers it as `<method>-<dataset>` (the evaluate stage's own name): its
+signature, the pip requirements it needs, the d2dprompt code it runs. Called by pipeline/evaluate.py."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def detector_signature():
     return ModelSignature(inputs=Schema([ColSpec("binary", "image")]), outputs=Schema(outputs), params=ParamSchema(params))
 
 
-def log_detector(client: Any, run_id: str, trained: Path, params: Path) -> None:
+def log_detector(client: Any, run_id: str, trained: Path, params: Path, thresholds: Path, registered_name: str) -> None:
     import mlflow
 
     from d2dprompt.serve import mlflow_model
@@ -56,8 +57,9 @@ def log_detector(client: Any, run_id: str, trained: Path, params: Path) -> None:
         mlflow.pyfunc.log_model(
             name="detector",
             python_model=mlflow_model.__file__,
-            artifacts={"trained": str(trained), "params": str(params)},
+            artifacts={"trained": str(trained), "params": str(params), "thresholds": str(thresholds)},
             code_paths=[str(code)],
             signature=detector_signature(),
             pip_requirements=requirements(),
+            registered_model_name=registered_name,
         )

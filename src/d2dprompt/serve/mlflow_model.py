@@ -1,7 +1,8 @@
-"""The detector as an MLflow model: a pyfunc around detector.Detector, logged by every train run as `detector`.
+"""The detector as an MLflow model: a pyfunc around detector.Detector, logged by every evaluate run as `detector` with
+the thresholds it fitted, and registered as `<method>-<dataset>`.
 
     import mlflow, numpy as np, pandas as pd
-    model = mlflow.pyfunc.load_model("runs:/<train run id>/detector")
+    model = mlflow.pyfunc.load_model("models:/d2dprompt-sample/latest")  # or runs:/<evaluate run id>/detector
     out = model.predict(pd.DataFrame({"image": [open("sample/weave/test/hole/000.png", "rb").read()]}))
     out.loc[0, "score"], out.loc[0, "label"], np.array(out.loc[0, "anomaly_map"])
 
@@ -9,7 +10,7 @@ Input: a column `image` of encoded image files (PNG, JPEG, ...; base64 in a REST
 label, the thresholds and their source, and the anomaly map and predicted mask at evaluate.map_size. Optional
 params: image_threshold, pixel_threshold (override the model's), category ('<dataset>/<category>': required by a run
 that knows several, as draem, decodiff, patchknn and few-shot d2dprompt).
-`mlflow models serve -m runs:/<id>/detector --env-manager local` serves it over REST.
+`mlflow models serve -m models:/d2dprompt-sample/latest --env-manager local` serves it over REST.
 
 This file is the model's code (MLflow's models-from-code: nothing is pickled): MLflow runs it when it loads the model,
 with the d2dprompt package the model bundles on the path.
