@@ -275,3 +275,20 @@ def test_a_parent_run_spans_its_stage_runs_and_takes_the_outcome_of_the_last(sto
     killed = client.get_run(orphan.info.run_id).info
     assert killed.status == "KILLED" and killed.end_time == client.get_metric_history(orphan.info.run_id, "loss")[0].timestamp
     assert client.get_run(parent_id).info.status == "KILLED"
+
+
+def test_the_experiment_opens_on_the_classic_runs_table_not_the_genai_evaluation_view(store, tmp_path, monkeypatch):
+    """Left to infer its kind, MLflow's UI filed evaluate runs (dataset inputs tagged "evaluation") under the GenAI
+    view's "Evaluation runs" unless the URL said workflowType=machine_learning. The experiment states its kind, also
+    one made before the tag existed."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{store}"
+    monkeypatch.setenv(tracking.URI_ENV, uri)
+    monkeypatch.chdir(_repo(tmp_path / "repo"))
+    client = MlflowClient(tracking_uri=uri)
+    older = client.create_experiment("older", artifact_location=str(tmp_path / "art"))
+    for name in ("older", "fresh"):
+        tracking._experiment_id(client, name, str(tmp_path / "art"))
+        assert client.get_experiment_by_name(name).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -51,6 +51,9 @@ from d2dprompt.core.runtime.outputs import process_alive
 URI_ENV = "D2D_MLFLOW_URI"  # overrides the repository's SQLite store (tests, tracking servers)
 DB_NAME = "mlflow.db"
 MLFLOW_PARENT = "mlflow.parentRunId"  # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID, without importing mlflow
+# MLflow's UI opens an experiment of this kind on its classic runs table (metric columns, charts); left to infer it,
+# it files runs with "evaluation" dataset inputs under the GenAI view's "Evaluation runs"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 PARENT_TAG = "d2d_group"  # on the parent run of one DVC experiment's (or one commit's workspace) stage runs
 ARTIFACT_DIR = "mlartifacts"
 DEFAULT_EXPERIMENT = "d2dprompt"
@@ -353,13 +356,16 @@ def _experiment_id(client: Any, name: str, artifacts: str | None) -> str:
     experiment = _retry(client.get_experiment_by_name, name)
     if experiment is None:
         try:
-            return _retry(client.create_experiment, name, artifact_location=artifacts)
+            return _retry(client.create_experiment, name, artifact_location=artifacts, tags=EXPERIMENT_KIND)
         except MlflowException:
             experiment = _retry(client.get_experiment_by_name, name)  # a parallel worker created it first
             if experiment is None:
                 raise
     if experiment.lifecycle_stage == "deleted":
         _retry(client.restore_experiment, experiment.experiment_id)
+    for key, value in EXPERIMENT_KIND.items():  # an experiment made before the tag, or by the UI, which asks its kind
+        if key not in experiment.tags:
+            _retry(client.set_experiment_tag, experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 
