@@ -71,6 +71,8 @@ CASES = {
     "source": ("download:\n  archives: [kaggle]\n", "download.archives[0]: must be one of mvtec | visa | btad | mpdd | mvtec_ad2, got 'kaggle'"),
     "folder named as an archive": ("download:\n  folders: {mvtec: /data/mine}\n", "download.folders: 'mvtec' is an archive source's name; call the folder something else"),
     "source twice": ("download:\n  archives: [mvtec, mvtec]\n", "download.archives: must not list 'mvtec' twice"),
+    "merged key twice": ("loss: &l\n  dice: 1\nevaluate:\n  <<: {sigma: 1, sigma: 2}\n", "line 4: invalid YAML: duplicate key 'sigma' (first on line 4)"),
+    "merged list key twice": ("evaluate:\n  <<: [{sigma: 1}, {map_size: 64,\n    map_size: 32}]\n", "line 3: invalid YAML: duplicate key 'map_size' (first on line 2)"),
     "no dataset": ("download:\n  folders: {}\n", "download.archives: no dataset: list an archive (mvtec | visa | btad | mpdd | mvtec_ad2) or a folder in download.folders"),
     "old key": ("download:\n  datasets: [sample]\n", "download.datasets: unknown key (now download.archives (mvtec | visa | ...) and download.folders (name: path))"),
     "train dataset": ("train:\n  datasets: [foo]\n", "train.datasets: 'foo' is not a dataset of download.archives or download.folders; choose from sample"),
@@ -238,3 +240,23 @@ def test_prompts_json_of_an_older_run_still_loads(tmp_path, tiny, monkeypatch):
     (tmp_path / CONFIG_FILE).write_text(json.dumps(record))
     with pytest.raises(ParamsError, match=rf"^{tmp_path / 'model.json'}: prompt.n_ctx: must be >= 1, got 0$"):
         prompt_files.load_trained(tmp_path)
+
+
+def test_a_long_list_is_checked_for_repeats_in_linear_time_and_an_oversized_file_is_refused(tmp_path):
+    """100,000 evaluate.datasets entries did not finish in 600 s (a quadratic check); a 50 MB file parsed for 80 s."""
+    import time
+
+    from d2dprompt.params import load_params
+
+    names = [f"d{i}" for i in range(100_000)]
+    path = tmp_path / "params.yaml"
+    path.write_text("evaluate:\n  datasets: [" + ", ".join(names + ["d7"]) + "]\n")
+    start = time.monotonic()
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    assert time.monotonic() - start < 60
+    assert str(err.value).endswith("evaluate.datasets: must not list 'd7' twice, got 100001 entries")
+    path.write_text("# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    assert str(err.value) == f"{path}: {path.stat().st_size:,} bytes; a params file holds at most 1,048,576 (it is settings, not data)"
