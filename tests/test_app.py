@@ -66,6 +66,29 @@ def test_uploads_that_cannot_be_scored_are_named_with_the_reason(tmp_path):
         check_upload(tmp_path / "cut.png", limits(), name="cut.png")
 
 
+def test_an_upload_another_request_deleted_is_read_from_its_recent_bytes_and_a_gone_one_named_without_a_path(tmp_path):
+    """Identical uploads share one content-addressed file that the first request to finish deletes: the other
+    requests holding its path read the bytes kept for a while instead; past that, one line names the upload only."""
+    from d2dprompt.serve.app import RecentUploads, claimed_uploads
+
+    stored = tmp_path / "gradio" / "3f2a" / "000.png"
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(b"png bytes")
+    recent = RecentUploads(ttl_s=60, max_bytes=1024)
+    items, gone = claimed_uploads([str(stored)], recent, tmp_path / "restored")
+    assert items == [("000.png", stored)] and gone == []
+    recent.keep(str(stored), stored.read_bytes())
+    stored.unlink()  # the first request is done
+    items, gone = claimed_uploads([str(stored)], recent, tmp_path / "restored")
+    assert gone == [] and items[0][0] == "000.png" and items[0][1].read_bytes() == b"png bytes" and tmp_path / "restored" in items[0][1].parents
+    items, gone = claimed_uploads([str(stored)], RecentUploads(), tmp_path / "restored")
+    assert items == [] and len(gone) == 1 and gone[0].startswith("- 000.png: this upload is no longer on the server") and str(tmp_path) not in gone[0]
+    small = RecentUploads(ttl_s=60, max_bytes=10)
+    small.keep("a", b"123456")
+    small.keep("b", b"123456")  # over the budget: the oldest goes
+    assert small.get("a") is None and small.get("b") == b"123456"
+
+
 def png_header_only(path: Path, width: int, height: int) -> Path:
     """A PNG whose header declares width x height but holds almost no data: what a decompression bomb looks like
     to anything that reads headers (its pixels would take width * height * 3 bytes)."""
@@ -250,6 +273,11 @@ def test_app_under_load_stays_bounded_and_leaves_no_file(checkout, tmp_path):
         for image, answer in zip(images, answers):
             record = json.loads(Path(answer[-1]).read_text())  # the results (JSON) download
             assert [entry["image"] for entry in record["images"]] == [image.name]
+        same = [images[1]] * LOAD_CLIENTS  # one content-addressed upload shared by every request: each gets its result
+        with ThreadPoolExecutor(LOAD_CLIENTS) as pool:
+            answers = list(pool.map(detect, same))
+        for answer in answers:
+            assert [entry["image"] for entry in json.loads(Path(answer[-1]).read_text())["images"]] == [images[1].name], answer[0]
 
         too_big = tmp_path / "too_big.bin"
         too_big.write_bytes(os.urandom(9 * 2**20))

@@ -11,7 +11,8 @@ while it streams in and never stored; an image's pixel count is read from its he
 --max-megapixels before anything is decoded (a decompression bomb is "too large", not "not an image"); accepted
 images are decoded down to --work-side pixels on their longer side (a JPEG already while it decodes), so one
 image's arrays stay a few MB; at most --max-images are scored per request and requests run one at a time. Every
-upload is deleted once scored or refused; each request writes its downloads and shown images as files to a folder
+upload is deleted from disk once scored or refused (identical uploads share one file: the requests still holding it
+read its bytes kept in memory, RecentUploads); each request writes its downloads and shown images as files to a folder
 of its own (the session's earlier one is deleted; a file already served is never rewritten); a session's results go
 when its tab closes; and the scratch folder (uploads, Gradio's cache, downloads) is removed when the app stops
 (Ctrl+C or SIGTERM). It binds to 127.0.0.1 unless --host says
@@ -27,7 +28,10 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
+import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +49,11 @@ STATE_TTL_S = 1800  # a session's results are dropped 30 min after its last requ
 PNG_LEVEL = 1  # the shown images' PNG compression: fast, since each request writes three of them
 CACHE_SWEEP_S = (600, 1800)  # Gradio's cache: every 10 min, delete the files older than 30 min
 # the slider boxes show SCORE_DIGITS decimals of a threshold that may be negative or above 1: "-12.345678"
+# Gradio stores an upload at <sha256 of its bytes>/<name>: identical uploads share one file, which the first request
+# to finish deletes. The bytes of the uploads scored in the last RECENT_S seconds stay in memory (at most RECENT_MB)
+# so that a request holding the same path still gets its image.
+RECENT_S = 600
+RECENT_MB = 64
 PAGE_CSS = "#image-threshold input[type=number], #pixel-threshold input[type=number] { width: 12ch; min-width: 12ch; }"
 
 
@@ -165,6 +174,75 @@ def delete_uploads(paths: list[str], upload_root: Path) -> None:
                 folder.rmdir()  # Gradio stores each upload in a folder of its own
 
 
+class RecentUploads:
+    """The bytes of recently deleted uploads by their path (content-addressed: one path, one content), for at most
+    `ttl_s` seconds and `max_bytes` in all, the oldest dropped first. Thread-safe: Gradio runs requests in threads."""
+
+    def __init__(self, ttl_s: float = RECENT_S, max_bytes: int = RECENT_MB * 2**20):
+        self.ttl_s, self.max_bytes = ttl_s, max_bytes
+        self._kept: OrderedDict[str, tuple[float, bytes]] = OrderedDict()  # oldest first
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def keep(self, path: str, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        with self._lock:
+            self._pop(path)
+            self._kept[path] = (time.monotonic(), data)
+            self._bytes += len(data)
+            self._expire(room=0)
+
+    def get(self, path: str) -> bytes | None:
+        with self._lock:
+            self._expire(room=self.max_bytes)
+            found = self._kept.get(path)
+        return None if found is None else found[1]
+
+    def _pop(self, path: str) -> None:
+        _, data = self._kept.pop(path, (0.0, b""))
+        self._bytes -= len(data)
+
+    def _expire(self, room: int) -> None:
+        """Drop entries older than ttl_s, then the oldest until the bytes fit max_bytes (`room`: slack allowed)."""
+        now = time.monotonic()
+        while self._kept:
+            path, (stamp, _) = next(iter(self._kept.items()))
+            if now - stamp <= self.ttl_s and self._bytes <= self.max_bytes + room:
+                break
+            self._pop(path)
+
+
+def claimed_uploads(uploaded: list[str], recent: RecentUploads, folder: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """(name, a readable path) of each upload: the stored file, or, when an identical upload's request deleted it,
+    its recent bytes written to `folder`; and a line for each that is gone, naming no server path."""
+    items, gone = [], []
+    for upload in map(Path, uploaded):
+        if upload.is_file():
+            items.append((upload.name, upload))
+            continue
+        data = recent.get(str(upload))
+        if data is None:
+            gone.append(f"- {upload.name}: this upload is no longer on the server (an identical one was scored over "
+                        f"{RECENT_S // 60} min ago and deleted); send it again")
+            continue
+        restored = folder / uuid.uuid4().hex / upload.name
+        restored.parent.mkdir(parents=True)
+        restored.write_bytes(data)
+        items.append((upload.name, restored))
+    return items, gone
+
+
+def remember_uploads(uploaded: list[str], recent: RecentUploads, limits: Limits) -> None:
+    """Keep the bytes of each stored upload that fits the upload limit before it is deleted (RecentUploads)."""
+    for upload in map(Path, uploaded):
+        try:
+            if upload.stat().st_size <= limits.max_mb * 2**20:
+                recent.keep(str(upload), upload.read_bytes())
+        except OSError:
+            continue
+
+
 def build_page(runs: dict[str, Path], samples: Path | None, params: Path | None, limits: Limits, scratch: Path):
     """The Gradio Blocks page; detectors load on first use and stay loaded."""
     import gradio as gr
@@ -175,6 +253,8 @@ def build_page(runs: dict[str, Path], samples: Path | None, params: Path | None,
     detectors: dict[tuple[str, str | None], Detector] = {}
     downloads = Downloads(scratch / "downloads")
     upload_root = Path(os.environ.get("GRADIO_TEMP_DIR", scratch / "gradio"))
+    recent = RecentUploads()
+    restored_root = scratch / "restored"  # a deleted upload's recent bytes, written back for the request that holds its path
     sample_images = sorted(p.relative_to(samples).as_posix() for p in samples.glob(SAMPLE_GLOB)) if samples and samples.is_dir() else []
 
     def detector_for(run: str, category: str | None) -> Detector:
@@ -230,6 +310,9 @@ def build_page(runs: dict[str, Path], samples: Path | None, params: Path | None,
             except ImageError as err:
                 problems.append(f"- {err}")
                 continue
+            except OSError as err:  # gone or unreadable: the line names the upload, never the server's path
+                problems.append(f"- {name}: could not be read ({err.strerror or type(err).__name__}); send it again")
+                continue
             if max(pixels.shape[:2]) < max(width, height):
                 notes.append(f"- {name}: {width}x{height} scored and shown at {pixels.shape[1]}x{pixels.shape[0]} (--work-side)")
         return names, arrays, problems, notes
@@ -238,13 +321,17 @@ def build_page(runs: dict[str, Path], samples: Path | None, params: Path | None,
         det = detector_for(run, category)
         session = request.session_hash if request else ""
         uploaded = [str(u) for u in (uploads or [])]
-        items = [(Path(u).name, Path(u)) for u in uploaded] + [(p, samples / p) for p in (picked or [])]
-        if not items:
+        if not uploaded and not picked:
             return [], [], "Upload images or pick sample images first.", [], gr.update(choices=[], value=None), *view([], [], None, session)
+        restored = restored_root / uuid.uuid4().hex
         try:
-            names, arrays, problems, notes = read_all(items, det.image_size)
+            items, gone = claimed_uploads(uploaded, recent, restored)
+            names, arrays, problems, notes = read_all(items + [(p, samples / p) for p in (picked or [])], det.image_size)
+            problems = gone + problems
         finally:
-            delete_uploads(uploaded, upload_root)  # scored or refused, an upload is not kept
+            remember_uploads(uploaded, recent, limits)
+            delete_uploads(uploaded, upload_root)  # scored or refused, an upload is not kept on disk
+            shutil.rmtree(restored, ignore_errors=True)
         scored, step = [], det.cfg.evaluate.batch_size
         for start in range(0, len(arrays), step):
             scored += det.predict_arrays(arrays[start : start + step])
