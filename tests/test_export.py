@@ -73,6 +73,8 @@ def test_an_exported_method_scores_the_sample_as_pytorch_does(every_method, expo
     assert torch_detector.method_object.export_tolerance(torch_detector.record) == bound
     manifest = json.loads((exported / method / "manifest.json").read_text())
     assert manifest["parity"]["tolerance"] == bound
+    for check in manifest["parity"]["checks"]:  # export's own check ran on the run's real test images, not only synthetic ones
+        assert check["real_images"] == min(8, len(sample_test_images(every_method, check["category"]))) > 0, check
     assert [g["category"] for g in manifest["graphs"]] == (torch_detector.categories or [None])
     for category in torch_detector.categories or [None]:
         found = compare(torch_detector.for_category(category), onnx_detector.for_category(category), sample_test_images(every_method, category), bound)
@@ -212,3 +214,19 @@ def test_an_export_that_differs_from_pytorch_is_refused_and_leaves_nothing(every
                           cwd=every_method, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1 and "differs from PyTorch" in proc.stderr and "not exported" in proc.stderr, proc.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_parity_check_takes_real_test_images_spread_over_the_category_and_none_without_a_download(tmp_path):
+    from PIL import Image
+
+    from d2dprompt.export import real_images
+
+    for defect, count in (("good", 5), ("crack", 7)):
+        folder = tmp_path / "sample/disc/test" / defect
+        folder.mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (40, 30), (i * 20, 0, 0)).save(folder / f"{i:03d}.png")
+    found = real_images(tmp_path, "sample/disc", side=16)
+    assert len(found) == 8 and all(image.shape == (16, 16, 3) for image in found)
+    assert {int(image[0, 0, 0]) for image in found} >= {0, 80, 120}  # both defect folders: first, last and between
+    assert len(real_images(tmp_path, None, side=16)) == 8 and real_images(tmp_path / "absent", "sample/disc", side=16) == []

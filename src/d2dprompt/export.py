@@ -6,8 +6,9 @@ One graph per category (one in all for a run without categories) from pixels to 
 the method's `export_graph` (methods/graph.py), traced with the batch size left free. Beside the graphs go
 thresholds.json (evaluate's, checked against the settings as predict checks it), preprocessing.json, the run's
 model.json and manifest.json (the source run's hashes, each graph file's sha256, versions). Before anything is
-written, every graph is run by onnxruntime on check images and compared with the PyTorch path predict takes (the
-method's encode + scorer): an export whose maps differ by more than the method's tolerance (1e-4 for maps in [0, 1];
+written, every graph is run by onnxruntime on check images (up to 8 real test images of its category from the
+download stage's folder when they are there, and 3 seeded synthetic ones) and compared with the PyTorch path predict
+takes (the method's encode + scorer): an export whose maps differ by more than the method's tolerance (1e-4 for maps in [0, 1];
 `Method.export_tolerance`), or whose decision at the thresholds differs for an image scored farther than that from
 the threshold, is refused. The folder appears whole or not at all.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,6 +29,22 @@ from d2dprompt.serve import onnx_backend as ob
 OPSET = 17  # onnxruntime 1.16+ runs it; the TorchScript exporter's best-tested opset
 CHECK_IMAGES = 3  # images of the parity check: a batch size unlike the trace's, so a fixed batch would show
 TRACE_BATCH = 2  # the example batch the graph is traced with
+REAL_IMAGES = 8  # real test images per category in the parity check, spread over its good and defective ones
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def real_images(downloads: Path | None, category: str | None, side: int, count: int = REAL_IMAGES) -> list[np.ndarray]:
+    """Up to `count` test images of `category` ('<dataset>/<category>'; None: every prepared dataset's) under the
+    download stage's folder, evenly spread over their sorted paths, resized to `side` as predict resizes them; none
+    when the folder is not there (an export on another machine)."""
+    from d2dprompt.core.data.images import load_rgb, resize_rgb
+
+    if downloads is None or not downloads.is_dir():
+        return []
+    pattern = f"{category}/test/*/*" if category else "*/*/test/*/*"
+    paths = sorted(p for p in downloads.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES)
+    chosen = [paths[round(i * (len(paths) - 1) / max(1, count - 1))] for i in range(min(count, len(paths)))]
+    return [resize_rgb(load_rgb(path), side) for path in dict.fromkeys(chosen)]
 
 
 def check_images(count: int, side: int, seed: int = 0) -> list[np.ndarray]:
@@ -48,8 +64,7 @@ def export_graph_file(graph, side: int, dest: Path) -> None:
     import torch
 
     example = torch.from_numpy(ob.to_pixels(check_images(TRACE_BATCH, side, seed=1)))
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer warns of every Python value it freezes: sides and counts are fixed by design
+    with torch.no_grad():  # the tracer's warnings are shown: each names a Python value the graph now holds fixed
         torch.onnx.export(graph.eval(), (example,), str(dest), dynamo=False, opset_version=OPSET, input_names=[ob.INPUT],
                           output_names=list(ob.OUTPUTS), dynamic_axes={name: {0: "batch"} for name in (ob.INPUT, *ob.OUTPUTS)})
 
@@ -68,7 +83,7 @@ def parity(torch_maps: np.ndarray, torch_scores: np.ndarray, onnx_maps: np.ndarr
 
 
 def export(trained: Path, out: Path, thresholds: str | None = "auto", dataset: str | None = None, params: Path | None = None,
-           tolerance: float | None = None, echo=print) -> dict:
+           tolerance: float | None = None, echo=print, downloads: Path | None = Path("stages/download")) -> dict:
     """Write the exported folder of `trained` to `out` (see the module docstring); returns its manifest."""
     import onnx
     import torch
@@ -89,7 +104,7 @@ def export(trained: Path, out: Path, thresholds: str | None = "auto", dataset: s
     scoring = Scoring.of(cfg.evaluate, cfg.loss, cfg.model)
     tolerance = method.export_tolerance(record) if tolerance is None else tolerance
     categories = list(record.get("categories", [])) or [None]
-    images = check_images(CHECK_IMAGES, side)
+    synthetic = check_images(CHECK_IMAGES, side)
     graphs, checks = [], []
     with atomic_dir(out) as tmp:
         for index, category in enumerate(categories):
@@ -98,16 +113,18 @@ def export(trained: Path, out: Path, thresholds: str | None = "auto", dataset: s
             export_graph_file(method.export_graph(model, record, scoring, category), side, graph_dir / "model.onnx")
             onnx.checker.check_model(str(graph_dir / "model.onnx"))  # by path: a graph past 2 GB keeps its weights in files
             session = ob.OnnxGraphs.session_for(graph_dir / "model.onnx")
+            found = real_images(downloads, category, side)
+            images = found + synthetic
             onnx_maps, onnx_scores = session.run(list(ob.OUTPUTS), {ob.INPUT: ob.to_pixels(images)})
             torch_maps, torch_scores = detector.for_category(category)._score(images)
-            check = {"category": category, **parity(torch_maps, torch_scores, onnx_maps, onnx_scores, detector.thresholds.image, tolerance)}
+            check = {"category": category, "real_images": len(found), "images": len(images), **parity(torch_maps, torch_scores, onnx_maps, onnx_scores, detector.thresholds.image, tolerance)}
             where = f" ({category})" if category else ""
             if not (check["max_map_difference"] <= tolerance and check["max_score_difference"] <= tolerance) or check["flips_away_from_threshold"]:
                 raise ValueError(f"{folder}{where}: the ONNX graph differs from PyTorch (max |map difference| "
                                  f"{check['max_map_difference']:.2e}, max |score difference| {check['max_score_difference']:.2e}, "
                                  f"tolerance {tolerance:g}; {check['flips_away_from_threshold']} decisions flip away from the threshold): not exported")
             echo(f"graph {index}{where}: max |map difference| {check['max_map_difference']:.2e}, "
-                 f"max |score difference| {check['max_score_difference']:.2e} on {len(images)} check images")
+                 f"max |score difference| {check['max_score_difference']:.2e} on {len(found)} real and {len(synthetic)} synthetic check images")
             files = {p.name: ob.sha256_file(p) for p in sorted(graph_dir.iterdir())}
             graphs.append({"category": category, "folder": f"graphs/{index}", "graph": "model.onnx", "files": files})
             checks.append(check)
@@ -132,7 +149,7 @@ def export(trained: Path, out: Path, thresholds: str | None = "auto", dataset: s
             "evaluate": ev.model_dump(exclude={"datasets", "grid_cases"}),
             "loss": {"image_top_percent": cfg.loss.image_top_percent},
             "thresholds": {"image": detector.thresholds.image, "pixel": detector.thresholds.pixel, "source": detector.thresholds.source},
-            "parity": {"tolerance": tolerance, "images": len(images), "checks": checks},
+            "parity": {"tolerance": tolerance, "synthetic_images": len(synthetic), "checks": checks},
             "versions": {"d2dprompt": __version__, "torch": torch.__version__, "onnx": onnx.__version__, "opset": OPSET},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -149,6 +166,7 @@ def main(
     params: Path | None = typer.Option(None, help="params file whose evaluate block the graphs compute with [default: the thresholds' own settings]"),
     tolerance: float | None = typer.Option(None, min=0.0, help="largest |map difference| against PyTorch an export may show "
                                            "[default: the method's, 1e-4 for maps in [0, 1] (methods/base.py export_tolerance)]"),
+    downloads: Path = typer.Option(Path("stages/download"), help="download stage output: real test images for the parity check, when there"),
 ) -> None:
     try:
         import onnx  # noqa: F401
@@ -165,7 +183,7 @@ def main(
         typer.echo(f"error: --format {format}: the formats are onnx", err=True)
         raise typer.Exit(2)
     try:
-        manifest = export(trained, out, None if thresholds == "none" else thresholds, dataset, params, tolerance, typer.echo)
+        manifest = export(trained, out, None if thresholds == "none" else thresholds, dataset, params, tolerance, typer.echo, downloads)
     except (NotExportable, ParamsError, ThresholdsError, ValueError, OSError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
