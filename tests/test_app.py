@@ -69,7 +69,7 @@ def test_uploads_that_cannot_be_scored_are_named_with_the_reason(tmp_path):
 def test_an_upload_another_request_deleted_is_read_from_its_recent_bytes_and_a_gone_one_named_without_a_path(tmp_path):
     """Identical uploads share one content-addressed file that the first request to finish deletes: the other
     requests holding its path read the bytes kept for a while instead; past that, one line names the upload only."""
-    from d2dprompt.serve.app import RecentUploads, claimed_uploads
+    from d2dprompt.serve.uploads import RecentUploads, claimed_uploads
 
     stored = tmp_path / "gradio" / "3f2a" / "000.png"
     stored.parent.mkdir(parents=True)
@@ -295,6 +295,31 @@ def test_app_under_load_stays_bounded_and_leaves_no_file(checkout, tmp_path):
         uploaded = {image.name for image in images} | {"bomb.png", "large.png"}
         assert [p for p in files_under(scratch_root) if p.name in uploaded] == []  # every upload deleted once scored or refused
     assert files_under(scratch_root) == [] and list(scratch_root.iterdir()) == []  # the scratch folder went with the app
+
+
+def test_uploads_never_sent_for_detection_are_bounded_per_post_and_in_all_and_swept(checkout, tmp_path):
+    """Posts straight to /gradio_api/upload that no request claims: 40 posts of 19 MB left 760 MB on disk until the
+    app stopped. Now one post holds at most one request's worth (413), must state its length (411), all stored
+    uploads stay under 4 requests' worth (503 past it) and an unclaimed upload is deleted after --unclaimed-s."""
+    import httpx
+
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    part = 900 * 2**10  # under --max-mb 1, Gradio's per-file limit
+    files = lambda n: [("files", (f"f{i}.bin", os.urandom(part))) for i in range(n)]  # noqa: E731
+    with running_app(checkout, "--max-mb", "1", "--max-images", "2", "--unclaimed-s", "4", env={"TMPDIR": str(scratch_root)}) as (url, _):
+        upload = url + "gradio_api/upload"
+        too_many = httpx.post(upload, files=files(4), timeout=60)  # 3.5 MB: each file allowed, the post is 2 requests' worth
+        assert too_many.status_code == 413 and "at most 3.0 MB (--max-images x --max-mb)" in too_many.text
+        chunked = httpx.post(upload, content=iter([b"--x\r\n"]), headers={"content-type": "multipart/form-data; boundary=x"}, timeout=60)
+        assert chunked.status_code == 411
+        answers = [httpx.post(upload, files=files(3), timeout=60).status_code for _ in range(6)]  # 2.6 MB each
+        assert answers[:4] == [200] * 4 and answers[4:] == [503, 503], answers
+        stored = sum(p.stat().st_size for p in files_under(scratch_root))
+        assert stored <= 4 * 3 * 2**20, stored
+        time.sleep(8)  # past --unclaimed-s and a sweep
+        assert [p for p in files_under(scratch_root) if p.suffix == ".bin"] == []
+        assert httpx.post(upload, files=files(1), timeout=60).status_code == 200  # room again
 
 
 def served_paths(answer) -> list[Path]:

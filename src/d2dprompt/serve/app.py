@@ -28,16 +28,23 @@ import os
 import shutil
 import signal
 import tempfile
-import threading
-import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
 from d2dprompt.core.runtime.cli import app_for
+from d2dprompt.serve.uploads import (
+    SWEEP_EVERY_S,
+    UNCLAIMED_S,
+    RecentUploads,
+    UploadBudget,
+    claimed_uploads,
+    delete_uploads,
+    remember_uploads,
+    start_sweeper,
+)
 
 SAMPLE_GLOB = "*/test/*/*.png"  # the bundled sample's test images, defective and good
 SCORE_DIGITS = 6  # scores shown with this many decimals: enough to compare with the API's float
@@ -49,11 +56,6 @@ STATE_TTL_S = 1800  # a session's results are dropped 30 min after its last requ
 PNG_LEVEL = 1  # the shown images' PNG compression: fast, since each request writes three of them
 CACHE_SWEEP_S = (600, 1800)  # Gradio's cache: every 10 min, delete the files older than 30 min
 # the slider boxes show SCORE_DIGITS decimals of a threshold that may be negative or above 1: "-12.345678"
-# Gradio stores an upload at <sha256 of its bytes>/<name>: identical uploads share one file, which the first request
-# to finish deletes. The bytes of the uploads scored in the last RECENT_S seconds stay in memory (at most RECENT_MB)
-# so that a request holding the same path still gets its image.
-RECENT_S = 600
-RECENT_MB = 64
 PAGE_CSS = "#image-threshold input[type=number], #pixel-threshold input[type=number] { width: 12ch; min-width: 12ch; }"
 
 
@@ -161,86 +163,6 @@ def write_views(folder: Path, stem: str, result) -> tuple[str, str, str]:
     for picture, path in zip((Image.fromarray(result.image), result.overlay, result.mask_image), paths):
         picture.save(path, compress_level=PNG_LEVEL)
     return tuple(str(path) for path in paths)
-
-
-def delete_uploads(paths: list[str], upload_root: Path) -> None:
-    """Delete the uploaded files Gradio stored for a request (only ever files under its upload folder)."""
-    root = upload_root.resolve()
-    for path in map(Path, paths):
-        if path.resolve().is_relative_to(root):
-            path.unlink(missing_ok=True)
-            folder = path.parent
-            if folder.resolve() != root and folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()  # Gradio stores each upload in a folder of its own
-
-
-class RecentUploads:
-    """The bytes of recently deleted uploads by their path (content-addressed: one path, one content), for at most
-    `ttl_s` seconds and `max_bytes` in all, the oldest dropped first. Thread-safe: Gradio runs requests in threads."""
-
-    def __init__(self, ttl_s: float = RECENT_S, max_bytes: int = RECENT_MB * 2**20):
-        self.ttl_s, self.max_bytes = ttl_s, max_bytes
-        self._kept: OrderedDict[str, tuple[float, bytes]] = OrderedDict()  # oldest first
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def keep(self, path: str, data: bytes) -> None:
-        if len(data) > self.max_bytes:
-            return
-        with self._lock:
-            self._pop(path)
-            self._kept[path] = (time.monotonic(), data)
-            self._bytes += len(data)
-            self._expire(room=0)
-
-    def get(self, path: str) -> bytes | None:
-        with self._lock:
-            self._expire(room=self.max_bytes)
-            found = self._kept.get(path)
-        return None if found is None else found[1]
-
-    def _pop(self, path: str) -> None:
-        _, data = self._kept.pop(path, (0.0, b""))
-        self._bytes -= len(data)
-
-    def _expire(self, room: int) -> None:
-        """Drop entries older than ttl_s, then the oldest until the bytes fit max_bytes (`room`: slack allowed)."""
-        now = time.monotonic()
-        while self._kept:
-            path, (stamp, _) = next(iter(self._kept.items()))
-            if now - stamp <= self.ttl_s and self._bytes <= self.max_bytes + room:
-                break
-            self._pop(path)
-
-
-def claimed_uploads(uploaded: list[str], recent: RecentUploads, folder: Path) -> tuple[list[tuple[str, Path]], list[str]]:
-    """(name, a readable path) of each upload: the stored file, or, when an identical upload's request deleted it,
-    its recent bytes written to `folder`; and a line for each that is gone, naming no server path."""
-    items, gone = [], []
-    for upload in map(Path, uploaded):
-        if upload.is_file():
-            items.append((upload.name, upload))
-            continue
-        data = recent.get(str(upload))
-        if data is None:
-            gone.append(f"- {upload.name}: this upload is no longer on the server (an identical one was scored over "
-                        f"{RECENT_S // 60} min ago and deleted); send it again")
-            continue
-        restored = folder / uuid.uuid4().hex / upload.name
-        restored.parent.mkdir(parents=True)
-        restored.write_bytes(data)
-        items.append((upload.name, restored))
-    return items, gone
-
-
-def remember_uploads(uploaded: list[str], recent: RecentUploads, limits: Limits) -> None:
-    """Keep the bytes of each stored upload that fits the upload limit before it is deleted (RecentUploads)."""
-    for upload in map(Path, uploaded):
-        try:
-            if upload.stat().st_size <= limits.max_mb * 2**20:
-                recent.keep(str(upload), upload.read_bytes())
-        except OSError:
-            continue
 
 
 def build_page(runs: dict[str, Path], samples: Path | None, params: Path | None, limits: Limits, scratch: Path):
@@ -410,6 +332,7 @@ def main(
     max_side: int = typer.Option(8192, min=1, help="largest image side accepted, in pixels"),
     work_side: int = typer.Option(1024, min=1, help="images are decoded down to this longer side (never below the model's input side)"),
     max_images: int = typer.Option(16, min=1, help="most images scored per request"),
+    unclaimed_s: float = typer.Option(UNCLAIMED_S, min=1, help="seconds an upload never sent for detection stays on disk"),
 ) -> None:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry, no version check: before gradio is imported
     try:
@@ -438,9 +361,14 @@ def main(
         typer.echo(f"D2D-Prompt detector: http://{host}:{port}/  ({len(found)} run{'s' if len(found) > 1 else ''} from {runs}; Ctrl+C stops)")
         import gradio as gr
 
+        from starlette.middleware import Middleware
+
         theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])  # system fonts: no web-font fetch
+        upload_root = Path(os.environ["GRADIO_TEMP_DIR"])
+        budget = Middleware(UploadBudget, limits=limits, upload_root=upload_root)
+        start_sweeper(upload_root, lambda: page.upload_file_set, unclaimed_s, min(SWEEP_EVERY_S, unclaimed_s / 2))
         page.launch(server_name=host, server_port=port, allowed_paths=[str(scratch / "downloads")], theme=theme, css=PAGE_CSS,
-                    show_error=True, quiet=True, max_file_size=int(max_mb * 2**20))
+                    show_error=True, quiet=True, max_file_size=int(max_mb * 2**20), app_kwargs={"middleware": [budget]})
     except KeyboardInterrupt:
         pass
     finally:
