@@ -4,8 +4,9 @@ The methods of params.yaml's `methods` side by side on one dataset's test images
 It reads what each evaluate@<method>-<dataset> computed (replicas.safetensors: exact metrics and bootstrap replicas
 per category; the same rows and resampling params for every method, checked), no map, and for every pair of methods
 writes the difference of image_AUROC, pixel_AUROC, pixel_AUPRO and AUPIMO with its paired-bootstrap interval and
-p-value, per category and for the mean over categories: every replica draws the same test images for both methods (evaluate.bootstrap resamples, stratified by label, evaluate.bootstrap_seed), so what the
-two share, such as hard images, cancels. Writes `metrics/compare/<dataset>.json` and `.md`, and under
+p-value, per category and for the mean over categories: every replica draws the same test images for both methods
+(evaluate.bootstrap resamples, stratified by label, evaluate.bootstrap_seed), so what the two share, such as hard
+images, cancels. Writes `metrics/compare/<dataset>.json` and `.md`, and under
 `stages/compare/<dataset>/` the plot data: `aupimo.csv` (each anomalous test image's AUPIMO per method) and
 `differences.csv` (each pair's mean differences with their intervals). A pair's mean averages only the categories
 where the metric is defined for both methods, and says how many (`categories`). With one method listed there is nothing to

@@ -101,8 +101,8 @@ def write_replicated(path: Path, data: Replicated) -> None:
 
     from d2dprompt.core.runtime.outputs import nan_to_null
 
-    order = list(data.exact)
-    tensors = {f"replicas.{order.index(c)}.{m}": np.asarray(v, dtype=np.float64) for c, reps in data.replicas.items() for m, v in reps.items()}
+    position = {category: i for i, category in enumerate(data.exact)}
+    tensors = {f"replicas.{position[c]}.{m}": np.asarray(v, dtype=np.float64) for c, reps in data.replicas.items() for m, v in reps.items()}
     tensors |= {"aupimo": np.asarray(data.aupimo, dtype=np.float64), "labels": np.asarray(data.labels, dtype=np.uint8)}
     index = {"rows": data.image_paths, "categories": data.categories, "exact": nan_to_null(data.exact), "notes": data.notes, "settings": data.settings}
     save_file(tensors, str(path), metadata={"index": json.dumps(index, allow_nan=False)})
