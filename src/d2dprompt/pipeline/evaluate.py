@@ -219,7 +219,7 @@ def evaluate_dataset(scored: dict[str, tuple[list[int], np.ndarray, np.ndarray]]
     validation_rows = [rows[i] for i in scored["validation maps"][0]] if "validation maps" in scored else []
     validation_scores = scored["validation maps"][2] if "validation maps" in scored else np.zeros(0)
     details = {"validation_rows": validation_rows, "validation_scores": validation_scores, "rows": test_rows, "maps": maps, "masks": masks, "predicted": predicted, "scores": scores, "labels": labels, "validation": validation, "display_range": display,
-               "aupimo": replicated.aupimo, "notes": replicated.notes, "replicated": replicated}
+               "replicated": replicated}
     return with_intervals(summarize(per_category), replicated.replicas, ev.confidence), thresholds, details
 
 
@@ -280,7 +280,7 @@ def main(
                 threshold_record = {**asdict(thresholds), "method": method, "score": chosen.image_score_name(ev.score), "top_percent": ev.top_percent, "map_size": ev.map_size, "sigma": ev.sigma, "opening_kernel": ev.opening_kernel, "min_area": ev.min_area, "display_range": list(details["display_range"])}
                 with atomic_dir(out / dataset) as tmp:
                     write_json(tmp / "thresholds.json", threshold_record)
-                    write_scores(tmp / SCORES_FILE, details["rows"], details["labels"], details["scores"], thresholds.image, details["aupimo"])
+                    write_scores(tmp / SCORES_FILE, details["rows"], details["labels"], details["scores"], thresholds.image, details["replicated"].aupimo)
                     write_evaluated(tmp / MAPS_FILE, details["rows"], details["labels"], details["scores"], details["maps"], details["masks"])
                     write_replicated(tmp / REPLICAS_FILE, details["replicated"])
                     write_validation(tmp / VALIDATION_FILE, details["validation_rows"], details["validation_scores"])
@@ -289,7 +289,7 @@ def main(
                                 details["display_range"], thresholds, f"{method} {dataset}")
                 # `validation` (synthetic anomalies on held-out normal images) is where choices such as
                 # evaluate.score are made without looking at the test split
-                write_metrics(metrics, dataset, summary, asdict(thresholds), details["validation"], bootstrap_note(ev), details["notes"],
+                write_metrics(metrics, dataset, summary, asdict(thresholds), details["validation"], bootstrap_note(ev), details["replicated"].notes,
                               numerics.record(str(device)))
                 log.log_dataset(dataset, latents / dataset / "index.csv", "evaluation")
                 log.log_metrics({f"{method}.{dataset}.{cat}.{name}": v for cat, values in summary.items() for name, v in values.items() if v == v})

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import stat
 import threading
 import time
 import uuid
@@ -33,6 +34,7 @@ UNCLAIMED_S = 300
 PENDING_REQUESTS = 4
 SWEEP_EVERY_S = 10
 MULTIPART_SLACK = 2**20  # a multipart body's boundaries and headers beside the files
+
 
 def delete_uploads(paths: list[str], upload_root: Path) -> None:
     """Delete the uploaded files Gradio stored for a request (only ever files under its upload folder)."""
@@ -62,11 +64,11 @@ class RecentUploads:
             self._pop(path)
             self._kept[path] = (time.monotonic(), data)
             self._bytes += len(data)
-            self._expire(room=0)
+            self._expire()
 
     def get(self, path: str) -> bytes | None:
         with self._lock:
-            self._expire(room=self.max_bytes)
+            self._expire()
             found = self._kept.get(path)
         return None if found is None else found[1]
 
@@ -74,12 +76,12 @@ class RecentUploads:
         _, data = self._kept.pop(path, (0.0, b""))
         self._bytes -= len(data)
 
-    def _expire(self, room: int) -> None:
-        """Drop entries older than ttl_s, then the oldest until the bytes fit max_bytes (`room`: slack allowed)."""
+    def _expire(self) -> None:
+        """Drop entries older than ttl_s, then the oldest until the bytes fit max_bytes."""
         now = time.monotonic()
         while self._kept:
             path, (stamp, _) = next(iter(self._kept.items()))
-            if now - stamp <= self.ttl_s and self._bytes <= self.max_bytes + room:
+            if now - stamp <= self.ttl_s and self._bytes <= self.max_bytes:
                 break
             self._pop(path)
 
@@ -123,7 +125,7 @@ def stored_files(upload_root: Path) -> list[tuple[float, int, Path]]:
             info = path.stat()
         except OSError:  # deleted meanwhile
             continue
-        if path.is_file():
+        if stat.S_ISREG(info.st_mode):
             found.append((info.st_mtime, info.st_size, path))
     return sorted(found)
 
