@@ -55,6 +55,7 @@ CASES = {
     "min area": ("evaluate:\n  min_area: -1\n", "evaluate.min_area: must be >= 0, got -1"),
     "grid cases": ("evaluate:\n  grid_cases: -1\n", "evaluate.grid_cases: must be >= 0, got -1"),
     "recache": ("attention:\n  recache_every: -1\n", "attention.recache_every: must be >= 0, got -1"),
+    "resident budget": ("attention:\n  cache_resident_gb: lots\n", "attention.cache_resident_gb: must be auto or a size in GB >= 0, got 'lots'"),
     "levels empty": ("attention:\n  levels: []\n", "attention.levels: must hold at least 1 value, each in [0, 8], got []"),
     "levels negative": ("attention:\n  levels: [0, -1]\n", "attention.levels[1]: must be in [0, 8], got -1"),
     "levels repeated": ("attention:\n  levels: [0, 0]\n", "attention.levels: must not list 0 twice, got [0, 0]"),

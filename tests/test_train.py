@@ -23,7 +23,7 @@ from tests.conftest import ROOT
 EPOCHS = 4
 
 
-def config(mode: str, resident_gb: float = 8.0):
+def config(mode: str, resident_gb: float | str = "auto"):
     return params_from_dict(
         {
             "download": {"categories": ["tile"]},
@@ -101,6 +101,22 @@ def test_a_streamed_query_cache_trains_to_the_same_bits_as_a_resident_one(tmp_pa
     streamed = trained("cached", latents_root, queries_root, tmp_path / "out", tmp_path / "ckpt", resident_gb=0)
     assert streamed.keys() == uninterrupted["cached"].keys()
     assert all(torch.equal(streamed[k], uninterrupted["cached"][k]) for k in streamed)
+
+
+def test_the_resident_query_cache_takes_at_most_a_quarter_of_the_machine_by_default(queries_root):
+    """attention.cache_resident_gb=auto bounds the resident cache by the device's memory, not a fixed 8 GB that a
+    full-size dataset's cache fills on a 16 GB machine; a cache above the budget streams."""
+    from d2dprompt.methods.d2dprompt.query_cache import QueryCache
+    from d2dprompt.methods.d2dprompt.train import placed, resident_budget
+
+    cpu = torch.device("cpu")
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert config("cached").attention.cache_resident_gb == "auto"
+    assert resident_budget("auto", cpu) == ram // 4
+    assert resident_budget(2.5, cpu) == int(2.5 * 2**30)
+    cache = QueryCache(path=queries_root / "queries.safetensors")
+    assert placed(cache, config("cached"), cpu)._file is None  # the sample's few MB: read whole
+    assert placed(cache, config("cached", resident_gb=cache.nbytes / 2**30 / 2), cpu) is cache  # above the budget: streamed
 
 
 def test_query_cache_rows_are_the_same_resident_streamed_and_prefetched(queries_root):

@@ -159,12 +159,20 @@ class AttentionParams(Block):
     prompts: Literal["joint", "paired"] = "joint"  # joint = both prompts in one sequence, one pass; paired = one UNet pass per prompt
     recache_every: int = Field(5, ge=0)  # cached mode: recompute the queries with the current prompts every N epochs (0 = never)
     # cached mode: a query cache up to this size is read whole onto the training device (one read; a batch is an index
-    # there); a larger one streams its rows, the next batch read in a background thread while a step runs. 8 GB holds a
-    # 300-image category at SD-2.1 levels 0-2 on any training GPU; 0 = always stream. The numbers are the same either way.
-    cache_resident_gb: float = Field(8.0, ge=0)
+    # there); a larger one streams its rows, the next batch read in a background thread while a step runs. auto = a
+    # quarter of the device's memory (RAM on CPU), so a full-size dataset streams instead of filling the machine;
+    # 0 = always stream. The numbers are the same either way.
+    cache_resident_gb: Literal["auto"] | float = "auto"
     # cached mode: how the queries are stored. int8 (per-channel scales) takes about half of float16's disk and memory
     # (10.9 instead of 21.9 MiB per training image at SD-2.1 levels 0-2) for a small drift of the maps (BENCHMARKS.md)
     cache_dtype: Literal["float16", "int8"] = "float16"
+
+    @field_validator("cache_resident_gb", mode="before")
+    @classmethod
+    def _auto_or_size(cls, value):
+        if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")):
+            return value
+        raise ValueError(f"must be auto or a size in GB >= 0, got {value!r}")
 
 
 

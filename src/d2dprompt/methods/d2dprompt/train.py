@@ -13,6 +13,7 @@ result does not depend on the number of processes; rank 0 alone writes, checkpoi
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path  # noqa: F401  (annotations)
@@ -102,9 +103,23 @@ def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
+RESIDENT_SHARE = 4  # attention.cache_resident_gb=auto: at most 1/4 of the device's memory, the rest for the model and data
+
+
+def resident_budget(setting: float | str, device: torch.device) -> int:
+    """Bytes of query cache read whole onto `device` (attention.cache_resident_gb); auto = a quarter of its memory."""
+    if setting != "auto":
+        return int(setting * 2**30)
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(device).total_memory // RESIDENT_SHARE
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // RESIDENT_SHARE
+
+
 def placed(queries: QueryCache, cfg: Params, device: torch.device) -> QueryCache:
     """`queries` read whole onto the training device when they fit attention.cache_resident_gb, else streamed."""
-    return queries.resident(device) if queries.nbytes <= cfg.attention.cache_resident_gb * 2**30 else queries
+    return queries.resident(device) if queries.nbytes <= resident_budget(cfg.attention.cache_resident_gb, device) else queries
 
 
 def refreshed_queries(segmenter: D2DSegmenter, prompts: dict[str, torch.Tensor], data: Batches, cfg: Params, device: torch.device,
