@@ -205,6 +205,7 @@ def test_upload_score_slider_and_downloads_in_chromium(checkout, server, tmp_pat
         print(f"one prediction through the page: {time.monotonic() - clicked:.2f} s")
 
         assert page.inner_text("#score-value") == f"{expected.score:.6f}"
+        assert page.inner_text("#normalized-score") == f"{expected.normalized_score:.6f}"  # beside the raw score, 0.5 at the threshold
         assert ("**anomalous**" if expected.label else "**normal**").strip("*") in page.inner_text("#verdict")
         assert re.search(r"notes\.txt: not an image file", page.inner_text("#problems"))
         before = int(page.inner_text("#mask-pixels"))

@@ -57,6 +57,20 @@ def test_new_thresholds_redecide_label_and_mask_without_touching_the_map():
     assert summary["pixel_threshold"] == 0.3 and summary["anomalous_pixels"] == int(looser.mask.sum())
 
 
+def test_the_normalised_score_is_a_half_at_the_threshold_and_on_the_labels_side_of_it():
+    """anomalib users read a [0, 1] score with the line at 0.5 whatever the method's scale: (score - threshold) /
+    (validation max - min) + 0.5, clipped; a rounding can never put a normal image at 0.5."""
+    from dataclasses import replace
+
+    base = replace(prediction(np.zeros((8, 8))), score_range=(2.0, 6.0))  # threshold 0.5, a spread of 4
+    assert prediction(np.zeros((8, 8))).normalized_score is None  # no range recorded: no normalised score
+    for score, expected in ((0.5, 0.5), (1.5, 0.75), (-0.5, 0.25), (9.0, 1.0), (-9.0, 0.0)):
+        result = replace(base, score=score, label=int(score >= 0.5))
+        assert result.normalized_score == expected and result.summary()["normalized_score"] == expected
+    below = replace(base, score=float(np.nextafter(0.5, 0.0)), label=0)
+    assert below.normalized_score < 0.5 and below.with_thresholds(image=0.25).normalized_score > 0.5
+
+
 def test_a_folder_of_runs_needs_a_method_when_it_holds_several(tmp_path):
     for name in ("d2dprompt", "draem"):
         (tmp_path / name).mkdir()
@@ -141,6 +155,9 @@ def test_the_api_gives_evaluates_score_for_any_form_of_a_sample_test_image(works
     for result in forms:
         assert abs(result.score - float(rows[0]["score"])) < 1e-5, (result.score, rows[0]["score"])
         assert result.label == int(result.score >= fitted["image"])
+        low, high = fitted["score_range"]  # the validation scores' range, recorded by evaluate
+        assert result.normalized_score == pytest.approx(np.clip((result.score - fitted["image"]) / (high - low) + 0.5, 0, 1))
+        assert (result.normalized_score >= 0.5) == bool(result.label)
         assert result.anomaly_map.shape == result.mask.shape == pixels.shape[:2]
         assert result.overlay.size == (pixels.shape[1], pixels.shape[0])
     batch = det.predict_batch([workspace / "stages/download/sample" / r["image_path"] for r in rows], batch_size=1)

@@ -54,7 +54,8 @@ def test_row_rejects_inconsistent_values():
     with pytest.raises(ValueError, match="defect_type"):
         ManifestRow("d", "c", "test", 1, "good", "a.png", "m.png")
     with pytest.raises(ValueError, match="mask_path"):
-        ManifestRow("d", "c", "test", 1, "crack", "a.png", "")
+        ManifestRow("d", "c", "test", 0, "good", "a.png", "m.png")
+    assert ManifestRow("d", "c", "test", 1, "crack", "a.png", "").mask_path == ""  # a category without masks
 
 
 def test_bad_header_and_bad_row_name_the_file(tmp_path):
@@ -94,6 +95,26 @@ def test_missing_mask_names_the_image(tmp_path):
     with pytest.raises(LayoutError) as info:
         scan_mvtec_layout(root, "x")
     assert str(info.value).startswith(str(root / "tile" / "test" / "crack" / "001.png"))
+
+
+def test_a_category_without_ground_truth_is_listed_without_masks_and_a_partial_one_refused(tmp_path):
+    """A factory's defect images often come without pixel masks: a category with no ground_truth/ is read with
+    empty mask_paths (image-level metrics only, and the summary says so); with ground_truth/ every mask must be there."""
+    import shutil
+
+    root = make_layout(tmp_path)
+    make_layout(root, "disc")
+    shutil.rmtree(root / "tile" / "ground_truth")
+    rows = scan_mvtec_layout(root, "x")
+    assert [r.mask_path for r in rows if r.category == "tile" and r.label] == ["", ""]
+    assert all(r.mask_path for r in rows if r.category == "disc" and r.label)
+    assert manifest_summary(rows).endswith("; no masks in tile: image-level metrics only there")
+    path = tmp_path / "manifest.csv"
+    write_manifest(rows, path)
+    assert read_manifest(path) == rows
+    (root / "disc" / "ground_truth" / "crack" / "001_mask.png").unlink()
+    with pytest.raises(LayoutError, match="a category without disc/ground_truth/ is scored at image level only"):
+        scan_mvtec_layout(root, "x")
 
 
 def _nothing(root: Path) -> None:

@@ -63,6 +63,7 @@ def test_the_logged_detector_loads_and_scores_sample_images_as_evaluate_did(work
         assert np.asarray(got["anomaly_map"]).shape == (128, 128)  # evaluate.map_size of the params it was trained with
         assert got["label"] == int(got["score"] >= got["image_threshold"]) == int(row["predicted"])  # evaluate's decision
         assert "F1-max on the validation split" in got["threshold_source"]  # evaluate's thresholds, not evaluate.sensitivity
+        assert (got["normalized_score"] >= 0.5) == bool(got["label"]) and 0.0 <= got["normalized_score"] <= 1.0
 
     # thresholds passed at predict time re-decide label and mask
     score = float(out.loc[1, "score"])

@@ -69,13 +69,20 @@ def write_validation(path: Path, rows: list[LatentRow], scores: np.ndarray) -> N
 
 
 def ground_truth(root: Path, rows: list[LatentRow], size: int) -> np.ndarray:
-    """(N, size, size) bool masks of real images; normal images get empty masks."""
+    """(N, size, size) bool masks of real images; normal images, and anomalous ones without pixel truth
+    (`without_pixel_truth`), get empty masks."""
     masks = np.zeros((len(rows), size, size), dtype=bool)
     for i, row in enumerate(rows):
         if row.mask_path:
             shape = load_rgb(root / row.image_path).shape[:2]
             masks[i] = resize_mask(load_mask(root / row.mask_path, shape), size)
     return masks
+
+
+def without_pixel_truth(rows: list) -> set[str]:
+    """The categories with an anomalous image but no mask for it (no ground_truth/): their pixel metrics are n/a,
+    since an empty mask would count the defect's pixels as normal ones."""
+    return {r.category for r in rows if r.label and not r.mask_path}
 
 
 def validation_masks(packed: torch.Tensor, size: int) -> np.ndarray:
@@ -189,8 +196,6 @@ def score_splits(score: Scorer, rows: list[LatentRow], latents_dir: Path, ev: Ev
     images; progress label -> (row indices, maps, scores)."""
     test = [i for i, r in enumerate(rows) if r.split == "test" and r.source == "real"]
     val = [i for i, r in enumerate(rows) if r.split == "val"]
-    if not test:
-        raise ValueError(f"{latents_dir}: no test images")
     if ev.threshold != "fixed" and not val:
         raise ValueError(f"{latents_dir}: no validation rows; set latents.val_fraction > 0 or evaluate.threshold=fixed")
     splits = {"test maps": test} if ev.threshold == "fixed" else {"validation maps": val, "test maps": test}
@@ -216,10 +221,12 @@ def evaluate_dataset(scored: dict[str, tuple[list[int], np.ndarray, np.ndarray]]
     labels = np.array([r.label for r in test_rows])
     predicted = binary_masks(maps, thresholds.pixel, ev.opening_kernel, ev.min_area)
     per_category, replicated = category_metrics(test_rows, labels, scores, masks, maps, predicted, thresholds, ev)
+    # a folder of normal images only (no test/) still gets its thresholds, for predict, the API and the app
+    notes = [f"no test images in {c}: its metrics need <category>/test/" for c in sorted({r.category for r in rows} - {r.category for r in test_rows})]
     validation_rows = [rows[i] for i in scored["validation maps"][0]] if "validation maps" in scored else []
     validation_scores = scored["validation maps"][2] if "validation maps" in scored else np.zeros(0)
     details = {"validation_rows": validation_rows, "validation_scores": validation_scores, "rows": test_rows, "maps": maps, "masks": masks, "predicted": predicted, "scores": scores, "labels": labels, "validation": validation, "display_range": display,
-               "replicated": replicated}
+               "replicated": replicated, "notes": replicated.notes + notes}
     return with_intervals(summarize(per_category), replicated.replicas, ev.confidence), thresholds, details
 
 
@@ -229,22 +236,29 @@ def category_metrics(rows: list, labels: np.ndarray, scores: np.ndarray, masks: 
     the exact values of the metrics it pairs, their bootstrap replicas, each image's AUPIMO."""
     per_category, replicas, notes = {}, {}, []
     per_image_aupimo = np.full(len(rows), np.nan)
+    unmasked = without_pixel_truth(rows)
     for index, category in enumerate(sorted({r.category for r in rows})):
         idx = np.array([i for i, r in enumerate(rows) if r.category == category])
-        mean_aupimo, per_image_aupimo[idx], why = aupimo_per_image(masks[idx], maps[idx], ev.aupimo_fpr)
-        if why and labels[idx].min() != labels[idx].max():
+        pixels = category not in unmasked
+        if pixels:
+            mean_aupimo, per_image_aupimo[idx], why = aupimo_per_image(masks[idx], maps[idx], ev.aupimo_fpr)
+            pixel_values = {**pixel_metrics(masks[idx], maps[idx], fpr_limit=ev.aupro_fpr_limit), "AUPIMO": mean_aupimo}
+        else:
+            why = "its anomalous images have no masks (no ground_truth/)"
+            pixel_values = {**dict.fromkeys(("pixel_AUROC", "pixel_AP", "pixel_F1Max", "pixel_AUPRO", "AUPIMO"), float("nan"))}
+            notes.append(f"pixel metrics n/a for {category}: {why}")
+        if pixels and why and labels[idx].min() != labels[idx].max():
             notes.append(f"AUPIMO n/a for {category}: {why}")
         per_category[category] = {
             **image_metrics(labels[idx], scores[idx]),
-            **pixel_metrics(masks[idx], maps[idx], fpr_limit=ev.aupro_fpr_limit),
-            "AUPIMO": mean_aupimo,
+            **pixel_values,
             "image_F1": f1_at(labels[idx] == 1, scores[idx] >= thresholds.image),
-            "pixel_F1": f1_at(masks[idx], predicted[idx]),
+            "pixel_F1": f1_at(masks[idx], predicted[idx]) if pixels else float("nan"),
         }
         if ev.bootstrap:  # the seed follows the category, not the method: every method draws the same images
             replicas[category] = replicas_of(labels[idx], scores[idx], masks[idx], maps[idx], n_resamples=ev.bootstrap,
                                              seed=category_seed(ev.bootstrap_seed, index), fpr_limit=ev.aupro_fpr_limit,
-                                             fpr_bounds=ev.aupimo_fpr, with_aupimo=why is None)
+                                             fpr_bounds=ev.aupimo_fpr, with_aupimo=why is None, with_pixels=pixels)
     exact = {c: {m: values[m] for m in METRICS} for c, values in per_category.items()}
     replicated = Replicated([r.image_path for r in rows], [r.category for r in rows], np.asarray(labels, dtype=np.uint8), per_image_aupimo,
                             exact, replicas, notes, replica_settings(ev))
@@ -278,18 +292,23 @@ def main(
                     return
                 summary, thresholds, details = evaluate_dataset(scored, rows, tensors, downloads / dataset, ev)
                 threshold_record = {**asdict(thresholds), "method": method, "score": chosen.image_score_name(ev.score), "top_percent": ev.top_percent, "map_size": ev.map_size, "sigma": ev.sigma, "opening_kernel": ev.opening_kernel, "min_area": ev.min_area, "display_range": list(details["display_range"])}
+                if len(details["validation_scores"]):  # the normalised score's scale (serve/detector.py): anomalib's min-max
+                    threshold_record["score_range"] = [float(details["validation_scores"].min()), float(details["validation_scores"].max())]
                 with atomic_dir(out / dataset) as tmp:
                     write_json(tmp / "thresholds.json", threshold_record)
                     write_scores(tmp / SCORES_FILE, details["rows"], details["labels"], details["scores"], thresholds.image, details["replicated"].aupimo)
-                    write_evaluated(tmp / MAPS_FILE, details["rows"], details["labels"], details["scores"], details["maps"], details["masks"])
+                    write_evaluated(tmp / MAPS_FILE, details["rows"], details["labels"], details["scores"], details["maps"], details["masks"],
+                                    without_pixel_truth(details["rows"]))
                     write_replicated(tmp / REPLICAS_FILE, details["replicated"])
                     write_validation(tmp / VALIDATION_FILE, details["validation_rows"], details["validation_scores"])
-                    write_plot_data(tmp / "plots", details["labels"], details["scores"], details["masks"], details["maps"], summary)
+                    truth = np.array([r.category not in without_pixel_truth(details["rows"]) for r in details["rows"]])
+                    pixels = (details["masks"], details["maps"]) if truth.all() else (details["masks"][truth], details["maps"][truth])
+                    write_plot_data(tmp / "plots", details["labels"], details["scores"], *pixels, summary)
                     write_grids(tmp / "grids", downloads / dataset, details["rows"], details["maps"], details["masks"], details["predicted"], details["scores"], details["labels"], ev.grid_cases,
                                 details["display_range"], thresholds, f"{method} {dataset}")
                 # `validation` (synthetic anomalies on held-out normal images) is where choices such as
                 # evaluate.score are made without looking at the test split
-                write_metrics(metrics, dataset, summary, asdict(thresholds), details["validation"], bootstrap_note(ev), details["replicated"].notes,
+                write_metrics(metrics, dataset, summary, asdict(thresholds), details["validation"], bootstrap_note(ev), details["notes"],
                               numerics.record(str(device)))
                 log.log_dataset(dataset, latents / dataset / "index.csv", "evaluation")
                 log.log_metrics({f"{method}.{dataset}.{cat}.{name}": v for cat, values in summary.items() for name, v in values.items() if v == v})
@@ -297,7 +316,8 @@ def main(
                 log.log_artifact(metrics / f"{dataset}.md")
                 log.log_artifacts(out / dataset, "evaluate")
                 log_detector(log, trained, params, out / dataset / "thresholds.json", f"{method}-{dataset}")
-        typer.echo(f"{method} {dataset}: " + " ".join(f"{k}={v:.4f}" for k, v in summary["mean"].items()))
+        typer.echo(f"{method} {dataset}: " + (" ".join(f"{k}={v:.4f}" for k, v in summary["mean"].items())
+                                               or f"no test images; thresholds fitted ({thresholds.source}) for predict"))
     except (ParamsError, ImageError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None

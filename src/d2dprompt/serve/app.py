@@ -115,8 +115,10 @@ def check_upload(path: Path, limits: Limits, name: str, min_side: int = 1):
 def verdict_line(name: str, result) -> str:
     t = result.thresholds
     decision = "**anomalous**" if result.label else "**normal**"
+    normalized = result.normalized_score
+    scaled = "" if normalized is None else f" (normalised: <span id='normalized-score'>{normalized:.{SCORE_DIGITS}f}</span> vs 0.5)"
     return (f"`{name}`: score <span id='score-value'>{result.score:.{SCORE_DIGITS}f}</span> vs image threshold "
-            f"{t.image:.{SCORE_DIGITS}f} → {decision}; <span id='mask-pixels'>{int(result.mask.sum())}</span> anomalous "
+            f"{t.image:.{SCORE_DIGITS}f}{scaled} → {decision}; <span id='mask-pixels'>{int(result.mask.sum())}</span> anomalous "
             f"pixels at pixel threshold {t.pixel:.{SCORE_DIGITS}f} (thresholds: {t.source})")
 
 

@@ -68,6 +68,10 @@ def read_thresholds_file(path: Path, ev: EvaluateParams, method: str = "d2dpromp
     if (not isinstance(shown, list) or len(shown) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in shown)
             or shown[0] > shown[1]):
         raise ThresholdsError(f"{path}: key 'display_range' must be two finite numbers [low, high] with low <= high, got {shown!r}")
+    spread = record.get("score_range", [0.0, 1.0])
+    if (not isinstance(spread, list) or len(spread) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in spread)
+            or spread[0] > spread[1]):
+        raise ThresholdsError(f"{path}: key 'score_range' must be two finite numbers [low, high] with low <= high, got {spread!r}")
     if not isinstance(record.get("method", method), str) or record.get("method", method) != method:
         raise ThresholdsError(f"{path}: fitted for method {record.get('method')!r}, not for the {method!r} run predicting")
     from d2dprompt.methods import registry
@@ -108,6 +112,15 @@ def display_of(thresholds: Path | None) -> tuple[float, float]:
         return (0.0, 1.0)
     low, high = json.loads(thresholds.read_text()).get("display_range", [0.0, 1.0])  # resolve_thresholds read it already
     return (float(low), float(high)) if high > low else (0.0, 1.0)
+
+
+def score_range_of(thresholds: Path | None) -> tuple[float, float] | None:
+    """The validation image scores' [min, max] evaluate recorded beside the thresholds; None without one (no
+    normalised score then: a scale guessed elsewhere would move the 0.5 line)."""
+    if thresholds is None:
+        return None
+    low, high = json.loads(thresholds.read_text()).get("score_range", [0.0, 0.0])  # resolve_thresholds read it already
+    return (float(low), float(high)) if high > low else None
 
 
 def settings(params: Path | None, thresholds: Path | None, trained: Path) -> Params:
@@ -237,6 +250,18 @@ class Prediction:
     map_mask: np.ndarray  # (map_size, map_size) bool: `map` thresholded, opened and cleaned of small regions
     display: tuple[float, float]  # the colour range of the map (evaluate's validation maps), for pictures
     post_processing: tuple[int, int]  # (evaluate.opening_kernel, evaluate.min_area) the masks are made with
+    score_range: tuple[float, float] | None = None  # the validation image scores' [min, max]: the normalised score's scale
+
+    @property
+    def normalized_score(self) -> float | None:
+        """anomalib's min-max normalisation, fitted on the validation split: (score - image threshold) / (max - min)
+        + 0.5, clipped to [0, 1], so 0.5 is the threshold whatever the method's scale; below 0.5 exactly when the
+        label is 0. None when the thresholds file has no score range (fixed thresholds, an older file)."""
+        if self.score_range is None:
+            return None
+        low, high = self.score_range
+        value = float(np.clip((self.score - self.thresholds.image) / (high - low) + 0.5, 0.0, 1.0))
+        return value if self.label else min(value, float(np.nextafter(0.5, 0.0)))  # rounding must not cross the line
 
     @property
     def overlay(self) -> Image.Image:
@@ -263,6 +288,7 @@ class Prediction:
         """What a JSON line records: score, label, thresholds and where they came from, the mask's area."""
         return {
             "score": self.score,
+            "normalized_score": self.normalized_score,
             "label": self.label,
             "image_threshold": self.thresholds.image,
             "pixel_threshold": self.thresholds.pixel,
@@ -320,6 +346,7 @@ class Detector:
 
         self.backend, self.record, self.cfg, self.folder = backend, record, cfg, folder
         self.thresholds, self.display, self.thresholds_file = thresholds, display, thresholds_file
+        self.score_range = score_range_of(thresholds_file)
         self.device = backend.device
         self._method = registry.get(method_of(record))
         self.method = self._method.name
@@ -461,7 +488,7 @@ class Detector:
             mask = np.asarray(mask_at_size(small_mask, (height, width))) > 0
             results.append(Prediction(
                 float(score), int(score >= self.thresholds.image), full, mask, self.thresholds, original,
-                small_map.astype(np.float32), small_mask, self.display, (ev.opening_kernel, ev.min_area),
+                small_map.astype(np.float32), small_mask, self.display, (ev.opening_kernel, ev.min_area), self.score_range,
             ))
         return results
 

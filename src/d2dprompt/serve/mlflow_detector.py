@@ -35,7 +35,7 @@ def detector_signature():
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-    outputs = [ColSpec("double", "score"), ColSpec("long", "label"), ColSpec("double", "image_threshold"),
+    outputs = [ColSpec("double", "score"), ColSpec("double", "normalized_score"), ColSpec("long", "label"), ColSpec("double", "image_threshold"),
                ColSpec("double", "pixel_threshold"), ColSpec("string", "threshold_source"),
                ColSpec(Array(Array("float")), "anomaly_map"), ColSpec(Array(Array("boolean")), "mask")]
     params = [ParamSpec("image_threshold", "double", None), ParamSpec("pixel_threshold", "double", None), ParamSpec("category", "string", None)]

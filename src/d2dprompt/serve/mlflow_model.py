@@ -7,7 +7,7 @@ the thresholds it fitted, and registered as `<method>-<dataset>`.
     out.loc[0, "score"], out.loc[0, "label"], np.array(out.loc[0, "anomaly_map"])
 
 Input: a column `image` of encoded image files (PNG, JPEG, ...; base64 in a REST request). Output per image: score,
-label, the thresholds and their source, and the anomaly map and predicted mask at evaluate.map_size. Optional
+normalized_score (0.5 at the image threshold, detector.Prediction), label, the thresholds and their source, and the anomaly map and predicted mask at evaluate.map_size. Optional
 params: image_threshold, pixel_threshold (override the model's), category ('<dataset>/<category>': required by a run
 that knows several, as draem, decodiff, patchknn and few-shot d2dprompt).
 `mlflow models serve -m models:/d2dprompt-sample/latest --env-manager local` serves it over REST.
@@ -57,6 +57,7 @@ class DetectorModel(PythonModel):
         results = [r.with_thresholds(params.get("image_threshold"), params.get("pixel_threshold")) for r in detector.predict_batch(images)]
         return pd.DataFrame({
             "score": [r.score for r in results],
+            "normalized_score": [float("nan") if r.normalized_score is None else r.normalized_score for r in results],
             "label": [r.label for r in results],
             "image_threshold": [r.thresholds.image for r in results],
             "pixel_threshold": [r.thresholds.pixel for r in results],

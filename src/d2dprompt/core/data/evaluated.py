@@ -10,9 +10,11 @@
       maps (N, S, S) float16   the post-processed anomaly maps (evaluate.map_size, sigma), rounded to half precision:
         half the bytes of the float32 maps the metrics were computed from (450 -> 225 MB per method on MVTec AD at
         256 px); the exact values are what evaluate recomputes, bit for bit, from the same inputs
-      masks (N, S, ceil(S/8)) uint8   the ground truth, bit-packed along rows
+      masks (N, S, ceil(S/8)) uint8   the ground truth, bit-packed along rows (empty for the anomalous images of a
+        category without masks, listed in the index's "without_masks")
       scores (N,) float32, labels (N,) uint8
-      metadata "index": JSON {"rows": the images' paths in row order, "categories": the same order}; one key, since
+      metadata "index": JSON {"rows": the images' paths in row order, "categories": the same order, "without_masks"
+      when a category has no pixel truth}; one key, since
       safetensors writes its metadata map in a random order per process and two keys would make the file's bytes
       (and dvc.lock) differ between identical runs
 
@@ -40,9 +42,11 @@ class Evaluated:
     scores: np.ndarray  # (N,) float32
     maps: np.ndarray  # (N, S, S) float16
     masks: np.ndarray  # (N, S, S) bool
+    without_masks: tuple[str, ...] = ()  # categories whose anomalous images have no mask: their empty masks are unknown, not normal
 
 
-def write_evaluated(path: Path, rows: list, labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray) -> None:
+def write_evaluated(path: Path, rows: list, labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray,
+                    without_masks: set[str] = frozenset()) -> None:
     from safetensors.numpy import save_file
 
     tensors = {
@@ -52,6 +56,8 @@ def write_evaluated(path: Path, rows: list, labels: np.ndarray, scores: np.ndarr
         "labels": np.asarray(labels, dtype=np.uint8),
     }
     index = {"rows": [r.image_path for r in rows], "categories": [r.category for r in rows]}
+    if without_masks:
+        index["without_masks"] = sorted(without_masks)
     save_file(tensors, str(path), metadata={"index": json.dumps(index)})
 
 
@@ -66,7 +72,7 @@ def read_evaluated(path: Path) -> Evaluated:
             metadata = fh.metadata() or {}
             tensors = {name: fh.get_tensor(name) for name in ("maps", "masks", "scores", "labels")}
         index = json.loads(metadata["index"])
-        image_paths, categories = index["rows"], index["categories"]
+        image_paths, categories, without_masks = index["rows"], index["categories"], tuple(index.get("without_masks", ()))
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as err:
         raise ValueError(f"{path}: not an evaluate maps file ({type(err).__name__}: {err}); rerun the evaluate stage") from None
     maps = tensors["maps"]
@@ -76,7 +82,7 @@ def read_evaluated(path: Path) -> Evaluated:
     masks = np.unpackbits(tensors["masks"], axis=-1, count=maps.shape[-1]).astype(bool)
     if masks.shape != maps.shape:
         raise ValueError(f"{path}: masks {masks.shape} do not match maps {maps.shape}; rerun the evaluate stage")
-    return Evaluated(image_paths, categories, tensors["labels"], tensors["scores"], maps, masks)
+    return Evaluated(image_paths, categories, tensors["labels"], tensors["scores"], maps, masks, without_masks)
 
 
 REPLICAS_FILE = "replicas.safetensors"

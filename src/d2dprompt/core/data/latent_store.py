@@ -64,7 +64,12 @@ def supervised(rows: list[LatentRow], supervision: str) -> list[int]:
     synthetic anomalies), `annotated` = the real images of the test split (the zero-shot protocol's auxiliary data)."""
     if supervision == "synthetic":
         return [i for i, r in enumerate(rows) if r.split == "train"]
-    return [i for i, r in enumerate(rows) if r.split == "test" and r.source == "real"]
+    keep = [i for i, r in enumerate(rows) if r.split == "test" and r.source == "real"]
+    unmasked = [rows[i].image_path for i in keep if rows[i].label and not rows[i].mask_path]
+    if unmasked:  # an empty mask would teach "this defect is normal"
+        raise ValueError(f"{unmasked[0]}: train.supervision=annotated learns from pixel masks, and {len(unmasked)} anomalous "
+                         "images of this dataset have none (a category without ground_truth/)")
+    return keep
 
 
 def read_latents(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[LatentRow]]:

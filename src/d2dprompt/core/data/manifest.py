@@ -2,7 +2,8 @@
 
 `manifest.csv` sits at the root of each prepared dataset; its paths are relative to
 that root. Columns: dataset, category, split (train|val|test), label (0 normal,
-1 anomalous), defect_type ('good' for normal), image_path, mask_path ('' for normal). Split `val` holds a
+1 anomalous), defect_type ('good' for normal), image_path, mask_path ('' for normal, and for an anomalous image of a
+category that ships no masks: its pixel metrics are n/a, its image metrics computed as usual). Split `val` holds a
 dataset's own validation images (`<category>/validation/good/`, as MVTec AD 2 ships them): where a category has
 them, the latents stage fits thresholds on them instead of holding out training images.
 """
@@ -48,8 +49,8 @@ class ManifestRow:
             raise ValueError(f"label must be 0 or 1, got {self.label!r}")
         if (self.label == 0) != (self.defect_type == GOOD):
             raise ValueError(f"label {self.label} does not match defect_type {self.defect_type!r}")
-        if (self.label == 1) != bool(self.mask_path):
-            raise ValueError("anomalous images need a mask_path and normal images must have none")
+        if self.label == 0 and self.mask_path:
+            raise ValueError("normal images must have no mask_path")
         for name in ("dataset", "category", "defect_type", "image_path"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty")
@@ -112,12 +113,15 @@ def _scan_category(root: Path, cat_dir: Path, dataset: str) -> list[ManifestRow]
     extra = [d.name for d in subdirs(cat_dir / "train") if d.name != GOOD]
     if extra:
         raise LayoutError(f"{cat_dir / 'train'}: only good/ is allowed in train, found {', '.join(extra)}")
-    if not test_dir.is_dir() or not subdirs(test_dir):
-        raise LayoutError(f"{test_dir}: missing or empty; MVTec layout needs <category>/test/<defect>/")
+    if test_dir.is_dir() and not subdirs(test_dir):  # absent is a folder of normal images only: train, fit thresholds, predict
+        raise LayoutError(f"{test_dir}: empty; MVTec layout needs <category>/test/<defect>/ (or no test/ at all for normal images only)")
 
     def rel(p: Path) -> str:
         return p.relative_to(root).as_posix()
 
+    # masks are all or nothing per category: without ground_truth/ the defects are known per image only (pixel
+    # metrics n/a); with it, a missing mask is a mistake to report, not a hole to score as an empty mask
+    has_masks = (cat_dir / "ground_truth").is_dir()
     rows = [ManifestRow(dataset, category, "train", 0, GOOD, rel(p), "") for p in images_in(train_good)]
     if (cat_dir / VALIDATION).is_dir():
         val_good = cat_dir / VALIDATION / GOOD
@@ -126,7 +130,7 @@ def _scan_category(root: Path, cat_dir: Path, dataset: str) -> list[ManifestRow]
             raise LayoutError(f"{cat_dir / VALIDATION}: the validation split holds normal images only, in {VALIDATION}/good/"
                               + (f" (found {', '.join(extra)})" if extra else ""))
         rows += [ManifestRow(dataset, category, "val", 0, GOOD, rel(p), "") for p in images_in(val_good)]
-    for defect_dir in subdirs(test_dir):
+    for defect_dir in subdirs(test_dir) if test_dir.is_dir() else []:
         defect = defect_dir.name
         stems: dict[str, Path] = {}
         for image in images_in(defect_dir):
@@ -137,11 +141,15 @@ def _scan_category(root: Path, cat_dir: Path, dataset: str) -> list[ManifestRow]
             if defect == GOOD:
                 rows.append(ManifestRow(dataset, category, "test", 0, GOOD, rel(image), ""))
                 continue
+            if not has_masks:
+                rows.append(ManifestRow(dataset, category, "test", 1, defect, rel(image), ""))
+                continue
             mask = cat_dir / "ground_truth" / defect / f"{image.stem}_mask.png"
             if not mask.is_file() and (cat_dir / "ground_truth" / defect / f"{image.stem}.png").is_file():
                 mask = cat_dir / "ground_truth" / defect / f"{image.stem}.png"  # anomalib's VisA split names masks after the image
             if not mask.is_file():
-                raise LayoutError(f"{image}: anomalous image has no mask (expected {mask}, or {image.stem}.png beside it)")
+                raise LayoutError(f"{image}: anomalous image has no mask (expected {mask}, or {image.stem}.png beside it); "
+                                  f"a category without {cat_dir.name}/ground_truth/ is scored at image level only")
             rows.append(ManifestRow(dataset, category, "test", 1, defect, rel(image), rel(mask)))
     return rows
 
@@ -150,7 +158,9 @@ def scan_mvtec_layout(root: str | Path, dataset: str, categories: list[str] | No
     """Validate `root` as MVTec AD layout and list its images, sorted by category, split, defect, path.
 
     Layout: <cat>/train/good/*, <cat>/test/<defect>/*, <cat>/ground_truth/<defect>/<stem>_mask.png (or <stem>.png, as
-    anomalib's VisA split names them), and optionally <cat>/validation/good/* (split val).
+    anomalib's VisA split names them), and optionally <cat>/validation/good/* (split val). A category without
+    ground_truth/ has no pixel truth: its anomalous rows get mask_path ''. One without test/ holds normal training
+    images only (anomalib's Folder dataset takes both).
     `categories` (None or empty = all) restricts the scan; an unknown name is an error.
     """
     root = Path(root)
@@ -177,8 +187,10 @@ def manifest_summary(rows: list[ManifestRow]) -> str:
     val = sum(r.split == "val" for r in rows)
     test = [r for r in rows if r.split == "test"]
     anomalous = sum(r.label for r in test)
+    unmasked = sorted({r.category for r in test if r.label and not r.mask_path})
     return (
         f"{len(categories)} {'category' if len(categories) == 1 else 'categories'} ({', '.join(categories)}), "
         f"train {train}{f', val {val}' if val else ''}, test {len(test)} ({len(test) - anomalous} good, {anomalous} anomalous)"
+        + (f"; no masks in {', '.join(unmasked)}: image-level metrics only there" if unmasked else "")
     )
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from d2dprompt.core.runtime.config import LatentsParams, ParamsError
-from d2dprompt.core.data.images import ImageError, load_mask, load_rgb, resize_mask, resize_rgb
+from d2dprompt.core.data.images import load_mask, load_rgb, resize_mask, resize_rgb
 from d2dprompt.core.data.latent_store import SYNTHETIC_MARK, LatentRow
 from d2dprompt.core.data.synth import procedural_texture, synthesize_visible
 
@@ -49,14 +49,10 @@ def synthetic_variant(image: np.ndarray, key: str, k: int, params: LatentsParams
 
 
 def real_image(root: Path, image_path: str, mask_path: str, label: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """A prepared image and its mask (empty for normal images), both resized to `size`."""
+    """A prepared image and its mask, both resized to `size`. The mask is empty for a normal image and for an
+    anomalous one without pixel truth (a category without ground_truth/): what scores pixels looks at mask_path."""
     raw = load_rgb(root / image_path)
-    if mask_path:
-        mask = load_mask(root / mask_path, raw.shape[:2])
-    elif label:
-        raise ImageError(f"{root / image_path}: anomalous image without a mask in the manifest")
-    else:
-        mask = np.zeros(raw.shape[:2], dtype=bool)
+    mask = load_mask(root / mask_path, raw.shape[:2]) if mask_path else np.zeros(raw.shape[:2], dtype=bool)
     return resize_rgb(raw, size), resize_mask(mask, size)
 
 

@@ -32,13 +32,10 @@ def cell(values: dict[str, float], name: str) -> str:
 
 def markdown_table(dataset: str, summary: dict[str, dict[str, float]], thresholds: dict, notes: list[str] = ()) -> str:
     names = [n for n in headline_first(summary["mean"]) if not is_bound(n)]
-    lines = [
-        f"# {dataset}: per-category metrics",
-        "",
-        "| category | " + " | ".join(names) + " |",
-        "|---|" + "---:|" * len(names),
-    ]
-    for category, values in summary.items():
+    lines = [f"# {dataset}: per-category metrics", ""]
+    if names:  # none without test images (a folder of normal images only): the thresholds and notes remain
+        lines += ["| category | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for category, values in summary.items() if names else ():
         cells = [cell(values, n) for n in names]
         label = f"**{category}**" if category == "mean" else category
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -112,8 +109,8 @@ def write_plot_data(folder: Path, labels: np.ndarray, scores: np.ndarray, masks:
 
     folder.mkdir(parents=True, exist_ok=True)
     for level, y, s in (("image", labels, scores), ("pixel", masks.ravel(), maps.ravel())):
-        if y.min() == y.max():
-            continue  # a curve needs both classes
+        if y.size == 0 or y.min() == y.max():
+            continue  # a curve needs both classes (and pixel truth: none when no category has masks)
         # the curves pool every category's images, so their areas (in each file's `curve` column, the plot's
         # legend) differ from the per-category means of the metric files
         fpr, tpr, _ = roc_curve(y, s, drop_intermediate=True)

@@ -41,12 +41,14 @@ def replica_settings(ev) -> dict:
 
 
 def replicas_of(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, *, n_resamples: int, seed: int,
-                fpr_limit: float, fpr_bounds: tuple[float, float], with_aupimo: bool) -> dict[str, np.ndarray]:
-    """Bootstrap replicas of image_AUROC, pixel_AUROC, pixel_AUPRO (and AUPIMO when defined) of one category;
-    {} when it has one class only (nothing is defined)."""
+                fpr_limit: float, fpr_bounds: tuple[float, float], with_aupimo: bool, with_pixels: bool = True) -> dict[str, np.ndarray]:
+    """Bootstrap replicas of image_AUROC, pixel_AUROC, pixel_AUPRO (and AUPIMO when defined) of one category, of
+    image_AUROC alone when it has no pixel truth (`with_pixels` False); {} when it has one class only."""
     if np.all(labels == labels[0]):
         return {}
     names = METRICS if with_aupimo else tuple(m for m in METRICS if m != "AUPIMO")
+    if not with_pixels:
+        names, masks, maps = ("image_AUROC",), None, None
     _, replicas = metric_replicas(labels, scores, masks, maps, n_resamples=n_resamples, seed=seed, fpr_limit=fpr_limit,
                                   pimo_bounds=tuple(fpr_bounds), metrics=names)
     return replicas
