@@ -220,7 +220,7 @@ def evaluate_dataset(scored: dict[str, tuple[list[int], np.ndarray, np.ndarray]]
     masks = ground_truth(download_dir, test_rows, ev.map_size)
     labels = np.array([r.label for r in test_rows])
     predicted = binary_masks(maps, thresholds.pixel, ev.opening_kernel, ev.min_area)
-    per_category, replicated = category_metrics(test_rows, labels, scores, masks, maps, predicted, thresholds, ev)
+    per_category, replicated = category_metrics(test_rows, labels, scores, masks, maps, predicted, thresholds, ev, without_pixel_truth(test_rows))
     # a folder of normal images only (no test/) still gets its thresholds, for predict, the API and the app
     notes = [f"no test images in {c}: its metrics need <category>/test/" for c in sorted({r.category for r in rows} - {r.category for r in test_rows})]
     validation_rows = [rows[i] for i in scored["validation maps"][0]] if "validation maps" in scored else []
@@ -231,12 +231,12 @@ def evaluate_dataset(scored: dict[str, tuple[list[int], np.ndarray, np.ndarray]]
 
 
 def category_metrics(rows: list, labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, predicted: np.ndarray,
-                     thresholds: Thresholds, ev: EvaluateParams) -> tuple[dict[str, dict[str, float]], Replicated]:
+                     thresholds: Thresholds, ev: EvaluateParams, unmasked: set[str] = frozenset()) -> tuple[dict[str, dict[str, float]], Replicated]:
     """Each category's metrics of the test rows (anything with .image_path and .category), and what compare reads:
-    the exact values of the metrics it pairs, their bootstrap replicas, each image's AUPIMO."""
+    the exact values of the metrics it pairs, their bootstrap replicas, each image's AUPIMO. The
+    `unmasked` categories have no pixel truth: their pixel metrics are n/a."""
     per_category, replicas, notes = {}, {}, []
     per_image_aupimo = np.full(len(rows), np.nan)
-    unmasked = without_pixel_truth(rows)
     for index, category in enumerate(sorted({r.category for r in rows})):
         idx = np.array([i for i, r in enumerate(rows) if r.category == category])
         pixels = category not in unmasked
