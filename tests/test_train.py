@@ -23,9 +23,10 @@ from tests.conftest import ROOT
 EPOCHS = 4
 
 
-def config(mode: str, resident_gb: float | str = "auto"):
+def config(mode: str, resident_gb: float | str = "auto", fewshot: dict | None = None):
     return params_from_dict(
         {
+            "fewshot": fewshot or {},
             "download": {"categories": ["tile"]},
             "model": {"image_size": 64},
             "attention": {"mode": mode, "prompts": "joint", "recache_every": 2, "cache_resident_gb": resident_gb},
@@ -67,9 +68,10 @@ class KillAfter:
             raise Kill
 
 
-def trained(mode, latents_root, queries_root, out: Path, checkpoint: Path, kill_after: int | None = None, code: str = "v1", resident_gb: float = 8.0):
+def trained(mode, latents_root, queries_root, out: Path, checkpoint: Path, kill_after: int | None = None, code: str = "v1", resident_gb: float = 8.0,
+            fewshot: dict | None = None):
     log = KillAfter(kill_after) if kill_after is not None else None
-    registry.get("d2dprompt").train(config(mode, resident_gb), TrainJob(latents_root, latents_root, queries_root, out, checkpoint, log, code))
+    registry.get("d2dprompt").train(config(mode, resident_gb, fewshot), TrainJob(latents_root, latents_root, queries_root, out, checkpoint, log, code))
     return load_file(out / "model.safetensors")
 
 
@@ -136,9 +138,21 @@ def test_query_cache_rows_are_the_same_resident_streamed_and_prefetched(queries_
     assert not streamed._ahead and not streamed._plan  # every planned batch was handed over
 
 
-def test_a_finished_run_leaves_no_checkpoint(tmp_path, latents_root, queries_root):
+def test_a_change_of_the_few_shot_memory_alone_builds_the_memory_without_retraining_the_prompts(tmp_path, capsys, latents_root,
+                                                                                                 queries_root, uninterrupted):
+    """The prompts are not a function of `fewshot`: a finished run keeps its checkpoint (not the refreshed query
+    caches), and a run that changes only `fewshot` (DVC reruns train@d2dprompt for it) resumes with every epoch done,
+    builds the memory, and keeps the very prompts. Before, `fewshot.k=4` retrained all epochs first."""
     trained("cached", latents_root, queries_root, tmp_path / "out", tmp_path / "ckpt")
-    assert not (tmp_path / "ckpt").exists()
+    assert (tmp_path / "ckpt").is_dir() and not (tmp_path / "ckpt-queries").exists()
+    capsys.readouterr()
+    with_memory = trained("cached", latents_root, queries_root, tmp_path / "memory", tmp_path / "ckpt", fewshot={"k": 2})
+    printed = capsys.readouterr().out
+    assert "only the few-shot memory is built" in printed and "epoch 1:" not in printed, printed
+    assert set(with_memory) > set(uninterrupted["cached"])  # the memory's tensors beside the prompts
+    assert all(torch.equal(with_memory[k], uninterrupted["cached"][k]) for k in uninterrupted["cached"])
+    retrained = trained("cached", latents_root, queries_root, tmp_path / "other", tmp_path / "ckpt", code="v2")
+    assert "epoch 1:" in capsys.readouterr().out and retrained.keys() == uninterrupted["cached"].keys()  # other code: trains
 
 
 def test_a_code_change_trains_from_scratch(tmp_path, capsys, latents_root, queries_root, uninterrupted):

@@ -9,6 +9,10 @@ checkpoint per epoch lets an interrupted run resume bit for bit: in cached mode 
 are kept, so the resumed epochs read the same queries. Under torchrun each seeded batch is split across the
 processes (loss.shard_loss), the prompt gradients are summed and every process takes the same Adam step, so the
 result does not depend on the number of processes; rank 0 alone writes, checkpoints and logs.
+
+The few-shot memory (`fewshot`) is built from the trained prompts after the last epoch, and the prompts are not a
+function of it: the checkpoint's fingerprint leaves `fewshot` out and the finished checkpoint stays, so a run that
+changes only `fewshot` (DVC reruns train@d2dprompt for it) resumes with every epoch done and builds the memory alone.
 """
 
 from __future__ import annotations
@@ -160,7 +164,8 @@ def run(method: Method, cfg: Params, job: TrainJob) -> list[dict[str, float]]:
     echo = job.echo if main else (lambda _: None)
     record = config_record(method, cfg)
     data_files = [job.latents / name / "latents.safetensors" for name in cfg.train.datasets]
-    run_id = fingerprint(record, data_files, job.code if job.code is not None else code_digest())
+    prompts_record = {block: values for block, values in record.items() if block != "fewshot"}  # the memory comes after
+    run_id = fingerprint(prompts_record, data_files, job.code if job.code is not None else code_digest())
     latents, masks, labels, keys = training_set(job.latents, cfg.train.datasets, cfg.train.supervision)
     noise = fixed_noise(len(keys), tuple(latents.shape[1:]), cfg.model.noise_seed)  # once, off the hot path
     if device.type == "cuda":  # the training rows fit on the GPU (MVTec AD at 512 px: ~0.7 GB): no loader to wait for
@@ -179,7 +184,9 @@ def run(method: Method, cfg: Params, job: TrainJob) -> list[dict[str, float]]:
         segmenter.prompts.load_state_dict(state.weights)
         optimizer.load_state_dict(state.optimizer)
         history, refresh = state.history, state.refresh_prompts
-        if queries is not None and refresh is not None:
+        if len(history) >= cfg.train.epochs:
+            echo(f"{job.checkpoint}: the prompts are trained with these params, data and code; only the few-shot memory is built")
+        elif queries is not None and refresh is not None:
             queries = refreshed_queries(segmenter, refresh, data, cfg, device, scratch)
     if cfg.train.untrained:  # the baseline: prompts as initialised; model.json records train.untrained: true
         echo("train.untrained: true: writing the initial prompts without optimising them")
@@ -207,7 +214,6 @@ def run(method: Method, cfg: Params, job: TrainJob) -> list[dict[str, float]]:
             record["categories"] = list(record["memory"])  # predict, Detector and the app then ask which one an image is
             weights = {**weights, **tensors}
         write_trained(job.out, weights, record, history)
-        shutil.rmtree(job.checkpoint, ignore_errors=True)  # finished: nothing for a later run to pick up
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)  # the finished checkpoint stays: a fewshot change resumes from it
     distributed.barrier()  # every process leaves with the outputs written
     return history
