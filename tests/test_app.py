@@ -360,3 +360,22 @@ def test_readme_api_example_runs_and_its_stricter_threshold_still_shows_a_mask(c
     assert done.returncode == 0, done.stderr[-2000:]
     *_, stricter = done.stdout.split()
     assert int(stricter) > 0 and (checkout / "overlay.png").is_file()
+
+
+def test_every_handler_gets_its_request_so_sessions_keep_their_own_downloads(checkout, tmp_path):
+    """detect and redraw take `request: gr.Request`, which Gradio fills only when it can resolve the annotation. Under
+    postponed annotations it could not (gr is imported inside build_page): 9 "Expected 7 arguments ... received 6"
+    warnings at start-up, request None in every call, and every session sharing one downloads folder."""
+    import typing
+    import warnings
+
+    from gradio.route_utils import Request
+
+    from d2dprompt.serve.app import Limits, build_page, find_runs
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        page = build_page(find_runs(checkout / "stages/train"), checkout / "sample", None, Limits(20, 40, 8192, 1024, 16), tmp_path)
+    assert not [str(w.message) for w in caught if "arguments for function" in str(w.message)]
+    handlers = [block.fn for block in page.fns.values() if getattr(block.fn, "__name__", "") in ("detect", "redraw")]
+    assert len(handlers) >= 2 and all(typing.get_type_hints(fn)["request"] is Request for fn in handlers)

@@ -20,8 +20,6 @@ otherwise, and works offline: Gradio serves its own front-end files, analytics a
 system's fonts.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import os
