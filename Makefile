@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # dvc.yaml runs `python -m d2dprompt.pipeline.<stage>`: the venv must come first on PATH.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: repro test app bench ablate env clean
+.PHONY: repro test app bench ablate env clean restore
 
 env: $(VENV)/.installed
 
@@ -23,6 +23,26 @@ repro: env
 
 test: env
 	$(RUN) python -m pytest -q
+
+# after a `dvc exp run` in the workspace (README): params.yaml, dvc.lock and metrics/ as committed (DVC stages them, so
+# from HEAD); the outputs no stage of the committed pipeline writes removed (an experiment's other methods or datasets:
+# compare hashes all of stages/evaluate, latents all of stages/download); the rest from DVC's cache. No env
+# prerequisite: it runs in the environment the experiment ran in.
+restore:
+	git checkout HEAD -- params.yaml dvc.lock metrics
+	@listed="$$($(RUN) dvc stage list --name-only)" && [ -n "$$listed" ] || exit 1; \
+	keep() { echo "$$listed" | grep -qxE "$$1"; }; \
+	for d in stages/download/* stages/train/* stages/checkpoints/train/* stages/evaluate/* stages/evaluate/*/* stages/compare/* metrics/*/*; do \
+	  [ -e "$$d" ] || continue; n=$${d##*/}; n=$${n%.json}; n=$${n%.md}; p=$${d%/*}; p=$${p##*/}; \
+	  case "$$d" in \
+	    stages/download/*) keep "(folder|download)@$$n" ;; \
+	    stages/train/*|stages/checkpoints/train/*) keep "train@$$n" ;; \
+	    stages/evaluate/*/*) keep "evaluate@$$p-$$n" ;; \
+	    stages/evaluate/*) keep "train@$$n" ;; \
+	    stages/compare/*|metrics/compare/*) keep "compare@$$n" ;; \
+	    metrics/*/*) keep "evaluate@$$p-$$n" ;; \
+	  esac || { echo "removed $$d"; rm -rf "$$d"; }; done
+	$(RUN) dvc checkout
 
 # the web app (README "Use a trained detector"); e.g. make app ARGS="--port 8080"
 app: env

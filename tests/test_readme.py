@@ -117,7 +117,7 @@ def test_the_first_exp_run_says_that_it_changes_params_yaml_and_how_to_keep_the_
     assert "leaves the experiment's values in `params.yaml`" in text
 
 
-RESTORE = ["git", "checkout", "params.yaml", "&&", "dvc", "repro"]  # the committed params, their outputs from DVC's run cache
+RESTORE = ["make", "restore"]  # the committed params and outputs (Makefile; tests/test_reproducible.py runs it)
 
 
 def workspace_changes(argv: list[str]) -> bool:

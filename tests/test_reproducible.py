@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,3 +112,19 @@ def test_a_fresh_clone_that_pulls_from_a_remote_has_nothing_to_run(reproduced, t
     again = run(["dvc", "repro"], clone)
     assert "Running stage" not in again, again[-2000:]
     assert run(["git", "status", "--porcelain"], clone).strip() == ""
+
+
+def test_make_restore_after_an_experiment_with_another_method_leaves_git_and_dvc_clean(reproduced, tmp_path):
+    """The README puts the workspace back after every `dvc exp run` with `make restore`. `git checkout params.yaml &&
+    dvc repro` did not: DVC had staged the experiment's dvc.lock, and patchknn's outputs were left in stages/evaluate,
+    which compare hashes whole, so compare reran and `git status` showed dvc.lock and metrics/patchknn/."""
+    repo = tmp_path / "d2dprompt"
+    shutil.copytree(reproduced[0], repo, symlinks=True)
+    run(["dvc", "exp", "run", "-n", "with-patchknn", "-S", "methods=[d2dprompt,patchknn]"], repo)
+    assert (repo / "metrics/patchknn/sample.json").is_file() and run(["git", "status", "--porcelain"], repo).strip()
+    restored = run(["make", "restore"], repo)
+    assert "removed stages/evaluate/patchknn" in restored and "removed stages/train/patchknn" in restored
+    assert run(["git", "status", "--porcelain"], repo).strip() == ""
+    assert UP_TO_DATE in run(["dvc", "status"], repo)
+    for name, committed in committed_outputs().items():
+        assert (repo / name).read_bytes() == committed, f"{name} differs from the committed file"
