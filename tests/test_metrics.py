@@ -212,3 +212,27 @@ def test_summarize_adds_nan_aware_category_mean():
     assert np.isnan(summarize({"a": {"x": float("nan")}})["mean"]["x"])
     with pytest.raises(ValueError, match="^per_category"):
         summarize({"mean": {}})
+
+
+def test_the_pooled_pixel_curves_are_scikit_learns_without_sorting_every_pixel():
+    """evaluate's pooled pixel plots came from scikit-learn's roc_curve over every pixel: +1.9 GB and 50 s for 534
+    maps at 256 px, growing with the dataset. pixel_curves sorts the anomalous pixels only, and gives the same areas
+    (ties included) on a polyline whose own trapezoid area and step-wise AP are those areas."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from d2dprompt.core.eval.metrics import pixel_curves
+
+    rng = np.random.default_rng(3)
+    maps = np.round(rng.random((6, 32, 32)), 2).astype(np.float32)  # two decimals: many ties across classes
+    masks = np.zeros(maps.shape, bool)
+    masks[:3, 8:20, 8:20] = True
+    maps[masks] += 0.2
+    curves = pixel_curves(masks, maps)
+    assert curves.auroc == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert curves.ap == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert np.trapezoid(curves.tpr, curves.fpr) == pytest.approx(curves.auroc, abs=1e-12)
+    assert np.sum(np.diff(curves.recall) * curves.precision[1:]) == pytest.approx(curves.ap, abs=1e-12)
+    assert (curves.fpr[0], curves.tpr[0], curves.fpr[-1], curves.tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(curves.fpr) >= 0) and np.all(np.diff(curves.tpr) >= 0) and np.all(np.diff(curves.recall) > 0)
+    assert curves.prevalence == masks.mean()
+    assert pixel_curves(np.zeros_like(masks), maps) is None

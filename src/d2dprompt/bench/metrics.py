@@ -5,6 +5,9 @@ Times the pixel metrics on a synthetic workload the size of MVTec AD's test set 
 varied size per image; maps are smoothed noise plus a blurred copy of the mask at a random strength,
 squashed to (0, 1). Prints seconds per step, the total, and peak memory.
 
+It also times pixel_curves, the pooled curves of evaluate's plots; --compare-sklearn adds scikit-learn's roc_curve and
+precision_recall_curve on the flattened pixels, what those plots used before.
+
 --compare-sort times a plain sort and argsort of all scores (what a one-global-sort design pays
 first); --compare-sklearn times scikit-learn's roc_auc_score / average_precision_score on the
 flattened pixels; --compare-anomalib times anomalib's AUPRO on the same workload. Run that one with
@@ -188,6 +191,12 @@ def main(
     typer.echo(f"peak memory of pixel_metrics (tracemalloc): {peak / 2**20:.0f} MiB on top of its inputs "
                f"(maps {maps.nbytes / 2**20:.0f} MiB, masks {masks.nbytes / 2**20:.0f} MiB)")
 
+    tracemalloc.start()
+    _, curve_seconds = _timed("pixel_curves (evaluate's pooled plots)", metrics.pixel_curves, masks, maps)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    typer.echo(f"peak memory of pixel_curves (tracemalloc): {peak / 2**20:.0f} MiB on top of its inputs")
+
     if compare_sort:
         _timed("np.sort of all scores (reference)", np.sort, maps.ravel())
         _timed("np.argsort of all scores (reference)", np.argsort, maps.ravel())
@@ -199,6 +208,13 @@ def main(
         auroc, _ = _timed("sklearn roc_auc_score", roc_auc_score, flat_labels, flat_scores)
         ap, _ = _timed("sklearn average_precision_score", average_precision_score, flat_labels, flat_scores)
         typer.echo(f"  |diff| AUROC {abs(auroc - values['pixel_AUROC']):.2e}, AP {abs(ap - values['pixel_AP']):.2e}")
+        from sklearn.metrics import precision_recall_curve, roc_curve
+
+        tracemalloc.start()
+        _timed("sklearn roc_curve + precision_recall_curve", lambda: (roc_curve(flat_labels, flat_scores), precision_recall_curve(flat_labels, flat_scores)))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        typer.echo(f"peak memory of scikit-learn's curves (tracemalloc, the plots before pixel_curves): {peak / 2**20:.0f} MiB")
     if compare_anomalib:
         try:
             _AUPRO, how = _load_anomalib_aupro()

@@ -271,6 +271,34 @@ def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> dict
     return dict(zip(keys, values))
 
 
+@dataclass(frozen=True)
+class PixelCurves:
+    """ROC and PR curves pooled over every pixel given, with their areas (what evaluate's plots show)."""
+
+    fpr: np.ndarray  # ROC polyline from (0, 0) to (1, 1): before and after each distinct anomalous score's ties
+    tpr: np.ndarray
+    recall: np.ndarray  # PR points from (0, 1), one per distinct anomalous score, recall ascending
+    precision: np.ndarray
+    auroc: float  # pixel_AUROC of the pooled pixels: the trapezoidal area under (fpr, tpr)
+    ap: float  # pixel_AP of the pooled pixels (scikit-learn's step-wise sum over the PR points)
+    prevalence: float  # anomalous share of the pixels: the PR plot's chance line
+
+
+def pixel_curves(masks: np.ndarray, maps: np.ndarray) -> PixelCurves | None:
+    """Exact pooled pixel curves in pixel_metrics' memory: only the anomalous pixels are sorted, never all of them
+    (scikit-learn's roc_curve over MVTec AD's 113 M test pixels needs several GB); None when one class is missing."""
+    masks, maps = _check_pixels(masks, maps)
+    scores, anomalous = _as_scores(maps, "maps"), masks.ravel()
+    if not anomalous.any() or anomalous.all():
+        return None
+    c = _rank(scores, anomalous)
+    tp = np.cumsum(c.pos_count)
+    fpr = np.concatenate([[0.0], np.column_stack([c.neg_gt, c.neg_ge]).ravel() / c.n_neg, [1.0]])
+    tpr = np.concatenate([[0.0], np.column_stack([tp - c.pos_count, tp]).ravel() / c.n_pos, [1.0]])
+    recall, precision = np.concatenate([[0.0], tp / c.n_pos]), np.concatenate([[1.0], tp / (tp + c.neg_ge)])
+    return PixelCurves(fpr, tpr, recall, precision, _auroc(c), _average_precision(c), c.n_pos / (c.n_pos + c.n_neg))
+
+
 def _binary_inputs(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels).ravel()
     scores = _as_scores(scores, "scores")

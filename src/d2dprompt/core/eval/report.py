@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from d2dprompt.core.data.images import load_rgb, resize_rgb
-from d2dprompt.core.eval.metrics import mean_coverage
+from d2dprompt.core.eval.metrics import mean_coverage, pixel_curves
 from d2dprompt.core.eval.uncertainty import HI, LO
 from d2dprompt.core.runtime.outputs import atomic_file, nan_to_null, write_json
 
@@ -108,19 +108,24 @@ def write_plot_data(folder: Path, labels: np.ndarray, scores: np.ndarray, masks:
     from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve  # a second to import: not for --help
 
     folder.mkdir(parents=True, exist_ok=True)
-    for level, y, s in (("image", labels, scores), ("pixel", masks.ravel(), maps.ravel())):
-        if y.size == 0 or y.min() == y.max():
-            continue  # a curve needs both classes (and pixel truth: none when no category has masks)
+    curves = {}
+    if labels.size and labels.min() != labels.max():  # a curve needs both classes
+        fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=True)
+        precision, recall, _ = precision_recall_curve(labels, scores)
+        curves["image"] = (fpr, tpr, roc_auc_score(labels, scores), recall[::-1], precision[::-1], average_precision_score(labels, scores),
+                           float(np.mean(labels)))
+    pooled = pixel_curves(masks, maps) if masks.size else None  # exact, without scikit-learn's sort of every pixel
+    if pooled is not None:
+        curves["pixel"] = (pooled.fpr, pooled.tpr, pooled.auroc, pooled.recall, pooled.precision, pooled.ap, pooled.prevalence)
+    for level, (fpr, tpr, auroc, recall, precision, ap, prevalence) in curves.items():
         # the curves pool every category's images, so their areas (in each file's `curve` column, the plot's
         # legend) differ from the per-category means of the metric files
-        fpr, tpr, _ = roc_curve(y, s, drop_intermediate=True)
         fx, fy = _decimate(fpr, tpr)
-        auroc = f"AUROC {roc_auc_score(y, s):.3f} (pooled)"
-        _write_csv(folder / f"{level}_roc.csv", ["fpr", "tpr", "curve"], ((a, b, auroc) for a, b in zip(fx, fy)))
-        precision, recall, _ = precision_recall_curve(y, s)
-        rx, ry = _decimate(recall[::-1], precision[::-1])
-        ap, prevalence = f"AP {average_precision_score(y, s):.3f} (pooled)", float(np.mean(y))
-        _write_csv(folder / f"{level}_pr.csv", ["recall", "precision", "curve", "prevalence"], ((a, b, ap, prevalence) for a, b in zip(rx, ry)))
+        label = f"AUROC {auroc:.3f} (pooled)"
+        _write_csv(folder / f"{level}_roc.csv", ["fpr", "tpr", "curve"], ((a, b, label) for a, b in zip(fx, fy)))
+        rx, ry = _decimate(recall, precision)
+        label = f"AP {ap:.3f} (pooled)"
+        _write_csv(folder / f"{level}_pr.csv", ["recall", "precision", "curve", "prevalence"], ((a, b, label, prevalence) for a, b in zip(rx, ry)))
     for name in BAR_METRICS:
         rows = [(cat, values[name]) for cat, values in summary.items() if cat != "mean"]
         _write_csv(folder / f"bars_{name}.csv", ["category", name], rows)
