@@ -245,7 +245,7 @@ def category_metrics(rows: list, labels: np.ndarray, scores: np.ndarray, masks: 
             pixel_values = {**pixel_metrics(masks[idx], maps[idx], fpr_limit=ev.aupro_fpr_limit), "AUPIMO": mean_aupimo}
         else:
             why = "its anomalous images have no masks (no ground_truth/)"
-            pixel_values = {**dict.fromkeys(("pixel_AUROC", "pixel_AP", "pixel_F1Max", "pixel_AUPRO", "AUPIMO"), float("nan"))}
+            pixel_values = dict.fromkeys(("pixel_AUROC", "pixel_AP", "pixel_F1Max", "pixel_AUPRO", "AUPIMO"), float("nan"))
             notes.append(f"pixel metrics n/a for {category}: {why}")
         if pixels and why and labels[idx].min() != labels[idx].max():
             notes.append(f"AUPIMO n/a for {category}: {why}")
@@ -294,14 +294,14 @@ def main(
                 threshold_record = {**asdict(thresholds), "method": method, "score": chosen.image_score_name(ev.score), "top_percent": ev.top_percent, "map_size": ev.map_size, "sigma": ev.sigma, "opening_kernel": ev.opening_kernel, "min_area": ev.min_area, "display_range": list(details["display_range"])}
                 if len(details["validation_scores"]):  # the normalised score's scale (serve/detector.py): anomalib's min-max
                     threshold_record["score_range"] = [float(details["validation_scores"].min()), float(details["validation_scores"].max())]
+                unmasked = without_pixel_truth(details["rows"])  # their empty masks are unknown, not normal: no pixel curve
+                truth = np.array([r.category not in unmasked for r in details["rows"]], dtype=bool)
                 with atomic_dir(out / dataset) as tmp:
                     write_json(tmp / "thresholds.json", threshold_record)
                     write_scores(tmp / SCORES_FILE, details["rows"], details["labels"], details["scores"], thresholds.image, details["replicated"].aupimo)
-                    write_evaluated(tmp / MAPS_FILE, details["rows"], details["labels"], details["scores"], details["maps"], details["masks"],
-                                    without_pixel_truth(details["rows"]))
+                    write_evaluated(tmp / MAPS_FILE, details["rows"], details["labels"], details["scores"], details["maps"], details["masks"], unmasked)
                     write_replicated(tmp / REPLICAS_FILE, details["replicated"])
                     write_validation(tmp / VALIDATION_FILE, details["validation_rows"], details["validation_scores"])
-                    truth = np.array([r.category not in without_pixel_truth(details["rows"]) for r in details["rows"]])
                     pixels = (details["masks"], details["maps"]) if truth.all() else (details["masks"][truth], details["maps"][truth])
                     write_plot_data(tmp / "plots", details["labels"], details["scores"], *pixels, summary)
                     write_grids(tmp / "grids", downloads / dataset, details["rows"], details["maps"], details["masks"], details["predicted"], details["scores"], details["labels"], ev.grid_cases,
