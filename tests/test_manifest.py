@@ -100,8 +100,6 @@ def test_missing_mask_names_the_image(tmp_path):
 def test_a_category_without_ground_truth_is_listed_without_masks_and_a_partial_one_refused(tmp_path):
     """A factory's defect images often come without pixel masks: a category with no ground_truth/ is read with
     empty mask_paths (image-level metrics only, and the summary says so); with ground_truth/ every mask must be there."""
-    import shutil
-
     root = make_layout(tmp_path)
     make_layout(root, "disc")
     shutil.rmtree(root / "tile" / "ground_truth")
@@ -115,6 +113,9 @@ def test_a_category_without_ground_truth_is_listed_without_masks_and_a_partial_o
     (root / "disc" / "ground_truth" / "crack" / "001_mask.png").unlink()
     with pytest.raises(LayoutError, match="a category without disc/ground_truth/ is scored at image level only"):
         scan_mvtec_layout(root, "x")
+    shutil.rmtree(root / "disc")
+    shutil.rmtree(root / "tile" / "test")  # normal images only: listed, with no test row
+    assert {(r.split, r.label) for r in scan_mvtec_layout(root, "x")} == {("train", 0)}
 
 
 def _nothing(root: Path) -> None:
@@ -134,14 +135,15 @@ def _no_train(root: Path) -> None:
     _touch(root / "tile" / "test" / "good" / "0.png")
 
 
-def _no_test(root: Path) -> None:
+def _empty_test(root: Path) -> None:  # no test/ at all is a folder of normal images only; an empty one is a mistake
     _touch(root / "tile" / "train" / "good" / "0.png")
+    (root / "tile" / "test").mkdir()
 
 
 @pytest.mark.parametrize(
     "breakage, named",
     [(_nothing, ""), (_flat_images, ""), (_defect_in_train, "tile/train"), (_no_train, "tile/train/good"),
-     (_no_test, "tile/test")],
+     (_empty_test, "tile/test")],
 )
 def test_layout_errors_name_the_folder(tmp_path, breakage, named):
     root = tmp_path / "data"

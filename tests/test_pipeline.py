@@ -107,10 +107,11 @@ def test_full_mode_paired_trains_and_resumes(workspace):
     stage("latents", "--out", "stages/latents-64", cwd=workspace)
     first = stage("train", "--latents", "stages/latents-64", "--out", "full", "--checkpoint", "full-ckpt", cwd=workspace)
     assert "epoch 1:" in first.stdout
-    assert not (workspace / "full-ckpt").exists()  # a finished run leaves nothing to resume
+    assert (workspace / "full-ckpt").is_dir()  # kept: a run changing only fewshot builds its memory from it
     write_params(workspace, attention={"mode": "full", "prompts": "paired"}, model={"image_size": 64}, train={"epochs": 2, "batch_size": 48})
     second = stage("train", "--latents", "stages/latents-64", "--out", "full", "--checkpoint", "full-ckpt", cwd=workspace)
-    assert second.stdout.count("epoch 2:") == 1 and "resuming" not in second.stdout
+    assert second.stdout.count("epoch 2:") == 1 and "resuming" not in second.stdout  # other epochs: other prompts, from scratch
+    assert "left by a run with other params, data or code; training from scratch" in second.stdout
 
 
 def test_unknown_params_key_stops_every_stage_with_one_line(workspace, tmp_path):
