@@ -64,14 +64,11 @@ def read_thresholds_file(path: Path, ev: EvaluateParams, method: str = "d2dpromp
         value = record.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ThresholdsError(f"{path}: key '{key}' must be a finite number, got {value!r}")
-    shown = record.get("display_range", [0.0, 1.0])
-    if (not isinstance(shown, list) or len(shown) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in shown)
-            or shown[0] > shown[1]):
-        raise ThresholdsError(f"{path}: key 'display_range' must be two finite numbers [low, high] with low <= high, got {shown!r}")
-    spread = record.get("score_range", [0.0, 1.0])
-    if (not isinstance(spread, list) or len(spread) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in spread)
-            or spread[0] > spread[1]):
-        raise ThresholdsError(f"{path}: key 'score_range' must be two finite numbers [low, high] with low <= high, got {spread!r}")
+    for key in ("display_range", "score_range"):  # the maps' colour range, the normalised score's scale
+        pair = record.get(key, [0.0, 1.0])
+        if (not isinstance(pair, list) or len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in pair)
+                or pair[0] > pair[1]):
+            raise ThresholdsError(f"{path}: key '{key}' must be two finite numbers [low, high] with low <= high, got {pair!r}")
     if not isinstance(record.get("method", method), str) or record.get("method", method) != method:
         raise ThresholdsError(f"{path}: fitted for method {record.get('method')!r}, not for the {method!r} run predicting")
     from d2dprompt.methods import registry
