@@ -220,13 +220,14 @@ def evaluate_dataset(scored: dict[str, tuple[list[int], np.ndarray, np.ndarray]]
     masks = ground_truth(download_dir, test_rows, ev.map_size)
     labels = np.array([r.label for r in test_rows])
     predicted = binary_masks(maps, thresholds.pixel, ev.opening_kernel, ev.min_area)
-    per_category, replicated = category_metrics(test_rows, labels, scores, masks, maps, predicted, thresholds, ev, without_pixel_truth(test_rows))
+    unmasked = without_pixel_truth(test_rows)
+    per_category, replicated = category_metrics(test_rows, labels, scores, masks, maps, predicted, thresholds, ev, unmasked)
     # a folder of normal images only (no test/) still gets its thresholds, for predict, the API and the app
     notes = [f"no test images in {c}: its metrics need <category>/test/" for c in sorted({r.category for r in rows} - {r.category for r in test_rows})]
     validation_rows = [rows[i] for i in scored["validation maps"][0]] if "validation maps" in scored else []
     validation_scores = scored["validation maps"][2] if "validation maps" in scored else np.zeros(0)
     details = {"validation_rows": validation_rows, "validation_scores": validation_scores, "rows": test_rows, "maps": maps, "masks": masks, "predicted": predicted, "scores": scores, "labels": labels, "validation": validation, "display_range": display,
-               "replicated": replicated, "notes": replicated.notes + notes}
+               "replicated": replicated, "notes": replicated.notes + notes, "unmasked": unmasked}
     return with_intervals(summarize(per_category), replicated.replicas, ev.confidence), thresholds, details
 
 
@@ -294,7 +295,7 @@ def main(
                 threshold_record = {**asdict(thresholds), "method": method, "score": chosen.image_score_name(ev.score), "top_percent": ev.top_percent, "map_size": ev.map_size, "sigma": ev.sigma, "opening_kernel": ev.opening_kernel, "min_area": ev.min_area, "display_range": list(details["display_range"])}
                 if len(details["validation_scores"]):  # the normalised score's scale (serve/detector.py): anomalib's min-max
                     threshold_record["score_range"] = [float(details["validation_scores"].min()), float(details["validation_scores"].max())]
-                unmasked = without_pixel_truth(details["rows"])  # their empty masks are unknown, not normal: no pixel curve
+                unmasked = details["unmasked"]  # their empty masks are unknown, not normal: no pixel curve
                 truth = np.array([r.category not in unmasked for r in details["rows"]], dtype=bool)
                 with atomic_dir(out / dataset) as tmp:
                     write_json(tmp / "thresholds.json", threshold_record)
